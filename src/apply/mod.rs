@@ -1,0 +1,45 @@
+//! The edge where transactions meet the kernel. `Applier` is the seam: `netlink` talks to the
+//! kernel, `fake` is an in-memory stand-in at least as strict as the kernel.
+
+pub mod fake;
+pub mod netlink;
+
+use crate::nft::ir::{Element, Family};
+use crate::nft::tx::Transaction;
+
+/// Kernel errno classes that decide what the sync loop does next.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum ApplyError {
+    /// An object the transaction expected is missing (ENOENT): the table was changed from outside.
+    #[error("{what}: not found (changed from outside?)")]
+    NotFound { what: String },
+    /// An object the transaction creates already exists (EEXIST).
+    #[error("{what}: already exists")]
+    Exists { what: String },
+    /// Something still refers to the object (EBUSY), e.g. deleting a chain that is jumped to.
+    #[error("{what}: still in use")]
+    Busy { what: String },
+    /// The kernel rejected the content (EINVAL, EOPNOTSUPP, ...): a bug in nftproxy.
+    #[error("{what}: rejected by the kernel: {detail}")]
+    Invalid { what: String, detail: String },
+    /// Missing privileges or kernel support.
+    #[error("{what}: permission denied or unsupported: {detail}")]
+    Unsupported { what: String, detail: String },
+    /// Socket-level trouble (ENOBUFS, EINTR, ...); retrying may help.
+    #[error("netlink: {0}")]
+    Io(String),
+}
+
+/// Applies transactions atomically and answers the few questions the sync loop asks of the
+/// kernel. Implementations are called from a blocking thread.
+pub trait Applier: Send {
+    /// Commit every op of `tx` in one atomic batch, or none of them.
+    fn apply(&mut self, tx: &Transaction) -> Result<(), ApplyError>;
+    /// The ruleset generation id (changes with every commit by anyone in this network namespace).
+    fn generation(&mut self) -> Result<u32, ApplyError>;
+    /// Whether our table of `family` exists.
+    fn table_exists(&mut self, family: Family) -> Result<bool, ApplyError>;
+    /// Dump the elements of one set (targeted; never the whole table). Counters, if any, are
+    /// returned as (packets, bytes).
+    fn list_elements(&mut self, family: Family, set: &str) -> Result<Vec<(Element, Option<(u64, u64)>)>, ApplyError>;
+}

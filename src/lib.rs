@@ -1,0 +1,7 @@
+//! nftproxy: a kube-proxy replacement that programs nftables.
+//!
+//! Data flow: watchers -> stores -> `model` -> `proxy` (ProxyState) -> `nft::compile` (Ruleset)
+//! -> `nft::plan` (Transaction) -> `apply` (one atomic netlink batch) -> health/metrics.
+
+pub mod apply;
+pub mod nft;

@@ -1,0 +1,263 @@
+//! Typed nftables ruleset: the one representation that `compile` produces, `render` prints,
+//! `plan` diffs, the fake applier stores, the netlink encoder lowers and the packet tracer runs.
+//!
+//! It deliberately models only the handful of expressions nftproxy uses. Every construct here has
+//! one canonical text form (the one `nft list table` prints with nft 1.0.6), so the rendered text and
+//! the kernel's listing can be compared after normalisation.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+/// Address family of a table. nftproxy keeps one table per family (no `inet` table) because a
+/// set of addresses can only hold one family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Family {
+    Ip,
+    Ip6,
+}
+
+impl Family {
+    pub fn keyword(self) -> &'static str {
+        match self {
+            Family::Ip => "ip",
+            Family::Ip6 => "ip6",
+        }
+    }
+    pub fn addr_type(self) -> FieldType {
+        match self {
+            Family::Ip => FieldType::Ipv4Addr,
+            Family::Ip6 => FieldType::Ipv6Addr,
+        }
+    }
+    pub fn of(ip: &IpAddr) -> Family {
+        match ip {
+            IpAddr::V4(_) => Family::Ip,
+            IpAddr::V6(_) => Family::Ip6,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Hook {
+    Prerouting,
+    Input,
+    Forward,
+    Output,
+    Postrouting,
+}
+
+impl Hook {
+    pub fn keyword(self) -> &'static str {
+        match self {
+            Hook::Prerouting => "prerouting",
+            Hook::Input => "input",
+            Hook::Forward => "forward",
+            Hook::Output => "output",
+            Hook::Postrouting => "postrouting",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ChainType {
+    Filter,
+    Nat,
+}
+
+impl ChainType {
+    pub fn keyword(self) -> &'static str {
+        match self {
+            ChainType::Filter => "filter",
+            ChainType::Nat => "nat",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct BaseChain {
+    pub kind: ChainType,
+    pub hook: Hook,
+    pub priority: i32,
+}
+
+/// A packet or conntrack field used as (part of) a lookup key or a map value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Field {
+    /// `ip saddr` / `ip6 saddr`
+    Saddr,
+    /// `ip daddr` / `ip6 daddr`
+    Daddr,
+    /// `meta l4proto`
+    L4proto,
+    /// `th dport`
+    ThDport,
+    /// `ct original ip saddr`
+    CtOrigSaddr,
+    /// `ct original ip daddr`
+    CtOrigDaddr,
+    /// `ct original proto-dst`
+    CtOrigProtoDst,
+    /// `numgen random mod N`: a slot number in `0..N`.
+    Numgen(u32),
+}
+
+/// Element field types, with their wire length in bytes (before 4-byte register padding).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum FieldType {
+    Ipv4Addr,
+    Ipv6Addr,
+    InetProto,
+    InetService,
+    /// A 32-bit integer that only a `typeof` declaration can name (numgen slots).
+    Slot,
+}
+
+impl FieldType {
+    pub fn len(self) -> usize {
+        match self {
+            FieldType::Ipv4Addr => 4,
+            FieldType::Ipv6Addr => 16,
+            FieldType::InetProto => 1,
+            FieldType::InetService => 2,
+            FieldType::Slot => 4,
+        }
+    }
+}
+
+/// How a set declares its key or data: by type names or, when a component has no type name,
+/// by the expressions it is matched with (`typeof`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Decl {
+    Type(Vec<FieldType>),
+    /// typeof: the fields whose values the key holds. A `Numgen` field is printed with the
+    /// canonical modulus 65536.
+    Typeof(Vec<Field>),
+}
+
+/// One component of an element key or value.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Value {
+    Addr(IpAddr),
+    /// A CIDR range; only in interval sets, and only as the last key component of a concatenation.
+    Prefix(ipnet::IpNet),
+    Proto(Proto),
+    Port(u16),
+    Slot(u32),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Proto {
+    Tcp,
+    Udp,
+    Sctp,
+}
+
+impl Proto {
+    pub fn number(self) -> u8 {
+        match self {
+            Proto::Tcp => 6,
+            Proto::Udp => 17,
+            Proto::Sctp => 132,
+        }
+    }
+    pub fn keyword(self) -> &'static str {
+        match self {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+            Proto::Sctp => "sctp",
+        }
+    }
+    pub const ALL: [Proto; 3] = [Proto::Tcp, Proto::Udp, Proto::Sctp];
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Element {
+    pub key: Vec<Value>,
+    /// Map value; `None` for plain sets.
+    pub value: Option<Vec<Value>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SetFlags {
+    pub interval: bool,
+    /// Elements may carry a timeout and be added from the packet path (`update @set`).
+    pub timeout: bool,
+    /// Every element carries a counter (read back for drop/reject statistics).
+    pub counter: bool,
+}
+
+/// A named set or map. Elements are held separately (see [`Table::elements`]) so that a skeleton
+/// comparison never has to look at them.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SetDef {
+    pub key: Decl,
+    pub data: Option<Decl>,
+    pub flags: SetFlags,
+    /// Elements written into the set by nft itself at creation (small constant sets).
+    pub constant: bool,
+}
+
+/// A condition of a rule. All conditions of a rule must hold for its action to run.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Match {
+    /// `ct state new`
+    CtStateNew,
+    /// `ct status dnat`
+    CtStatusDnat,
+    /// `<key> @set` or `<key> != @set`
+    Lookup { key: Vec<Field>, set: String, negate: bool },
+    /// `fib daddr type local`
+    FibDaddrLocal,
+    /// `fib saddr type local`
+    FibSaddrLocal,
+    /// `meta mark & BITS == 0x00000000`
+    MarkUnset(u32),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Action {
+    Jump(String),
+    Goto(String),
+    Return,
+    Drop,
+    Reject,
+    /// `meta mark set meta mark | BITS`
+    MarkOr(u32),
+    /// `meta mark set meta mark ^ BITS`
+    MarkXor(u32),
+    /// `masquerade fully-random`
+    Masquerade,
+    /// `dnat ip to <key> map @map` (the map's value is address . port)
+    DnatMap { key: Vec<Field>, map: String },
+    /// `update @set { <key> timeout Ns : <value> }`
+    UpdateTimeout { set: String, key: Vec<Field>, timeout_secs: u32, value: Vec<Field> },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Rule {
+    pub matches: Vec<Match>,
+    pub action: Action,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Chain {
+    pub base: Option<BaseChain>,
+    pub rules: Vec<Rule>,
+}
+
+/// One nftables table as nftproxy wants it: the skeleton (chains, set declarations) plus the
+/// elements of every set. `BTreeMap`s keep rendering and diffs deterministic.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Table {
+    pub sets: BTreeMap<String, SetDef>,
+    pub chains: BTreeMap<String, Chain>,
+    pub elements: BTreeMap<String, BTreeSet<Element>>,
+}
+
+/// The ruleset nftproxy owns: one table per family it serves.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Ruleset {
+    pub tables: BTreeMap<Family, Table>,
+}
+
+pub const TABLE_NAME: &str = "nftproxy";

@@ -1,0 +1,4 @@
+//! The nftables layer: typed IR, transactions, and (pure) compile/render/plan.
+
+pub mod ir;
+pub mod tx;

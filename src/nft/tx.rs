@@ -1,0 +1,62 @@
+//! A transaction: the ordered operations of one atomic commit. `plan` produces it, the appliers
+//! (netlink, fake) execute it all-or-nothing.
+
+use super::ir::{BaseChain, Element, Family, Rule, SetDef};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    /// Create the table if missing (like `nft add table`; no error when it exists).
+    AddTable(Family),
+    /// Delete the table and everything in it (error when missing).
+    DeleteTable(Family),
+    /// Create a chain if missing (like `nft add chain`).
+    AddChain { family: Family, name: String, base: Option<BaseChain> },
+    /// Remove every rule of a chain.
+    FlushChain { family: Family, name: String },
+    /// Delete an empty, unreferenced chain.
+    DeleteChain { family: Family, name: String },
+    /// Append a rule at the end of a chain.
+    AddRule { family: Family, chain: String, rule: Rule },
+    /// Create a set or map if missing.
+    AddSet { family: Family, name: String, def: SetDef },
+    /// Delete an unreferenced set.
+    DeleteSet { family: Family, name: String },
+    /// Remove every element of a set.
+    FlushSet { family: Family, name: String },
+    /// Add elements; an element that already exists is an error (EEXIST), like the kernel's
+    /// `NLM_F_EXCL` create.
+    AddElements { family: Family, set: String, def: SetDef, elements: Vec<Element> },
+    /// Delete elements; a missing element is an error (ENOENT).
+    DeleteElements { family: Family, set: String, def: SetDef, elements: Vec<Element> },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Transaction {
+    pub ops: Vec<Op>,
+}
+
+impl Transaction {
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+
+    /// Number of element additions and deletions (what a routine partial sync is made of).
+    pub fn element_count(&self) -> usize {
+        self.ops
+            .iter()
+            .map(|op| match op {
+                Op::AddElements { elements, .. } | Op::DeleteElements { elements, .. } => elements.len(),
+                _ => 0,
+            })
+            .sum()
+    }
+
+    /// Number of operations that change chains or rules (each costs a table validation in the
+    /// kernel; routine syncs should have none).
+    pub fn skeleton_ops(&self) -> usize {
+        self.ops
+            .iter()
+            .filter(|op| !matches!(op, Op::AddElements { .. } | Op::DeleteElements { .. } | Op::FlushSet { .. }))
+            .count()
+    }
+}

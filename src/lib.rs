@@ -5,3 +5,5 @@
 
 pub mod apply;
 pub mod nft;
+pub mod model;
+pub mod proxy;

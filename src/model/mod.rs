@@ -1,0 +1,415 @@
+//! Kubernetes objects -> service ports and endpoints. Pure: no IO, no clock.
+//!
+//! Everything malformed is reported as a [`Problem`] naming the object and the reason, and skipped;
+//! one bad object never disturbs another.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+
+use crate::nft::ir::{Family, Proto};
+
+/// Label that hands a Service to another proxy implementation.
+pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+/// Label set on EndpointSlices of headless Services.
+pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
+/// Label joining an EndpointSlice to its Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// Node label naming its zone (topology hints).
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+/// Upstream's default ClientIP affinity timeout.
+pub const DEFAULT_AFFINITY_SECS: u32 = 10800;
+/// A Service with more ports than this is refused: it would dominate the ruleset and is almost
+/// certainly a mistake (the API server itself allows it).
+pub const MAX_PORTS_PER_SERVICE: usize = 1000;
+/// The API server caps a slice at 1000 endpoints; anything larger did not come from it.
+pub const MAX_ENDPOINTS_PER_SLICE: usize = 1000;
+
+/// Something in an object that nftproxy could not use. The caller logs it (and may emit an Event).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// `Service ns/name` or `EndpointSlice ns/name`.
+    pub object: String,
+    pub reason: String,
+}
+
+/// Identity of a Service: namespace and name.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceName {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl std::fmt::Display for ServiceName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// Identity of a service port: (namespace, name, port name, protocol).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PortKey {
+    pub service: ServiceName,
+    pub port_name: String,
+    pub proto: Proto,
+}
+
+impl std::fmt::Display for PortKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}/{}", self.service, self.port_name, self.proto.keyword())
+    }
+}
+
+/// One port of a Service in one address family, with every address it is reachable on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServicePort {
+    pub key: PortKey,
+    pub family: Family,
+    pub cluster_ip: IpAddr,
+    pub port: u16,
+    pub node_port: Option<u16>,
+    pub external_ips: Vec<IpAddr>,
+    pub lb_ips: Vec<IpAddr>,
+    pub source_ranges: Vec<IpNet>,
+    /// externalTrafficPolicy: Local on a Service that has external entry points.
+    pub external_local: bool,
+    /// internalTrafficPolicy: Local.
+    pub internal_local: bool,
+    /// ClientIP session affinity timeout.
+    pub affinity_secs: Option<u32>,
+    /// healthCheckNodePort (LoadBalancer + Local).
+    pub health_check_node_port: Option<u16>,
+}
+
+impl ServicePort {
+    pub fn has_external_entries(&self) -> bool {
+        self.node_port.is_some() || !self.external_ips.is_empty() || !self.lb_ips.is_empty()
+    }
+}
+
+/// One endpoint of a service port, as the EndpointSlices describe it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    pub ip: IpAddr,
+    pub port: u16,
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+    /// On this node (`nodeName` equals ours).
+    pub local: bool,
+    /// Zones this endpoint is hinted for; empty = no zone hints.
+    pub zone_hints: Vec<String>,
+    /// Nodes this endpoint is hinted for; empty = no node hints.
+    pub node_hints: Vec<String>,
+}
+
+/// Endpoints of one Service in one family, merged over all its slices, per (port name, protocol).
+pub type PortEndpoints = BTreeMap<(String, Proto), Vec<Endpoint>>;
+
+fn svc_object(ns: &str, name: &str) -> String {
+    format!("Service {ns}/{name}")
+}
+
+fn parse_proto(p: Option<&str>) -> Result<Proto, String> {
+    match p.unwrap_or("TCP") {
+        "TCP" => Ok(Proto::Tcp),
+        "UDP" => Ok(Proto::Udp),
+        "SCTP" => Ok(Proto::Sctp),
+        other => Err(format!("unsupported protocol {other:?}")),
+    }
+}
+
+fn parse_port(p: i32, what: &str) -> Result<u16, String> {
+    if (1..=65535).contains(&p) {
+        Ok(p as u16)
+    } else {
+        Err(format!("{what} {p} out of range 1-65535"))
+    }
+}
+
+/// Parse an IP the way the API server stores them; leading zeros and surrounding space are bad input.
+fn parse_ip(s: &str) -> Option<IpAddr> {
+    s.parse::<IpAddr>().ok()
+}
+
+/// Turn a Service into its service ports, one per (port, family). Services nftproxy does not
+/// proxy (headless, ExternalName, another proxy's) give an empty list without a problem.
+pub fn service_ports(svc: &Service, problems: &mut Vec<Problem>) -> Vec<ServicePort> {
+    let ns = svc.metadata.namespace.as_deref().unwrap_or("default");
+    let Some(name) = svc.metadata.name.as_deref() else {
+        problems.push(Problem { object: "Service <unnamed>".into(), reason: "no metadata.name".into() });
+        return Vec::new();
+    };
+    let object = svc_object(ns, name);
+    if svc.metadata.labels.as_ref().is_some_and(|l| l.contains_key(SERVICE_PROXY_NAME_LABEL)) {
+        return Vec::new();
+    }
+    let Some(spec) = svc.spec.as_ref() else { return Vec::new() };
+    let svc_type = spec.type_.as_deref().unwrap_or("ClusterIP");
+    if svc_type == "ExternalName" {
+        return Vec::new();
+    }
+    let mut cluster_ips: Vec<&str> = spec.cluster_ips.iter().flatten().map(String::as_str).collect();
+    if cluster_ips.is_empty() {
+        if let Some(ip) = spec.cluster_ip.as_deref() {
+            cluster_ips.push(ip);
+        }
+    }
+    if cluster_ips.is_empty() || cluster_ips.iter().any(|ip| *ip == "None" || ip.is_empty()) {
+        return Vec::new(); // headless or not yet allocated
+    }
+    let mut by_family: BTreeMap<Family, IpAddr> = BTreeMap::new();
+    for raw in cluster_ips {
+        match parse_ip(raw) {
+            Some(ip) => {
+                by_family.entry(Family::of(&ip)).or_insert(ip);
+            }
+            None => problems.push(Problem { object: object.clone(), reason: format!("bad clusterIP {raw:?}") }),
+        }
+    }
+    let ports = spec.ports.as_deref().unwrap_or_default();
+    if ports.len() > MAX_PORTS_PER_SERVICE {
+        problems.push(Problem {
+            object,
+            reason: format!("{} ports, more than the {} nftproxy accepts; Service skipped", ports.len(), MAX_PORTS_PER_SERVICE),
+        });
+        return Vec::new();
+    }
+    let node_port_type = matches!(svc_type, "NodePort" | "LoadBalancer");
+    let mut external_ips = Vec::new();
+    for raw in spec.external_ips.iter().flatten() {
+        match parse_ip(raw) {
+            Some(ip) => external_ips.push(ip),
+            None => problems.push(Problem { object: object.clone(), reason: format!("bad externalIP {raw:?} skipped") }),
+        }
+    }
+    let mut lb_ips = Vec::new();
+    if svc_type == "LoadBalancer" {
+        for ing in svc.status.iter().flat_map(|s| s.load_balancer.iter()).flat_map(|lb| lb.ingress.iter().flatten()) {
+            if ing.ip_mode.as_deref() == Some("Proxy") {
+                continue; // the load balancer proxies; traffic arrives addressed to the node
+            }
+            let Some(raw) = ing.ip.as_deref() else { continue }; // hostname-only ingress
+            match parse_ip(raw) {
+                Some(ip) => lb_ips.push(ip),
+                None => problems.push(Problem { object: object.clone(), reason: format!("bad load balancer ingress IP {raw:?} skipped") }),
+            }
+        }
+    }
+    let mut source_ranges = Vec::new();
+    if svc_type == "LoadBalancer" {
+        for raw in spec.load_balancer_source_ranges.iter().flatten() {
+            match raw.trim().parse::<IpNet>() {
+                Ok(net) => source_ranges.push(net.trunc()),
+                Err(_) => problems.push(Problem { object: object.clone(), reason: format!("bad loadBalancerSourceRange {raw:?} skipped") }),
+            }
+        }
+    }
+    let has_external = node_port_type || !external_ips.is_empty();
+    let external_local = has_external && spec.external_traffic_policy.as_deref() == Some("Local");
+    let internal_local = spec.internal_traffic_policy.as_deref() == Some("Local");
+    let affinity_secs = if spec.session_affinity.as_deref() == Some("ClientIP") {
+        let t = spec
+            .session_affinity_config
+            .as_ref()
+            .and_then(|c| c.client_ip.as_ref())
+            .and_then(|c| c.timeout_seconds)
+            .unwrap_or(DEFAULT_AFFINITY_SECS as i32);
+        if (1..=86400).contains(&t) {
+            Some(t as u32)
+        } else {
+            problems.push(Problem { object: object.clone(), reason: format!("sessionAffinity timeout {t} out of range 1-86400; using {DEFAULT_AFFINITY_SECS}") });
+            Some(DEFAULT_AFFINITY_SECS)
+        }
+    } else {
+        None
+    };
+    let health_check_node_port = if svc_type == "LoadBalancer" && external_local {
+        spec.health_check_node_port.and_then(|p| parse_port(p, "healthCheckNodePort").ok())
+    } else {
+        None
+    };
+
+    let service = ServiceName { namespace: ns.to_string(), name: name.to_string() };
+    let mut out = Vec::new();
+    let mut seen = std::collections::BTreeSet::new();
+    for p in ports {
+        let port_name = p.name.clone().unwrap_or_default();
+        let proto = match parse_proto(p.protocol.as_deref()) {
+            Ok(proto) => proto,
+            Err(e) => {
+                problems.push(Problem { object: object.clone(), reason: format!("port {port_name:?}: {e}; port skipped") });
+                continue;
+            }
+        };
+        let port = match parse_port(p.port, "port") {
+            Ok(port) => port,
+            Err(e) => {
+                problems.push(Problem { object: object.clone(), reason: format!("port {port_name:?}: {e}; port skipped") });
+                continue;
+            }
+        };
+        if !seen.insert((port_name.clone(), proto)) {
+            problems.push(Problem { object: object.clone(), reason: format!("duplicate port {port_name:?}/{}; later one skipped", proto.keyword()) });
+            continue;
+        }
+        let node_port = match p.node_port {
+            Some(np) if node_port_type && np != 0 => match parse_port(np, "nodePort") {
+                Ok(np) => Some(np),
+                Err(e) => {
+                    problems.push(Problem { object: object.clone(), reason: format!("port {port_name:?}: {e}; NodePort skipped") });
+                    None
+                }
+            },
+            _ => None,
+        };
+        for (family, cluster_ip) in &by_family {
+            let in_family = |ip: &&IpAddr| Family::of(ip) == *family;
+            out.push(ServicePort {
+                key: PortKey { service: service.clone(), port_name: port_name.clone(), proto },
+                family: *family,
+                cluster_ip: *cluster_ip,
+                port,
+                node_port,
+                external_ips: external_ips.iter().filter(in_family).copied().collect(),
+                lb_ips: lb_ips.iter().filter(in_family).copied().collect(),
+                source_ranges: source_ranges
+                    .iter()
+                    .filter(|n| matches!((n, family), (IpNet::V4(_), Family::Ip) | (IpNet::V6(_), Family::Ip6)))
+                    .copied()
+                    .collect(),
+                external_local,
+                internal_local,
+                affinity_secs,
+                health_check_node_port,
+            });
+        }
+    }
+    out
+}
+
+/// What one EndpointSlice contributes: its Service, family and endpoints per (port name, protocol).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SliceInfo {
+    pub service: ServiceName,
+    pub family: Family,
+    pub ports: PortEndpoints,
+}
+
+/// Read one EndpointSlice. `node` is this node's name (endpoint locality).
+pub fn slice_info(slice: &EndpointSlice, node: &str, problems: &mut Vec<Problem>) -> Option<SliceInfo> {
+    let ns = slice.metadata.namespace.as_deref().unwrap_or("default");
+    let name = slice.metadata.name.as_deref().unwrap_or("<unnamed>");
+    let object = format!("EndpointSlice {ns}/{name}");
+    let labels = slice.metadata.labels.as_ref();
+    if labels.is_some_and(|l| l.contains_key(SERVICE_PROXY_NAME_LABEL) || l.contains_key(HEADLESS_LABEL)) {
+        return None;
+    }
+    let Some(svc_name) = labels.and_then(|l| l.get(SERVICE_NAME_LABEL)) else {
+        return None; // not managed for a Service (custom slices without the label are ignored upstream too)
+    };
+    let family = match slice.address_type.as_str() {
+        "IPv4" => Family::Ip,
+        "IPv6" => Family::Ip6,
+        _ => return None, // FQDN
+    };
+    if slice.endpoints.len() > MAX_ENDPOINTS_PER_SLICE {
+        problems.push(Problem {
+            object,
+            reason: format!("{} endpoints, more than the API allows ({MAX_ENDPOINTS_PER_SLICE}); slice skipped", slice.endpoints.len()),
+        });
+        return None;
+    }
+    let mut eps = Vec::new();
+    for ep in &slice.endpoints {
+        let Some(raw) = ep.addresses.first() else {
+            problems.push(Problem { object: object.clone(), reason: "endpoint without addresses skipped".into() });
+            continue;
+        };
+        let Some(ip) = parse_ip(raw).filter(|ip| Family::of(ip) == family) else {
+            problems.push(Problem { object: object.clone(), reason: format!("bad {} endpoint address {raw:?} skipped", slice.address_type) });
+            continue;
+        };
+        let cond = ep.conditions.as_ref();
+        let ready = cond.and_then(|c| c.ready).unwrap_or(true);
+        let serving = cond.and_then(|c| c.serving).unwrap_or(true);
+        let terminating = cond.and_then(|c| c.terminating).unwrap_or(false);
+        let hints = ep.hints.as_ref();
+        eps.push((
+            ip,
+            ready,
+            serving,
+            terminating,
+            ep.node_name.as_deref() == Some(node),
+            hints.and_then(|h| h.for_zones.as_ref()).map(|z| z.iter().map(|z| z.name.clone()).collect::<Vec<_>>()).unwrap_or_default(),
+            hints.and_then(|h| h.for_nodes.as_ref()).map(|z| z.iter().map(|z| z.name.clone()).collect::<Vec<_>>()).unwrap_or_default(),
+        ));
+    }
+    let mut ports: PortEndpoints = BTreeMap::new();
+    for p in slice.ports.iter().flatten() {
+        let port_name = p.name.clone().unwrap_or_default();
+        let proto = match parse_proto(p.protocol.as_deref()) {
+            Ok(proto) => proto,
+            Err(e) => {
+                problems.push(Problem { object: object.clone(), reason: format!("port {port_name:?}: {e}; port skipped") });
+                continue;
+            }
+        };
+        let Some(port) = p.port else {
+            problems.push(Problem { object: object.clone(), reason: format!("port {port_name:?} without a number skipped") });
+            continue;
+        };
+        let port = match parse_port(port, "port") {
+            Ok(port) => port,
+            Err(e) => {
+                problems.push(Problem { object: object.clone(), reason: format!("port {port_name:?}: {e}; port skipped") });
+                continue;
+            }
+        };
+        let list = ports.entry((port_name, proto)).or_default();
+        for (ip, ready, serving, terminating, local, zone_hints, node_hints) in &eps {
+            list.push(Endpoint {
+                ip: *ip,
+                port,
+                ready: *ready,
+                serving: *serving,
+                terminating: *terminating,
+                local: *local,
+                zone_hints: zone_hints.clone(),
+                node_hints: node_hints.clone(),
+            });
+        }
+    }
+    Some(SliceInfo { service: ServiceName { namespace: ns.to_string(), name: svc_name.clone() }, family, ports })
+}
+
+/// Merge the slices of one Service and family. An ip:port listed twice keeps the
+/// non-terminating copy (a pod moving between slices is briefly in both).
+pub fn merge_slices<'a>(slices: impl IntoIterator<Item = &'a SliceInfo>) -> PortEndpoints {
+    let mut merged: PortEndpoints = BTreeMap::new();
+    for s in slices {
+        for (k, eps) in &s.ports {
+            let list = merged.entry(k.clone()).or_default();
+            for ep in eps {
+                match list.iter_mut().find(|e| e.ip == ep.ip && e.port == ep.port) {
+                    Some(existing) => {
+                        if existing.terminating && !ep.terminating {
+                            *existing = ep.clone();
+                        }
+                    }
+                    None => list.push(ep.clone()),
+                }
+            }
+        }
+    }
+    for list in merged.values_mut() {
+        list.sort_by(|a, b| (a.ip, a.port).cmp(&(b.ip, b.port)));
+    }
+    merged
+}
+
+#[cfg(test)]
+mod tests;

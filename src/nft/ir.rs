@@ -193,8 +193,18 @@ pub struct SetDef {
     pub key: Decl,
     pub data: Option<Decl>,
     pub flags: SetFlags,
+    /// Maximum number of elements (nft gives sets filled from the packet path 65535 by default).
+    pub size: Option<u32>,
     /// Elements written into the set by nft itself at creation (small constant sets).
     pub constant: bool,
+}
+
+impl SetDef {
+    /// Elements of timeout sets are written by the packet path (affinity), not by nftproxy:
+    /// plans never add or remove them.
+    pub fn runtime_owned(&self) -> bool {
+        self.flags.timeout
+    }
 }
 
 /// A condition of a rule. All conditions of a rule must hold for its action to run.

@@ -4,6 +4,10 @@
 //! -> `nft::plan` (Transaction) -> `apply` (one atomic netlink batch) -> health/metrics.
 
 pub mod apply;
-pub mod nft;
+pub mod config;
 pub mod model;
+pub mod nft;
+pub mod objects;
 pub mod proxy;
+pub mod render_cmd;
+pub mod snapshot;

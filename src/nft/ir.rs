@@ -215,13 +215,19 @@ pub enum Match {
     /// `ct status dnat`
     CtStatusDnat,
     /// `<key> @set` or `<key> != @set`
-    Lookup { key: Vec<Field>, set: String, negate: bool },
+    Lookup {
+        key: Vec<Field>,
+        set: String,
+        negate: bool,
+    },
     /// `fib daddr type local`
     FibDaddrLocal,
     /// `fib saddr type local`
     FibSaddrLocal,
     /// `meta mark & BITS == 0x00000000`
     MarkUnset(u32),
+    /// `meta l4proto tcp`: gives nft the protocol context `ct original proto-dst` needs.
+    L4protoIs(Proto),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -238,9 +244,17 @@ pub enum Action {
     /// `masquerade fully-random`
     Masquerade,
     /// `dnat ip to <key> map @map` (the map's value is address . port)
-    DnatMap { key: Vec<Field>, map: String },
+    DnatMap {
+        key: Vec<Field>,
+        map: String,
+    },
     /// `update @set { <key> timeout Ns : <value> }`
-    UpdateTimeout { set: String, key: Vec<Field>, timeout_secs: u32, value: Vec<Field> },
+    UpdateTimeout {
+        set: String,
+        key: Vec<Field>,
+        timeout_secs: u32,
+        value: Vec<Field>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

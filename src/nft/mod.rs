@@ -1,5 +1,7 @@
 //! The nftables layer: typed IR, transactions, and (pure) compile/render/plan.
 
+pub mod compile;
 pub mod ir;
+pub mod render;
 pub mod template;
 pub mod tx;

@@ -2,8 +2,10 @@
 //! IR at start-up. It understands exactly the constructs of [`super::ir`], written for the ip
 //! family (the ip6 table is derived from it).
 
-use super::ir::{BaseChain, ChainType, Decl, Field, FieldType, Hook, Match, Rule, SetDef, SetFlags, Value};
 use super::ir::{Action, Proto};
+use super::ir::{
+    BaseChain, ChainType, Decl, Field, FieldType, Hook, Match, Rule, SetDef, SetFlags, Value,
+};
 
 /// The skeleton text compiled into the binary.
 pub const SKELETON: &str = include_str!("../../nft-templates/skeleton.nft");
@@ -57,20 +59,30 @@ pub fn parse(text: &str) -> Result<Template, TemplateError> {
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
-        let err = |msg: &str| TemplateError { line: n, msg: msg.to_string() };
+        let err = |msg: &str| TemplateError {
+            line: n,
+            msg: msg.to_string(),
+        };
         let words: Vec<&str> = line.split_whitespace().collect();
         match words.as_slice() {
             [kind @ ("set" | "map"), name, "{"] => {
                 let mut def = SetDef {
                     key: Decl::Type(vec![]),
                     data: None,
-                    flags: SetFlags { interval: false, timeout: false, counter: false },
+                    flags: SetFlags {
+                        interval: false,
+                        timeout: false,
+                        counter: false,
+                    },
                     size: None,
                     constant: false,
                 };
                 let mut elements = Vec::new();
                 for (n, raw) in lines.by_ref() {
-                    let err = |msg: &str| TemplateError { line: n, msg: msg.to_string() };
+                    let err = |msg: &str| TemplateError {
+                        line: n,
+                        msg: msg.to_string(),
+                    };
                     let line = raw.trim();
                     if line == "}" {
                         break;
@@ -86,9 +98,12 @@ pub fn parse(text: &str) -> Result<Template, TemplateError> {
                         }
                         ["typeof", rest @ ..] => {
                             let (k, d) = split_colon(rest);
-                            def.key = Decl::Typeof(parse_key(&mut Tokens::new(k)).map_err(|m| err(&m))?);
+                            def.key =
+                                Decl::Typeof(parse_key(&mut Tokens::new(k)).map_err(|m| err(&m))?);
                             if let Some(d) = d {
-                                def.data = Some(Decl::Typeof(parse_key(&mut Tokens::new(d)).map_err(|m| err(&m))?));
+                                def.data = Some(Decl::Typeof(
+                                    parse_key(&mut Tokens::new(d)).map_err(|m| err(&m))?,
+                                ));
                             }
                         }
                         ["flags", flags] => {
@@ -107,7 +122,11 @@ pub fn parse(text: &str) -> Result<Template, TemplateError> {
                             let body = rest.join(" ");
                             let body = body.trim_end_matches('}');
                             for e in body.split(',').map(str::trim).filter(|e| !e.is_empty()) {
-                                let proto = parse_proto(e).ok_or_else(|| err(&format!("constant element {e:?}: only protocols are supported")))?;
+                                let proto = parse_proto(e).ok_or_else(|| {
+                                    err(&format!(
+                                        "constant element {e:?}: only protocols are supported"
+                                    ))
+                                })?;
                                 elements.push(vec![Value::Proto(proto)]);
                             }
                         }
@@ -117,10 +136,18 @@ pub fn parse(text: &str) -> Result<Template, TemplateError> {
                 if (*kind == "map") != def.data.is_some() {
                     return Err(err("a map needs data, a set must not have it"));
                 }
-                t.sets.push(TemplateSet { name: name.to_string(), def, elements });
+                t.sets.push(TemplateSet {
+                    name: name.to_string(),
+                    def,
+                    elements,
+                });
             }
             ["chain", name, "{"] => {
-                let mut chain = TemplateChain { name: name.to_string(), base: None, rules: Vec::new() };
+                let mut chain = TemplateChain {
+                    name: name.to_string(),
+                    base: None,
+                    rules: Vec::new(),
+                };
                 for (n, raw) in lines.by_ref() {
                     let err = |msg: String| TemplateError { line: n, msg };
                     let line = raw.trim();
@@ -186,7 +213,10 @@ fn parse_when(c: &str) -> Result<Vec<Cond>, String> {
                 None => (false, c),
             };
             match name {
-                "masquerade-all" | "cluster-cidr" => Ok(Cond { name: name.to_string(), negate }),
+                "masquerade-all" | "cluster-cidr" => Ok(Cond {
+                    name: name.to_string(),
+                    negate,
+                }),
                 other => Err(format!("unknown condition {other}")),
             }
         })
@@ -195,7 +225,10 @@ fn parse_when(c: &str) -> Result<Vec<Cond>, String> {
 
 fn parse_base(line: &str) -> Result<BaseChain, String> {
     // type nat hook prerouting priority -100; policy accept;
-    let w: Vec<&str> = line.split(|c: char| c.is_whitespace() || c == ';').filter(|s| !s.is_empty()).collect();
+    let w: Vec<&str> = line
+        .split(|c: char| c.is_whitespace() || c == ';')
+        .filter(|s| !s.is_empty())
+        .collect();
     match w.as_slice() {
         ["type", kind, "hook", hook, "priority", prio, "policy", "accept"] => Ok(BaseChain {
             kind: match *kind {
@@ -211,7 +244,9 @@ fn parse_base(line: &str) -> Result<BaseChain, String> {
                 "postrouting" => Hook::Postrouting,
                 other => return Err(format!("unknown hook {other}")),
             },
-            priority: prio.parse().map_err(|_| format!("priority must be numeric: {prio}"))?,
+            priority: prio
+                .parse()
+                .map_err(|_| format!("priority must be numeric: {prio}"))?,
         }),
         _ => Err(format!("bad base chain line: {line}")),
     }
@@ -343,6 +378,13 @@ pub fn parse_rule(words: &[&str]) -> Result<Rule, String> {
                 });
                 continue;
             }
+            (Some("meta"), Some("l4proto")) if t.peek(2).and_then(parse_proto).is_some() => {
+                t.next();
+                t.next();
+                let p = t.next().and_then(parse_proto).ok_or("protocol expected")?;
+                matches.push(Match::L4protoIs(p));
+                continue;
+            }
             (Some("meta"), Some("mark")) => {
                 t.next();
                 t.next();
@@ -403,13 +445,22 @@ pub fn parse_rule(words: &[&str]) -> Result<Rule, String> {
                 t.expect("to")?;
                 let key = parse_key(&mut t)?;
                 t.expect("map")?;
-                let map = t.next().and_then(|m| m.strip_prefix('@')).ok_or("dnat map needs @name")?;
-                Action::DnatMap { key, map: map.to_string() }
+                let map = t
+                    .next()
+                    .and_then(|m| m.strip_prefix('@'))
+                    .ok_or("dnat map needs @name")?;
+                Action::DnatMap {
+                    key,
+                    map: map.to_string(),
+                }
             }
             (Some("update"), Some(set)) => {
                 t.next();
                 t.next();
-                let set = set.strip_prefix('@').ok_or("update needs @set")?.to_string();
+                let set = set
+                    .strip_prefix('@')
+                    .ok_or("update needs @set")?
+                    .to_string();
                 t.expect("{")?;
                 let key = parse_key(&mut t)?;
                 t.expect("timeout")?;
@@ -417,7 +468,12 @@ pub fn parse_rule(words: &[&str]) -> Result<Rule, String> {
                 t.expect(":")?;
                 let value = parse_key(&mut t)?;
                 t.expect("}")?;
-                Action::UpdateTimeout { set, key, timeout_secs, value }
+                Action::UpdateTimeout {
+                    set,
+                    key,
+                    timeout_secs,
+                    value,
+                }
             }
             _ => {
                 let key = parse_key(&mut t)?;
@@ -425,8 +481,15 @@ pub fn parse_rule(words: &[&str]) -> Result<Rule, String> {
                 if negate {
                     t.next();
                 }
-                let set = t.next().and_then(|s| s.strip_prefix('@')).ok_or("expected @set after a key")?;
-                matches.push(Match::Lookup { key, set: set.to_string(), negate });
+                let set = t
+                    .next()
+                    .and_then(|s| s.strip_prefix('@'))
+                    .ok_or("expected @set after a key")?;
+                matches.push(Match::Lookup {
+                    key,
+                    set: set.to_string(),
+                    negate,
+                });
                 continue;
             }
         };
@@ -444,23 +507,71 @@ mod tests {
     #[test]
     fn skeleton_parses() {
         let t = parse(SKELETON).expect("skeleton");
-        assert!(t.sets.iter().any(|s| s.name == "l4protos" && s.elements.len() == 3));
+        assert!(t
+            .sets
+            .iter()
+            .any(|s| s.name == "l4protos" && s.elements.len() == 3));
         let cl = t.chains.iter().find(|c| c.name == "clusterip").unwrap();
         assert_eq!(cl.rules.len(), 3);
-        assert_eq!(cl.rules[1].when, vec![Cond { name: "cluster-cidr".into(), negate: false }, Cond { name: "masquerade-all".into(), negate: true }]);
+        assert_eq!(
+            cl.rules[1].when,
+            vec![
+                Cond {
+                    name: "cluster-cidr".into(),
+                    negate: false
+                },
+                Cond {
+                    name: "masquerade-all".into(),
+                    negate: true
+                }
+            ]
+        );
         let nat = t.chains.iter().find(|c| c.name == "nat-output").unwrap();
-        assert_eq!(nat.base, Some(BaseChain { kind: ChainType::Nat, hook: Hook::Output, priority: -100 }));
+        assert_eq!(
+            nat.base,
+            Some(BaseChain {
+                kind: ChainType::Nat,
+                hook: Hook::Output,
+                priority: -100
+            })
+        );
     }
 
     #[test]
     fn rules_parse() {
         let r = parse_rule(&"ct original ip daddr . meta l4proto . ct original proto-dst @a-t3 meta l4proto @l4protos update @ip-affinity { ct original ip saddr . ct original ip daddr timeout 3h20s : ip daddr . th dport }".split_whitespace().collect::<Vec<_>>()).unwrap();
         assert_eq!(r.matches.len(), 2);
-        assert!(matches!(r.action, Action::UpdateTimeout { timeout_secs: 10820, .. }));
+        assert!(matches!(
+            r.action,
+            Action::UpdateTimeout {
+                timeout_secs: 10820,
+                ..
+            }
+        ));
         let r = parse_rule(&"ip daddr . meta l4proto . th dport @n3 meta l4proto @l4protos dnat ip to ip daddr . meta l4proto . th dport . numgen random mod 3 map @b".split_whitespace().collect::<Vec<_>>()).unwrap();
-        assert_eq!(r.action, Action::DnatMap { key: vec![Field::Daddr, Field::L4proto, Field::ThDport, Field::Numgen(3)], map: "b".into() });
-        for bad in ["ip daddr @x", "jump a b", "meta mark & 0x1 == 0x1 drop", "dnat to ip daddr map @m", "foo bar"] {
-            assert!(parse_rule(&bad.split_whitespace().collect::<Vec<_>>()).is_err(), "{bad}");
+        assert_eq!(
+            r.action,
+            Action::DnatMap {
+                key: vec![
+                    Field::Daddr,
+                    Field::L4proto,
+                    Field::ThDport,
+                    Field::Numgen(3)
+                ],
+                map: "b".into()
+            }
+        );
+        for bad in [
+            "ip daddr @x",
+            "jump a b",
+            "meta mark & 0x1 == 0x1 drop",
+            "dnat to ip daddr map @m",
+            "foo bar",
+        ] {
+            assert!(
+                parse_rule(&bad.split_whitespace().collect::<Vec<_>>()).is_err(),
+                "{bad}"
+            );
         }
     }
 }

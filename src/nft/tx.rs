@@ -10,24 +10,46 @@ pub enum Op {
     /// Delete the table and everything in it (error when missing).
     DeleteTable(Family),
     /// Create a chain if missing (like `nft add chain`).
-    AddChain { family: Family, name: String, base: Option<BaseChain> },
+    AddChain {
+        family: Family,
+        name: String,
+        base: Option<BaseChain>,
+    },
     /// Remove every rule of a chain.
     FlushChain { family: Family, name: String },
     /// Delete an empty, unreferenced chain.
     DeleteChain { family: Family, name: String },
     /// Append a rule at the end of a chain.
-    AddRule { family: Family, chain: String, rule: Rule },
+    AddRule {
+        family: Family,
+        chain: String,
+        rule: Rule,
+    },
     /// Create a set or map if missing.
-    AddSet { family: Family, name: String, def: SetDef },
+    AddSet {
+        family: Family,
+        name: String,
+        def: SetDef,
+    },
     /// Delete an unreferenced set.
     DeleteSet { family: Family, name: String },
     /// Remove every element of a set.
     FlushSet { family: Family, name: String },
     /// Add elements; an element that already exists is an error (EEXIST), like the kernel's
     /// `NLM_F_EXCL` create.
-    AddElements { family: Family, set: String, def: SetDef, elements: Vec<Element> },
+    AddElements {
+        family: Family,
+        set: String,
+        def: SetDef,
+        elements: Vec<Element>,
+    },
     /// Delete elements; a missing element is an error (ENOENT).
-    DeleteElements { family: Family, set: String, def: SetDef, elements: Vec<Element> },
+    DeleteElements {
+        family: Family,
+        set: String,
+        def: SetDef,
+        elements: Vec<Element>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -45,7 +67,9 @@ impl Transaction {
         self.ops
             .iter()
             .map(|op| match op {
-                Op::AddElements { elements, .. } | Op::DeleteElements { elements, .. } => elements.len(),
+                Op::AddElements { elements, .. } | Op::DeleteElements { elements, .. } => {
+                    elements.len()
+                }
                 _ => 0,
             })
             .sum()
@@ -56,7 +80,12 @@ impl Transaction {
     pub fn skeleton_ops(&self) -> usize {
         self.ops
             .iter()
-            .filter(|op| !matches!(op, Op::AddElements { .. } | Op::DeleteElements { .. } | Op::FlushSet { .. }))
+            .filter(|op| {
+                !matches!(
+                    op,
+                    Op::AddElements { .. } | Op::DeleteElements { .. } | Op::FlushSet { .. }
+                )
+            })
             .count()
     }
 }

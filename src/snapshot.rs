@@ -1,0 +1,120 @@
+//! A consistent view of the watched objects, and the pure path from it to the proxy state.
+//! Used by the sync loop (from the reflector stores) and by `nftproxy render` (from a file).
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::networking::v1::ServiceCIDR;
+
+use crate::model::{self, PortEndpoints, Problem, ServiceName, SliceInfo};
+use crate::nft::ir::Family;
+use crate::proxy::{self, ProxyState};
+
+/// What the node tells us about itself.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct NodeInfo {
+    pub name: String,
+    pub zone: Option<String>,
+    /// InternalIP addresses, first per family is the primary one.
+    pub internal_ips: Vec<IpAddr>,
+    /// Deletion in progress or marked for removal by the cluster autoscaler.
+    pub ineligible: bool,
+}
+
+pub const AUTOSCALER_TAINT: &str = "ToBeDeletedByClusterAutoscaler";
+
+impl NodeInfo {
+    pub fn from_node(node: &Node) -> NodeInfo {
+        let name = node.metadata.name.clone().unwrap_or_default();
+        let zone = node
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(model::ZONE_LABEL))
+            .cloned();
+        let mut internal_ips = Vec::new();
+        for a in node
+            .status
+            .iter()
+            .flat_map(|s| s.addresses.iter().flatten())
+        {
+            if a.type_ == "InternalIP" {
+                if let Ok(ip) = a.address.parse::<IpAddr>() {
+                    internal_ips.push(ip);
+                }
+            }
+        }
+        let tainted = node
+            .spec
+            .iter()
+            .flat_map(|s| s.taints.iter().flatten())
+            .any(|t| t.key == AUTOSCALER_TAINT);
+        NodeInfo {
+            name,
+            zone,
+            internal_ips,
+            ineligible: node.metadata.deletion_timestamp.is_some() || tainted,
+        }
+    }
+
+    pub fn primary(&self, f: Family) -> Option<IpAddr> {
+        self.internal_ips
+            .iter()
+            .copied()
+            .find(|ip| Family::of(ip) == f)
+    }
+}
+
+/// Service CIDRs from ServiceCIDR objects (spec.cidrs).
+pub fn service_cidrs(objs: &[ServiceCIDR], problems: &mut Vec<Problem>) -> Vec<IpNet> {
+    let mut out = Vec::new();
+    for o in objs {
+        for raw in o.spec.iter().flat_map(|s| s.cidrs.iter().flatten()) {
+            match raw.parse::<IpNet>() {
+                Ok(n) => out.push(n.trunc()),
+                Err(_) => problems.push(Problem {
+                    object: format!("ServiceCIDR {}", o.metadata.name.as_deref().unwrap_or("")),
+                    reason: format!("bad CIDR {raw:?} skipped"),
+                }),
+            }
+        }
+    }
+    out
+}
+
+/// Build the proxy state from whole object lists.
+pub fn proxy_state(
+    services: &[Service],
+    slices: &[EndpointSlice],
+    cidrs: &[IpNet],
+    node: &NodeInfo,
+    problems: &mut Vec<Problem>,
+) -> ProxyState {
+    let mut ports = Vec::new();
+    for s in services {
+        ports.extend(model::service_ports(s, problems));
+    }
+    let mut by_service: BTreeMap<(ServiceName, Family), Vec<SliceInfo>> = BTreeMap::new();
+    for s in slices {
+        if let Some(info) = model::slice_info(s, &node.name, problems) {
+            by_service
+                .entry((info.service.clone(), info.family))
+                .or_default()
+                .push(info);
+        }
+    }
+    let endpoints: BTreeMap<(ServiceName, Family), PortEndpoints> = by_service
+        .iter()
+        .map(|(k, v)| (k.clone(), model::merge_slices(v)))
+        .collect();
+    proxy::build(
+        ports.iter(),
+        &endpoints,
+        cidrs,
+        &node.name,
+        node.zone.as_deref(),
+    )
+}

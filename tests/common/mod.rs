@@ -1,0 +1,109 @@
+//! Shared helpers for the tests in `tests/`.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use nftproxy::config::{NodePortAddresses, ProxyConfig};
+use nftproxy::nft::ir::Ruleset;
+use nftproxy::objects::Objects;
+use nftproxy::render_cmd;
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Config used by the scenario tests: pods 10.0.0.0/8, NodePorts on the primary address.
+pub fn proxy_config(node: &str) -> ProxyConfig {
+    ProxyConfig {
+        node_name: node.to_string(),
+        cluster_cidrs: vec![
+            "10.0.0.0/8".parse().unwrap(),
+            "fd00:10::/64".parse().unwrap(),
+        ],
+        masquerade_all: false,
+        masquerade_bit: 14,
+        nodeport: NodePortAddresses {
+            primary: true,
+            cidrs: vec![],
+        },
+    }
+}
+
+pub fn load_objects(path: &Path) -> Objects {
+    Objects::parse(
+        &std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
+    )
+    .expect("objects")
+}
+
+/// Compile a scenario file for `node` (the first Node in the file when empty).
+pub fn compile_file(path: &Path, node: &str) -> Ruleset {
+    let objs = load_objects(path);
+    let info = render_cmd::pick_node(&objs, if node.is_empty() { None } else { Some(node) });
+    let cfg = proxy_config(&info.name);
+    let (rs, problems) = render_cmd::compile_objects(&objs, &cfg, &info).expect("compile");
+    assert!(problems.is_empty(), "{problems:?}");
+    rs
+}
+
+/// Whether privileged tests may run. They need root (CI runs as root); set
+/// NFTPROXY_SKIP_PRIVILEGED=1 to skip them knowingly on a developer machine.
+pub fn privileged() -> bool {
+    if std::env::var("NFTPROXY_SKIP_PRIVILEGED").as_deref() == Ok("1") {
+        return false;
+    }
+    assert!(
+        unsafe { libc::geteuid() } == 0,
+        "privileged test: run as root, or set NFTPROXY_SKIP_PRIVILEGED=1 to skip"
+    );
+    true
+}
+
+/// Run `f` on a thread of its own in a fresh network namespace. The namespace disappears with
+/// the thread, also when `f` panics, so nothing is left behind on the host; processes spawned
+/// from `f` inherit the namespace.
+pub fn in_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    let h = std::thread::spawn(move || {
+        let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+        assert_eq!(
+            rc,
+            0,
+            "unshare(CLONE_NEWNET): {}",
+            std::io::Error::last_os_error()
+        );
+        f()
+    });
+    match h.join() {
+        Ok(v) => v,
+        Err(e) => std::panic::resume_unwind(e),
+    }
+}
+
+/// Run `nft` with arguments (and optional stdin), returning stdout; panics on failure.
+pub fn nft(args: &[&str], stdin: Option<&str>) -> String {
+    use std::io::Write;
+    let mut cmd = Command::new("nft");
+    cmd.args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    if stdin.is_some() {
+        cmd.stdin(std::process::Stdio::piped());
+    }
+    let mut child = cmd.spawn().expect("spawn nft (is nftables installed?)");
+    if let Some(s) = stdin {
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(s.as_bytes())
+            .expect("write nft stdin");
+    }
+    let out = child.wait_with_output().expect("nft");
+    assert!(
+        out.status.success(),
+        "nft {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}

@@ -59,7 +59,13 @@ pub struct PortKey {
 
 impl std::fmt::Display for PortKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}:{}/{}", self.service, self.port_name, self.proto.keyword())
+        write!(
+            f,
+            "{}:{}/{}",
+            self.service,
+            self.port_name,
+            self.proto.keyword()
+        )
     }
 }
 
@@ -140,19 +146,34 @@ fn parse_ip(s: &str) -> Option<IpAddr> {
 pub fn service_ports(svc: &Service, problems: &mut Vec<Problem>) -> Vec<ServicePort> {
     let ns = svc.metadata.namespace.as_deref().unwrap_or("default");
     let Some(name) = svc.metadata.name.as_deref() else {
-        problems.push(Problem { object: "Service <unnamed>".into(), reason: "no metadata.name".into() });
+        problems.push(Problem {
+            object: "Service <unnamed>".into(),
+            reason: "no metadata.name".into(),
+        });
         return Vec::new();
     };
     let object = svc_object(ns, name);
-    if svc.metadata.labels.as_ref().is_some_and(|l| l.contains_key(SERVICE_PROXY_NAME_LABEL)) {
+    if svc
+        .metadata
+        .labels
+        .as_ref()
+        .is_some_and(|l| l.contains_key(SERVICE_PROXY_NAME_LABEL))
+    {
         return Vec::new();
     }
-    let Some(spec) = svc.spec.as_ref() else { return Vec::new() };
+    let Some(spec) = svc.spec.as_ref() else {
+        return Vec::new();
+    };
     let svc_type = spec.type_.as_deref().unwrap_or("ClusterIP");
     if svc_type == "ExternalName" {
         return Vec::new();
     }
-    let mut cluster_ips: Vec<&str> = spec.cluster_ips.iter().flatten().map(String::as_str).collect();
+    let mut cluster_ips: Vec<&str> = spec
+        .cluster_ips
+        .iter()
+        .flatten()
+        .map(String::as_str)
+        .collect();
     if cluster_ips.is_empty() {
         if let Some(ip) = spec.cluster_ip.as_deref() {
             cluster_ips.push(ip);
@@ -167,14 +188,21 @@ pub fn service_ports(svc: &Service, problems: &mut Vec<Problem>) -> Vec<ServiceP
             Some(ip) => {
                 by_family.entry(Family::of(&ip)).or_insert(ip);
             }
-            None => problems.push(Problem { object: object.clone(), reason: format!("bad clusterIP {raw:?}") }),
+            None => problems.push(Problem {
+                object: object.clone(),
+                reason: format!("bad clusterIP {raw:?}"),
+            }),
         }
     }
     let ports = spec.ports.as_deref().unwrap_or_default();
     if ports.len() > MAX_PORTS_PER_SERVICE {
         problems.push(Problem {
             object,
-            reason: format!("{} ports, more than the {} nftproxy accepts; Service skipped", ports.len(), MAX_PORTS_PER_SERVICE),
+            reason: format!(
+                "{} ports, more than the {} nftproxy accepts; Service skipped",
+                ports.len(),
+                MAX_PORTS_PER_SERVICE
+            ),
         });
         return Vec::new();
     }
@@ -183,19 +211,32 @@ pub fn service_ports(svc: &Service, problems: &mut Vec<Problem>) -> Vec<ServiceP
     for raw in spec.external_ips.iter().flatten() {
         match parse_ip(raw) {
             Some(ip) => external_ips.push(ip),
-            None => problems.push(Problem { object: object.clone(), reason: format!("bad externalIP {raw:?} skipped") }),
+            None => problems.push(Problem {
+                object: object.clone(),
+                reason: format!("bad externalIP {raw:?} skipped"),
+            }),
         }
     }
     let mut lb_ips = Vec::new();
     if svc_type == "LoadBalancer" {
-        for ing in svc.status.iter().flat_map(|s| s.load_balancer.iter()).flat_map(|lb| lb.ingress.iter().flatten()) {
+        for ing in svc
+            .status
+            .iter()
+            .flat_map(|s| s.load_balancer.iter())
+            .flat_map(|lb| lb.ingress.iter().flatten())
+        {
             if ing.ip_mode.as_deref() == Some("Proxy") {
                 continue; // the load balancer proxies; traffic arrives addressed to the node
             }
-            let Some(raw) = ing.ip.as_deref() else { continue }; // hostname-only ingress
+            let Some(raw) = ing.ip.as_deref() else {
+                continue;
+            }; // hostname-only ingress
             match parse_ip(raw) {
                 Some(ip) => lb_ips.push(ip),
-                None => problems.push(Problem { object: object.clone(), reason: format!("bad load balancer ingress IP {raw:?} skipped") }),
+                None => problems.push(Problem {
+                    object: object.clone(),
+                    reason: format!("bad load balancer ingress IP {raw:?} skipped"),
+                }),
             }
         }
     }
@@ -204,7 +245,10 @@ pub fn service_ports(svc: &Service, problems: &mut Vec<Problem>) -> Vec<ServiceP
         for raw in spec.load_balancer_source_ranges.iter().flatten() {
             match raw.trim().parse::<IpNet>() {
                 Ok(net) => source_ranges.push(net.trunc()),
-                Err(_) => problems.push(Problem { object: object.clone(), reason: format!("bad loadBalancerSourceRange {raw:?} skipped") }),
+                Err(_) => problems.push(Problem {
+                    object: object.clone(),
+                    reason: format!("bad loadBalancerSourceRange {raw:?} skipped"),
+                }),
             }
         }
     }
@@ -228,12 +272,16 @@ pub fn service_ports(svc: &Service, problems: &mut Vec<Problem>) -> Vec<ServiceP
         None
     };
     let health_check_node_port = if svc_type == "LoadBalancer" && external_local {
-        spec.health_check_node_port.and_then(|p| parse_port(p, "healthCheckNodePort").ok())
+        spec.health_check_node_port
+            .and_then(|p| parse_port(p, "healthCheckNodePort").ok())
     } else {
         None
     };
 
-    let service = ServiceName { namespace: ns.to_string(), name: name.to_string() };
+    let service = ServiceName {
+        namespace: ns.to_string(),
+        name: name.to_string(),
+    };
     let mut out = Vec::new();
     let mut seen = std::collections::BTreeSet::new();
     for p in ports {
@@ -241,26 +289,41 @@ pub fn service_ports(svc: &Service, problems: &mut Vec<Problem>) -> Vec<ServiceP
         let proto = match parse_proto(p.protocol.as_deref()) {
             Ok(proto) => proto,
             Err(e) => {
-                problems.push(Problem { object: object.clone(), reason: format!("port {port_name:?}: {e}; port skipped") });
+                problems.push(Problem {
+                    object: object.clone(),
+                    reason: format!("port {port_name:?}: {e}; port skipped"),
+                });
                 continue;
             }
         };
         let port = match parse_port(p.port, "port") {
             Ok(port) => port,
             Err(e) => {
-                problems.push(Problem { object: object.clone(), reason: format!("port {port_name:?}: {e}; port skipped") });
+                problems.push(Problem {
+                    object: object.clone(),
+                    reason: format!("port {port_name:?}: {e}; port skipped"),
+                });
                 continue;
             }
         };
         if !seen.insert((port_name.clone(), proto)) {
-            problems.push(Problem { object: object.clone(), reason: format!("duplicate port {port_name:?}/{}; later one skipped", proto.keyword()) });
+            problems.push(Problem {
+                object: object.clone(),
+                reason: format!(
+                    "duplicate port {port_name:?}/{}; later one skipped",
+                    proto.keyword()
+                ),
+            });
             continue;
         }
         let node_port = match p.node_port {
             Some(np) if node_port_type && np != 0 => match parse_port(np, "nodePort") {
                 Ok(np) => Some(np),
                 Err(e) => {
-                    problems.push(Problem { object: object.clone(), reason: format!("port {port_name:?}: {e}; NodePort skipped") });
+                    problems.push(Problem {
+                        object: object.clone(),
+                        reason: format!("port {port_name:?}: {e}; NodePort skipped"),
+                    });
                     None
                 }
             },
@@ -269,7 +332,11 @@ pub fn service_ports(svc: &Service, problems: &mut Vec<Problem>) -> Vec<ServiceP
         for (family, cluster_ip) in &by_family {
             let in_family = |ip: &&IpAddr| Family::of(ip) == *family;
             out.push(ServicePort {
-                key: PortKey { service: service.clone(), port_name: port_name.clone(), proto },
+                key: PortKey {
+                    service: service.clone(),
+                    port_name: port_name.clone(),
+                    proto,
+                },
                 family: *family,
                 cluster_ip: *cluster_ip,
                 port,
@@ -278,7 +345,12 @@ pub fn service_ports(svc: &Service, problems: &mut Vec<Problem>) -> Vec<ServiceP
                 lb_ips: lb_ips.iter().filter(in_family).copied().collect(),
                 source_ranges: source_ranges
                     .iter()
-                    .filter(|n| matches!((n, family), (IpNet::V4(_), Family::Ip) | (IpNet::V6(_), Family::Ip6)))
+                    .filter(|n| {
+                        matches!(
+                            (n, family),
+                            (IpNet::V4(_), Family::Ip) | (IpNet::V6(_), Family::Ip6)
+                        )
+                    })
                     .copied()
                     .collect(),
                 external_local,
@@ -300,12 +372,18 @@ pub struct SliceInfo {
 }
 
 /// Read one EndpointSlice. `node` is this node's name (endpoint locality).
-pub fn slice_info(slice: &EndpointSlice, node: &str, problems: &mut Vec<Problem>) -> Option<SliceInfo> {
+pub fn slice_info(
+    slice: &EndpointSlice,
+    node: &str,
+    problems: &mut Vec<Problem>,
+) -> Option<SliceInfo> {
     let ns = slice.metadata.namespace.as_deref().unwrap_or("default");
     let name = slice.metadata.name.as_deref().unwrap_or("<unnamed>");
     let object = format!("EndpointSlice {ns}/{name}");
     let labels = slice.metadata.labels.as_ref();
-    if labels.is_some_and(|l| l.contains_key(SERVICE_PROXY_NAME_LABEL) || l.contains_key(HEADLESS_LABEL)) {
+    if labels
+        .is_some_and(|l| l.contains_key(SERVICE_PROXY_NAME_LABEL) || l.contains_key(HEADLESS_LABEL))
+    {
         return None;
     }
     let Some(svc_name) = labels.and_then(|l| l.get(SERVICE_NAME_LABEL)) else {
@@ -319,18 +397,30 @@ pub fn slice_info(slice: &EndpointSlice, node: &str, problems: &mut Vec<Problem>
     if slice.endpoints.len() > MAX_ENDPOINTS_PER_SLICE {
         problems.push(Problem {
             object,
-            reason: format!("{} endpoints, more than the API allows ({MAX_ENDPOINTS_PER_SLICE}); slice skipped", slice.endpoints.len()),
+            reason: format!(
+                "{} endpoints, more than the API allows ({MAX_ENDPOINTS_PER_SLICE}); slice skipped",
+                slice.endpoints.len()
+            ),
         });
         return None;
     }
     let mut eps = Vec::new();
     for ep in &slice.endpoints {
         let Some(raw) = ep.addresses.first() else {
-            problems.push(Problem { object: object.clone(), reason: "endpoint without addresses skipped".into() });
+            problems.push(Problem {
+                object: object.clone(),
+                reason: "endpoint without addresses skipped".into(),
+            });
             continue;
         };
         let Some(ip) = parse_ip(raw).filter(|ip| Family::of(ip) == family) else {
-            problems.push(Problem { object: object.clone(), reason: format!("bad {} endpoint address {raw:?} skipped", slice.address_type) });
+            problems.push(Problem {
+                object: object.clone(),
+                reason: format!(
+                    "bad {} endpoint address {raw:?} skipped",
+                    slice.address_type
+                ),
+            });
             continue;
         };
         let cond = ep.conditions.as_ref();
@@ -344,8 +434,14 @@ pub fn slice_info(slice: &EndpointSlice, node: &str, problems: &mut Vec<Problem>
             serving,
             terminating,
             ep.node_name.as_deref() == Some(node),
-            hints.and_then(|h| h.for_zones.as_ref()).map(|z| z.iter().map(|z| z.name.clone()).collect::<Vec<_>>()).unwrap_or_default(),
-            hints.and_then(|h| h.for_nodes.as_ref()).map(|z| z.iter().map(|z| z.name.clone()).collect::<Vec<_>>()).unwrap_or_default(),
+            hints
+                .and_then(|h| h.for_zones.as_ref())
+                .map(|z| z.iter().map(|z| z.name.clone()).collect::<Vec<_>>())
+                .unwrap_or_default(),
+            hints
+                .and_then(|h| h.for_nodes.as_ref())
+                .map(|z| z.iter().map(|z| z.name.clone()).collect::<Vec<_>>())
+                .unwrap_or_default(),
         ));
     }
     let mut ports: PortEndpoints = BTreeMap::new();
@@ -354,18 +450,27 @@ pub fn slice_info(slice: &EndpointSlice, node: &str, problems: &mut Vec<Problem>
         let proto = match parse_proto(p.protocol.as_deref()) {
             Ok(proto) => proto,
             Err(e) => {
-                problems.push(Problem { object: object.clone(), reason: format!("port {port_name:?}: {e}; port skipped") });
+                problems.push(Problem {
+                    object: object.clone(),
+                    reason: format!("port {port_name:?}: {e}; port skipped"),
+                });
                 continue;
             }
         };
         let Some(port) = p.port else {
-            problems.push(Problem { object: object.clone(), reason: format!("port {port_name:?} without a number skipped") });
+            problems.push(Problem {
+                object: object.clone(),
+                reason: format!("port {port_name:?} without a number skipped"),
+            });
             continue;
         };
         let port = match parse_port(port, "port") {
             Ok(port) => port,
             Err(e) => {
-                problems.push(Problem { object: object.clone(), reason: format!("port {port_name:?}: {e}; port skipped") });
+                problems.push(Problem {
+                    object: object.clone(),
+                    reason: format!("port {port_name:?}: {e}; port skipped"),
+                });
                 continue;
             }
         };
@@ -383,7 +488,14 @@ pub fn slice_info(slice: &EndpointSlice, node: &str, problems: &mut Vec<Problem>
             });
         }
     }
-    Some(SliceInfo { service: ServiceName { namespace: ns.to_string(), name: svc_name.clone() }, family, ports })
+    Some(SliceInfo {
+        service: ServiceName {
+            namespace: ns.to_string(),
+            name: svc_name.clone(),
+        },
+        family,
+        ports,
+    })
 }
 
 /// Merge the slices of one Service and family. An ip:port listed twice keeps the

@@ -15,9 +15,11 @@ fn basic(spec: serde_json::Value) -> serde_json::Value {
 #[test]
 fn clusterip_service_gives_one_port_per_family() {
     let mut p = Vec::new();
-    let s = svc(basic(json!({"clusterIPs": ["172.30.0.10", "fd00:30::10"], "ports": [
+    let s = svc(basic(
+        json!({"clusterIPs": ["172.30.0.10", "fd00:30::10"], "ports": [
         {"name": "http", "port": 80},
-        {"name": "dns", "port": 53, "protocol": "UDP"}]})));
+        {"name": "dns", "port": 53, "protocol": "UDP"}]}),
+    ));
     let ports = service_ports(&s, &mut p);
     assert!(p.is_empty(), "{p:?}");
     assert_eq!(ports.len(), 4);
@@ -25,14 +27,24 @@ fn clusterip_service_gives_one_port_per_family() {
     assert_eq!(v4[0].key.proto, Proto::Tcp);
     assert_eq!(v4[1].key.proto, Proto::Udp);
     assert_eq!(v4[0].cluster_ip.to_string(), "172.30.0.10");
-    assert!(v4.iter().all(|sp| sp.node_port.is_none() && !sp.external_local && sp.affinity_secs.is_none()));
+    assert!(v4
+        .iter()
+        .all(|sp| sp.node_port.is_none() && !sp.external_local && sp.affinity_secs.is_none()));
 }
 
 #[test]
 fn skipped_services() {
     let cases = [
-        ("headless", basic(json!({"clusterIP": "None", "ports": [{"port": 80}]}))),
-        ("external name", basic(json!({"type": "ExternalName", "externalName": "x.example", "ports": [{"port": 80}]}))),
+        (
+            "headless",
+            basic(json!({"clusterIP": "None", "ports": [{"port": 80}]})),
+        ),
+        (
+            "external name",
+            basic(
+                json!({"type": "ExternalName", "externalName": "x.example", "ports": [{"port": 80}]}),
+            ),
+        ),
         ("no cluster ip yet", basic(json!({"ports": [{"port": 80}]}))),
         (
             "other proxy",
@@ -43,24 +55,32 @@ fn skipped_services() {
     for (what, v) in cases {
         let mut p = Vec::new();
         assert!(service_ports(&svc(v), &mut p).is_empty(), "{what}");
-        assert!(p.is_empty(), "{what}: skipping silently is right, got {p:?}");
+        assert!(
+            p.is_empty(),
+            "{what}: skipping silently is right, got {p:?}"
+        );
     }
 }
 
 #[test]
 fn bad_input_is_reported_and_skipped() {
     let mut p = Vec::new();
-    let s = svc(basic(json!({"clusterIP": "172.30.0.10", "type": "LoadBalancer",
+    let s = svc(basic(
+        json!({"clusterIP": "172.30.0.10", "type": "LoadBalancer",
         "externalIPs": ["192.0.2.300", "192.0.2.7"],
         "loadBalancerSourceRanges": ["not-a-cidr", " 203.0.113.0/24 "],
         "ports": [{"name": "a", "port": 0}, {"name": "b", "port": 70000}, {"name": "c", "port": 81, "protocol": "ICMP"},
-                  {"name": "d", "port": 82, "nodePort": 99999}, {"name": "d", "port": 83}]})));
+                  {"name": "d", "port": 82, "nodePort": 99999}, {"name": "d", "port": 83}]}),
+    ));
     let ports = service_ports(&s, &mut p);
     assert_eq!(ports.len(), 1, "only port d survives");
     assert_eq!(ports[0].port, 82);
     assert_eq!(ports[0].node_port, None);
     assert_eq!(ports[0].external_ips.len(), 1);
-    assert_eq!(ports[0].source_ranges, vec!["203.0.113.0/24".parse::<IpNet>().unwrap()]);
+    assert_eq!(
+        ports[0].source_ranges,
+        vec!["203.0.113.0/24".parse::<IpNet>().unwrap()]
+    );
     let reasons: Vec<_> = p.iter().map(|p| p.reason.as_str()).collect();
     assert_eq!(p.len(), 7, "{reasons:#?}");
     assert!(p.iter().all(|p| p.object == "Service ns/web"));
@@ -71,9 +91,15 @@ fn bad_input_is_reported_and_skipped() {
 
 #[test]
 fn too_many_ports_skips_the_service() {
-    let ports: Vec<_> = (1..=1001).map(|i| json!({"name": format!("p{i}"), "port": i})).collect();
+    let ports: Vec<_> = (1..=1001)
+        .map(|i| json!({"name": format!("p{i}"), "port": i}))
+        .collect();
     let mut p = Vec::new();
-    assert!(service_ports(&svc(basic(json!({"clusterIP": "172.30.0.10", "ports": ports}))), &mut p).is_empty());
+    assert!(service_ports(
+        &svc(basic(json!({"clusterIP": "172.30.0.10", "ports": ports}))),
+        &mut p
+    )
+    .is_empty());
     assert_eq!(p.len(), 1);
     assert!(p[0].reason.contains("1001 ports"));
 }
@@ -81,10 +107,12 @@ fn too_many_ports_skips_the_service() {
 #[test]
 fn load_balancer_fields() {
     let mut p = Vec::new();
-    let mut v = basic(json!({"clusterIP": "172.30.0.10", "type": "LoadBalancer", "externalTrafficPolicy": "Local",
+    let mut v = basic(
+        json!({"clusterIP": "172.30.0.10", "type": "LoadBalancer", "externalTrafficPolicy": "Local",
         "healthCheckNodePort": 32000, "sessionAffinity": "ClientIP",
         "loadBalancerSourceRanges": ["203.0.113.0/24", "2001:db8::/64"],
-        "ports": [{"port": 80, "nodePort": 30080}]}));
+        "ports": [{"port": 80, "nodePort": 30080}]}),
+    );
     v["status"] = json!({"loadBalancer": {"ingress": [
         {"ip": "192.0.2.10"}, {"ip": "192.0.2.11", "ipMode": "Proxy"}, {"hostname": "lb.example"}, {"ip": "2001:db8::10"}]}});
     let ports = service_ports(&svc(v), &mut p);
@@ -102,32 +130,55 @@ fn load_balancer_fields() {
 #[test]
 fn external_policy_needs_external_entries() {
     let mut p = Vec::new();
-    let cip = service_ports(&svc(basic(json!({"clusterIP": "172.30.0.10", "externalTrafficPolicy": "Local", "ports": [{"port": 80}]}))), &mut p);
-    assert!(!cip[0].external_local, "a plain ClusterIP service has no external traffic");
+    let cip = service_ports(
+        &svc(basic(
+            json!({"clusterIP": "172.30.0.10", "externalTrafficPolicy": "Local", "ports": [{"port": 80}]}),
+        )),
+        &mut p,
+    );
+    assert!(
+        !cip[0].external_local,
+        "a plain ClusterIP service has no external traffic"
+    );
     let eip = service_ports(
-        &svc(basic(json!({"clusterIP": "172.30.0.10", "externalTrafficPolicy": "Local", "externalIPs": ["192.0.2.5"], "ports": [{"port": 80}]}))),
+        &svc(basic(
+            json!({"clusterIP": "172.30.0.10", "externalTrafficPolicy": "Local", "externalIPs": ["192.0.2.5"], "ports": [{"port": 80}]}),
+        )),
         &mut p,
     );
     assert!(eip[0].external_local);
-    let np = service_ports(&svc(basic(json!({"clusterIP": "172.30.0.10", "type": "ClusterIP", "ports": [{"port": 80, "nodePort": 30000}]}))), &mut p);
-    assert_eq!(np[0].node_port, None, "nodePort only counts on NodePort/LoadBalancer services");
+    let np = service_ports(
+        &svc(basic(
+            json!({"clusterIP": "172.30.0.10", "type": "ClusterIP", "ports": [{"port": 80, "nodePort": 30000}]}),
+        )),
+        &mut p,
+    );
+    assert_eq!(
+        np[0].node_port, None,
+        "nodePort only counts on NodePort/LoadBalancer services"
+    );
 }
 
 fn ep_slice(name: &str, eps: serde_json::Value) -> EndpointSlice {
-    slice(json!({"metadata": {"namespace": "ns", "name": name, "labels": {"kubernetes.io/service-name": "web"}},
-        "addressType": "IPv4", "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}], "endpoints": eps}))
+    slice(
+        json!({"metadata": {"namespace": "ns", "name": name, "labels": {"kubernetes.io/service-name": "web"}},
+        "addressType": "IPv4", "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}], "endpoints": eps}),
+    )
 }
 
 #[test]
 fn slice_conditions_and_locality() {
     let mut p = Vec::new();
-    let s = ep_slice("web-1", json!([
-        {"addresses": ["10.0.0.1"], "nodeName": "node-a"},
-        {"addresses": ["10.0.0.2"], "nodeName": "node-b", "conditions": {"ready": false, "serving": true, "terminating": true}},
-        {"addresses": ["10.0.0.3", "10.0.0.99"], "conditions": {"ready": true}, "hints": {"forZones": [{"name": "z1"}]}},
-        {"addresses": ["bogus"]},
-        {"addresses": ["fd00::1"]}
-    ]));
+    let s = ep_slice(
+        "web-1",
+        json!([
+            {"addresses": ["10.0.0.1"], "nodeName": "node-a"},
+            {"addresses": ["10.0.0.2"], "nodeName": "node-b", "conditions": {"ready": false, "serving": true, "terminating": true}},
+            {"addresses": ["10.0.0.3", "10.0.0.99"], "conditions": {"ready": true}, "hints": {"forZones": [{"name": "z1"}]}},
+            {"addresses": ["bogus"]},
+            {"addresses": ["fd00::1"]}
+        ]),
+    );
     let info = slice_info(&s, "node-a", &mut p).expect("slice");
     assert_eq!(p.len(), 2, "{p:?}");
     assert_eq!(info.service.name, "web");
@@ -135,7 +186,11 @@ fn slice_conditions_and_locality() {
     assert_eq!(eps.len(), 3);
     assert!(eps[0].ready && eps[0].serving && !eps[0].terminating && eps[0].local);
     assert!(!eps[1].ready && eps[1].serving && eps[1].terminating && !eps[1].local);
-    assert_eq!(eps[2].ip.to_string(), "10.0.0.3", "only addresses[0] counts");
+    assert_eq!(
+        eps[2].ip.to_string(),
+        "10.0.0.3",
+        "only addresses[0] counts"
+    );
     assert_eq!(eps[2].zone_hints, vec!["z1".to_string()]);
 }
 
@@ -149,7 +204,9 @@ fn slices_skipped() {
     unlabelled.metadata.labels = None;
     assert!(slice_info(&unlabelled, "n", &mut p).is_none());
     assert!(p.is_empty());
-    let huge: Vec<_> = (0..1001).map(|i| json!({"addresses": [format!("10.1.{}.{}", i / 250, i % 250)]})).collect();
+    let huge: Vec<_> = (0..1001)
+        .map(|i| json!({"addresses": [format!("10.1.{}.{}", i / 250, i % 250)]}))
+        .collect();
     assert!(slice_info(&ep_slice("h", json!(huge)), "n", &mut p).is_none());
     assert_eq!(p.len(), 1);
 }
@@ -158,7 +215,15 @@ fn slices_skipped() {
 fn merge_prefers_non_terminating_duplicate() {
     let mut p = Vec::new();
     let a = slice_info(&ep_slice("a", json!([{"addresses": ["10.0.0.1"], "conditions": {"ready": false, "terminating": true}}])), "n", &mut p).unwrap();
-    let b = slice_info(&ep_slice("b", json!([{"addresses": ["10.0.0.1"]}, {"addresses": ["10.0.0.0"]}])), "n", &mut p).unwrap();
+    let b = slice_info(
+        &ep_slice(
+            "b",
+            json!([{"addresses": ["10.0.0.1"]}, {"addresses": ["10.0.0.0"]}]),
+        ),
+        "n",
+        &mut p,
+    )
+    .unwrap();
     let merged = merge_slices([&a, &b]);
     let eps = &merged[&("http".to_string(), Proto::Tcp)];
     assert_eq!(eps.len(), 2);

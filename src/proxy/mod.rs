@@ -69,7 +69,11 @@ pub fn choose(sp: &ServicePort, eps: &[Endpoint], node: &str, zone: Option<&str>
     let uses_local = sp.internal_local || sp.external_local;
     let mut out = Chosen::default();
     let backends = |f: &dyn Fn(&Endpoint) -> bool| -> Vec<Backend> {
-        let set: BTreeSet<Backend> = eps.iter().filter(|e| f(e)).map(|e| (e.ip, e.port)).collect();
+        let set: BTreeSet<Backend> = eps
+            .iter()
+            .filter(|e| f(e))
+            .map(|e| (e.ip, e.port))
+            .collect();
         set.into_iter().collect()
     };
     if uses_cluster {
@@ -85,7 +89,12 @@ pub fn choose(sp: &ServicePort, eps: &[Endpoint], node: &str, zone: Option<&str>
         }
     }
     out.has_any = !out.cluster.is_empty() || eps.iter().any(|e| e.ready);
-    out.local_ready = eps.iter().filter(|e| e.local && e.ready).map(|e| (e.ip, e.port)).collect::<BTreeSet<_>>().len();
+    out.local_ready = eps
+        .iter()
+        .filter(|e| e.local && e.ready)
+        .map(|e| (e.ip, e.port))
+        .collect::<BTreeSet<_>>()
+        .len();
     if uses_local {
         out.local = if out.local_ready > 0 {
             backends(&|e| e.local && e.ready)
@@ -120,12 +129,29 @@ pub struct ProxyState {
 }
 
 /// Build one port's state from its Service port and the merged endpoints of its Service.
-pub fn port_state(sp: &ServicePort, endpoints: Option<&PortEndpoints>, node: &str, zone: Option<&str>) -> PortState {
+pub fn port_state(
+    sp: &ServicePort,
+    endpoints: Option<&PortEndpoints>,
+    node: &str,
+    zone: Option<&str>,
+) -> PortState {
     let empty = Vec::new();
-    let eps = endpoints.and_then(|m| m.get(&(sp.key.port_name.clone(), sp.key.proto))).unwrap_or(&empty);
+    let eps = endpoints
+        .and_then(|m| m.get(&(sp.key.port_name.clone(), sp.key.proto)))
+        .unwrap_or(&empty);
     let chosen = choose(sp, eps, node, zone);
-    let local_ips = eps.iter().filter(|e| e.local).map(|e| e.ip).collect::<BTreeSet<_>>().into_iter().collect();
-    PortState { sp: sp.clone(), chosen, local_ips }
+    let local_ips = eps
+        .iter()
+        .filter(|e| e.local)
+        .map(|e| e.ip)
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    PortState {
+        sp: sp.clone(),
+        chosen,
+        local_ips,
+    }
 }
 
 /// Build the state for a whole snapshot.
@@ -141,14 +167,24 @@ pub fn build<'a>(
         let fs = state.families.entry(f).or_default();
         fs.service_cidrs = service_cidrs
             .iter()
-            .filter(|n| matches!((n, f), (IpNet::V4(_), Family::Ip) | (IpNet::V6(_), Family::Ip6)))
+            .filter(|n| {
+                matches!(
+                    (n, f),
+                    (IpNet::V4(_), Family::Ip) | (IpNet::V6(_), Family::Ip6)
+                )
+            })
             .copied()
             .collect();
     }
     for sp in service_ports {
         let eps = endpoints.get(&(sp.key.service.clone(), sp.family));
         let ps = port_state(sp, eps, node, zone);
-        state.families.entry(sp.family).or_default().ports.insert(sp.key.clone(), ps);
+        state
+            .families
+            .entry(sp.family)
+            .or_default()
+            .ports
+            .insert(sp.key.clone(), ps);
     }
     state
 }

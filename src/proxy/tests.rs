@@ -4,7 +4,14 @@ use crate::nft::ir::Proto;
 
 fn sp(internal_local: bool, external_local: bool, node_port: bool) -> ServicePort {
     ServicePort {
-        key: PortKey { service: ServiceName { namespace: "ns".into(), name: "s".into() }, port_name: String::new(), proto: Proto::Tcp },
+        key: PortKey {
+            service: ServiceName {
+                namespace: "ns".into(),
+                name: "s".into(),
+            },
+            port_name: String::new(),
+            proto: Proto::Tcp,
+        },
         family: Family::Ip,
         cluster_ip: "172.30.0.1".parse().unwrap(),
         port: 80,
@@ -26,7 +33,16 @@ fn ep(spec: &str) -> Endpoint {
     let (num, flags) = head.split_at(head.len() - 2);
     let state = flags.as_bytes()[0];
     let hints = |tag: char| -> Vec<String> {
-        spec.split_once(tag).map(|(_, rest)| rest.split(['z', 'n']).next().unwrap().split(',').map(String::from).collect()).unwrap_or_default()
+        spec.split_once(tag)
+            .map(|(_, rest)| {
+                rest.split(['z', 'n'])
+                    .next()
+                    .unwrap()
+                    .split(',')
+                    .map(String::from)
+                    .collect()
+            })
+            .unwrap_or_default()
     };
     Endpoint {
         ip: format!("10.0.0.{num}").parse().unwrap(),
@@ -53,24 +69,222 @@ fn ips(b: &[Backend]) -> Vec<u8> {
 fn endpoint_choice_table() {
     // (what, itp local, etp local, nodeport, zone, endpoints, cluster, local, has_any, local_ready)
     #[allow(clippy::type_complexity)]
-    let cases: &[(&str, bool, bool, bool, Option<&str>, &[&str], &[u8], &[u8], bool, usize)] = &[
-        ("ready ones only", false, false, false, None, &["1r.", "2t.", "3-."], &[1], &[], true, 0),
-        ("terminating fallback", false, false, false, None, &["2t.", "3-."], &[2], &[], true, 0),
-        ("nothing serving", false, false, false, None, &["3-."], &[], &[], false, 0),
-        ("itp local: local ready", true, false, false, None, &["1rl", "2r."], &[], &[1], true, 1),
-        ("itp local: none local", true, false, false, None, &["2r."], &[], &[], true, 0),
-        ("itp local: local terminating fallback", true, false, false, None, &["1tl", "2r."], &[], &[1], true, 0),
-        ("itp local: remote terminating only", true, false, false, None, &["2t."], &[], &[], false, 0),
-        ("etp local: both sets", false, true, true, None, &["1rl", "2r."], &[1, 2], &[1], true, 1),
-        ("etp local: local terminating not counted", false, true, true, None, &["1tl", "2r."], &[2], &[1], true, 0),
-        ("itp+etp local keeps cluster set for short-circuit", true, true, true, None, &["2r."], &[2], &[], true, 0),
-        ("zone hints used", false, false, false, Some("z1"), &["1r.z1", "2r.z2"], &[1], &[], true, 0),
-        ("zone hints ignored when one endpoint lacks them", false, false, false, Some("z1"), &["1r.z1", "2r."], &[1, 2], &[], true, 0),
-        ("zone hints ignored when none for our zone", false, false, false, Some("z3"), &["1r.z1", "2r.z2"], &[1, 2], &[], true, 0),
-        ("zone hints ignored without a node zone", false, false, false, None, &["1r.z1", "2r.z2"], &[1, 2], &[], true, 0),
-        ("node hints win over zone", false, false, false, Some("z1"), &["1r.z1nme", "2r.z1nother"], &[1], &[], true, 0),
-        ("node hints for another node fall back to zone", false, false, false, Some("z1"), &["1r.z1nx", "2r.z2ny"], &[1], &[], true, 0),
-        ("local choice ignores topology", true, false, false, Some("z1"), &["1rlz2", "2r.z1"], &[], &[1], true, 1),
+    let cases: &[(
+        &str,
+        bool,
+        bool,
+        bool,
+        Option<&str>,
+        &[&str],
+        &[u8],
+        &[u8],
+        bool,
+        usize,
+    )] = &[
+        (
+            "ready ones only",
+            false,
+            false,
+            false,
+            None,
+            &["1r.", "2t.", "3-."],
+            &[1],
+            &[],
+            true,
+            0,
+        ),
+        (
+            "terminating fallback",
+            false,
+            false,
+            false,
+            None,
+            &["2t.", "3-."],
+            &[2],
+            &[],
+            true,
+            0,
+        ),
+        (
+            "nothing serving",
+            false,
+            false,
+            false,
+            None,
+            &["3-."],
+            &[],
+            &[],
+            false,
+            0,
+        ),
+        (
+            "itp local: local ready",
+            true,
+            false,
+            false,
+            None,
+            &["1rl", "2r."],
+            &[],
+            &[1],
+            true,
+            1,
+        ),
+        (
+            "itp local: none local",
+            true,
+            false,
+            false,
+            None,
+            &["2r."],
+            &[],
+            &[],
+            true,
+            0,
+        ),
+        (
+            "itp local: local terminating fallback",
+            true,
+            false,
+            false,
+            None,
+            &["1tl", "2r."],
+            &[],
+            &[1],
+            true,
+            0,
+        ),
+        (
+            "itp local: remote terminating only",
+            true,
+            false,
+            false,
+            None,
+            &["2t."],
+            &[],
+            &[],
+            false,
+            0,
+        ),
+        (
+            "etp local: both sets",
+            false,
+            true,
+            true,
+            None,
+            &["1rl", "2r."],
+            &[1, 2],
+            &[1],
+            true,
+            1,
+        ),
+        (
+            "etp local: local terminating not counted",
+            false,
+            true,
+            true,
+            None,
+            &["1tl", "2r."],
+            &[2],
+            &[1],
+            true,
+            0,
+        ),
+        (
+            "itp+etp local keeps cluster set for short-circuit",
+            true,
+            true,
+            true,
+            None,
+            &["2r."],
+            &[2],
+            &[],
+            true,
+            0,
+        ),
+        (
+            "zone hints used",
+            false,
+            false,
+            false,
+            Some("z1"),
+            &["1r.z1", "2r.z2"],
+            &[1],
+            &[],
+            true,
+            0,
+        ),
+        (
+            "zone hints ignored when one endpoint lacks them",
+            false,
+            false,
+            false,
+            Some("z1"),
+            &["1r.z1", "2r."],
+            &[1, 2],
+            &[],
+            true,
+            0,
+        ),
+        (
+            "zone hints ignored when none for our zone",
+            false,
+            false,
+            false,
+            Some("z3"),
+            &["1r.z1", "2r.z2"],
+            &[1, 2],
+            &[],
+            true,
+            0,
+        ),
+        (
+            "zone hints ignored without a node zone",
+            false,
+            false,
+            false,
+            None,
+            &["1r.z1", "2r.z2"],
+            &[1, 2],
+            &[],
+            true,
+            0,
+        ),
+        (
+            "node hints win over zone",
+            false,
+            false,
+            false,
+            Some("z1"),
+            &["1r.z1nme", "2r.z1nother"],
+            &[1],
+            &[],
+            true,
+            0,
+        ),
+        (
+            "node hints for another node fall back to zone",
+            false,
+            false,
+            false,
+            Some("z1"),
+            &["1r.z1nx", "2r.z2ny"],
+            &[1],
+            &[],
+            true,
+            0,
+        ),
+        (
+            "local choice ignores topology",
+            true,
+            false,
+            false,
+            Some("z1"),
+            &["1rlz2", "2r.z1"],
+            &[],
+            &[1],
+            true,
+            1,
+        ),
     ];
     for (what, itp, etp, np, zone, eps, cluster, local, has_any, local_ready) in cases {
         let eps: Vec<Endpoint> = eps.iter().map(|s| ep(s)).collect();
@@ -89,7 +303,10 @@ fn build_groups_by_family_and_filters_cidrs() {
     let mut pe: PortEndpoints = BTreeMap::new();
     pe.insert((String::new(), Proto::Tcp), vec![ep("1rl"), ep("2r.")]);
     eps.insert((s.key.service.clone(), Family::Ip), pe);
-    let cidrs: Vec<IpNet> = vec!["172.30.0.0/16".parse().unwrap(), "fd00:30::/112".parse().unwrap()];
+    let cidrs: Vec<IpNet> = vec![
+        "172.30.0.0/16".parse().unwrap(),
+        "fd00:30::/112".parse().unwrap(),
+    ];
     let st = build([&s], &eps, &cidrs, "me", None);
     let v4 = &st.families[&Family::Ip];
     assert_eq!(v4.service_cidrs, vec![cidrs[0]]);

@@ -11,3 +11,4 @@ pub mod objects;
 pub mod proxy;
 pub mod render_cmd;
 pub mod snapshot;
+pub mod trace;

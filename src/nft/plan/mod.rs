@@ -1,0 +1,244 @@
+//! Applied ruleset vs desired ruleset -> the minimal transaction. Pure.
+//!
+//! Routine changes become element additions and deletions only. Chains whose rules change are
+//! flushed and refilled in the same transaction; chains that are no longer wanted are flushed at
+//! once and deleted in a later transaction (kernels before 6.2 notice unreferenced chains late,
+//! so a delete in the same batch can fail with EBUSY).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use super::ir::{Element, Family, Ruleset, Table};
+use super::tx::{Op, Transaction};
+
+/// Create a whole table from nothing (after `AddTable`).
+fn create_table(f: Family, t: &Table, ops: &mut Vec<Op>) {
+    for (name, def) in &t.sets {
+        ops.push(Op::AddSet {
+            family: f,
+            name: name.clone(),
+            def: def.clone(),
+        });
+    }
+    for (name, els) in &t.elements {
+        if let (Some(def), false) = (t.sets.get(name), els.is_empty()) {
+            ops.push(Op::AddElements {
+                family: f,
+                set: name.clone(),
+                def: def.clone(),
+                elements: els.iter().cloned().collect(),
+            });
+        }
+    }
+    for (name, chain) in &t.chains {
+        ops.push(Op::AddChain {
+            family: f,
+            name: name.clone(),
+            base: chain.base.clone(),
+        });
+    }
+    for (name, chain) in &t.chains {
+        for rule in &chain.rules {
+            ops.push(Op::AddRule {
+                family: f,
+                chain: name.clone(),
+                rule: rule.clone(),
+            });
+        }
+    }
+}
+
+/// Replace every nftproxy table atomically, whatever the kernel holds now: `add table` makes
+/// the `delete table` safe when the table is missing. Families not desired are removed.
+pub fn full(desired: &Ruleset) -> Transaction {
+    let mut ops = Vec::new();
+    for f in [Family::Ip, Family::Ip6] {
+        ops.push(Op::AddTable(f));
+        ops.push(Op::DeleteTable(f));
+        if let Some(t) = desired.tables.get(&f) {
+            ops.push(Op::AddTable(f));
+            create_table(f, t, &mut ops);
+        }
+    }
+    Transaction { ops }
+}
+
+/// The result of a partial plan.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Plan {
+    pub tx: Transaction,
+    /// Chains flushed by this transaction because nothing wants them any more; delete them
+    /// in a transaction at least a second later (pass them back as `delete_due`).
+    pub flushed_stale: Vec<(Family, String)>,
+    /// A set changed its definition: only a full rebuild can do that.
+    pub needs_full: bool,
+}
+
+/// The delta from `applied` (what the kernel holds, as far as nftproxy knows) to `desired`.
+/// `delete_due` names stale (already flushed) chains whose grace period is over.
+pub fn partial(
+    applied: &Ruleset,
+    desired: &Ruleset,
+    delete_due: &BTreeSet<(Family, String)>,
+) -> Plan {
+    let mut plan = Plan::default();
+    let ops = &mut plan.tx.ops;
+    for f in [Family::Ip, Family::Ip6] {
+        match (applied.tables.get(&f), desired.tables.get(&f)) {
+            (None, None) => {}
+            (None, Some(d)) => {
+                ops.push(Op::AddTable(f));
+                create_table(f, d, ops);
+            }
+            (Some(_), None) => ops.push(Op::DeleteTable(f)),
+            (Some(a), Some(d)) => {
+                if a.sets
+                    .iter()
+                    .any(|(n, def)| d.sets.get(n).is_some_and(|dd| dd != def))
+                {
+                    plan.needs_full = true;
+                    continue;
+                }
+                // New sets first: new rules and elements refer to them.
+                for (name, def) in &d.sets {
+                    if !a.sets.contains_key(name) {
+                        ops.push(Op::AddSet {
+                            family: f,
+                            name: name.clone(),
+                            def: def.clone(),
+                        });
+                    }
+                }
+                // Element deletions, then additions (a changed map value is delete + add).
+                let empty = BTreeSet::new();
+                let mut adds = Vec::new();
+                for (name, def) in &d.sets {
+                    if def.runtime_owned() {
+                        continue;
+                    }
+                    let have = if a.sets.contains_key(name) {
+                        a.elements.get(name).unwrap_or(&empty)
+                    } else {
+                        &empty
+                    };
+                    let want = d.elements.get(name).unwrap_or(&empty);
+                    let del: Vec<Element> = have.difference(want).cloned().collect();
+                    let add: Vec<Element> = want.difference(have).cloned().collect();
+                    if !del.is_empty() {
+                        ops.push(Op::DeleteElements {
+                            family: f,
+                            set: name.clone(),
+                            def: def.clone(),
+                            elements: del,
+                        });
+                    }
+                    if !add.is_empty() {
+                        adds.push(Op::AddElements {
+                            family: f,
+                            set: name.clone(),
+                            def: def.clone(),
+                            elements: add,
+                        });
+                    }
+                }
+                ops.extend(adds);
+                for (name, chain) in &d.chains {
+                    if !a.chains.contains_key(name) {
+                        ops.push(Op::AddChain {
+                            family: f,
+                            name: name.clone(),
+                            base: chain.base.clone(),
+                        });
+                    }
+                }
+                for (name, chain) in &d.chains {
+                    match a.chains.get(name) {
+                        Some(old) if old.rules == chain.rules && old.base == chain.base => {}
+                        Some(old) if old.base != chain.base => {
+                            plan.needs_full = true;
+                        }
+                        other => {
+                            if other.is_some_and(|o| !o.rules.is_empty()) {
+                                ops.push(Op::FlushChain {
+                                    family: f,
+                                    name: name.clone(),
+                                });
+                            }
+                            for rule in &chain.rules {
+                                ops.push(Op::AddRule {
+                                    family: f,
+                                    chain: name.clone(),
+                                    rule: rule.clone(),
+                                });
+                            }
+                        }
+                    }
+                }
+                for (name, chain) in &a.chains {
+                    if d.chains.contains_key(name) {
+                        continue;
+                    }
+                    if !chain.rules.is_empty() {
+                        ops.push(Op::FlushChain {
+                            family: f,
+                            name: name.clone(),
+                        });
+                        plan.flushed_stale.push((f, name.clone()));
+                    } else if delete_due.contains(&(f, name.clone())) {
+                        ops.push(Op::DeleteChain {
+                            family: f,
+                            name: name.clone(),
+                        });
+                    }
+                }
+                // Sets last: the rules that used them are gone by now in this batch.
+                for name in a.sets.keys() {
+                    if !d.sets.contains_key(name) {
+                        ops.push(Op::DeleteSet {
+                            family: f,
+                            name: name.clone(),
+                        });
+                    }
+                }
+            }
+        }
+    }
+    plan
+}
+
+/// What the kernel holds after `tx` committed on top of `applied`, without asking it.
+/// Stale chains stay (empty) until deleted.
+pub fn after(applied: &Ruleset, desired: &Ruleset, plan: &Plan) -> Ruleset {
+    let mut out = desired.clone();
+    for (f, a) in &applied.tables {
+        let Some(t) = out.tables.get_mut(f) else {
+            continue;
+        };
+        for (name, chain) in &a.chains {
+            if t.chains.contains_key(name) {
+                continue;
+            }
+            let deleted = plan.tx.ops.iter().any(|op| matches!(op, super::tx::Op::DeleteChain { family, name: n } if family == f && n == name));
+            if !deleted {
+                let mut empty = chain.clone();
+                empty.rules.clear();
+                t.chains.insert(name.clone(), empty);
+            }
+        }
+    }
+    out
+}
+
+/// Count of elements per set, for logs and metrics.
+pub fn element_counts(r: &Ruleset) -> BTreeMap<(Family, String), usize> {
+    r.tables
+        .iter()
+        .flat_map(|(f, t)| {
+            t.elements
+                .iter()
+                .map(move |(n, e)| ((*f, n.clone()), e.len()))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests;

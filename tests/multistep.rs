@@ -1,0 +1,265 @@
+//! Multi-step: apply, change objects, and check that the partial transaction carries only the
+//! delta and that the result equals a fresh compile.
+
+mod common;
+
+use std::collections::BTreeSet;
+
+use nftproxy::apply::fake::FakeApplier;
+use nftproxy::apply::{Applier, ApplyError};
+use nftproxy::nft::ir::{Family, Ruleset};
+use nftproxy::nft::plan;
+use nftproxy::nft::render;
+use nftproxy::nft::tx::Op;
+use nftproxy::objects::Objects;
+
+fn compile(objs: &Objects) -> Ruleset {
+    let node = nftproxy::render_cmd::pick_node(objs, Some("node-a"));
+    let (rs, problems) =
+        nftproxy::render_cmd::compile_objects(objs, &common::proxy_config("node-a"), &node)
+            .expect("compile");
+    assert!(problems.is_empty(), "{problems:?}");
+    rs
+}
+
+fn start() -> (Objects, FakeApplier, Ruleset) {
+    let objs = common::load_objects(&common::root().join("tests/flows/cluster.yaml"));
+    let rs = compile(&objs);
+    let mut fake = FakeApplier::new();
+    fake.apply(&plan::full(&rs)).expect("initial");
+    (objs, fake, rs)
+}
+
+/// Apply the partial plan from `applied` to `desired`, check the kernel (fake) equals `desired`.
+fn step(fake: &mut FakeApplier, applied: &Ruleset, desired: &Ruleset) -> plan::Plan {
+    let p = plan::partial(applied, desired, &BTreeSet::new());
+    assert!(!p.needs_full);
+    fake.apply(&p.tx).expect("partial apply");
+    let after = plan::after(applied, desired, &p);
+    assert_eq!(
+        render::normalise(&fake.dump()),
+        render::normalise(&render::ruleset(&after))
+    );
+    p
+}
+
+fn slice_mut<'a>(
+    objs: &'a mut Objects,
+    name: &str,
+) -> &'a mut k8s_openapi::api::discovery::v1::EndpointSlice {
+    objs.slices
+        .iter_mut()
+        .find(|s| s.metadata.name.as_deref() == Some(name))
+        .expect("slice")
+}
+
+#[test]
+fn unchanged_state_plans_nothing() {
+    let (_, _, rs) = start();
+    let p = plan::partial(&rs, &rs, &BTreeSet::new());
+    assert!(p.tx.is_empty(), "{:?}", p.tx);
+}
+
+#[test]
+fn replacing_an_endpoint_touches_only_elements() {
+    let (mut objs, mut fake, rs) = start();
+    slice_mut(&mut objs, "web-ipv4").endpoints[1].addresses = vec!["10.0.2.99".into()];
+    let next = compile(&objs);
+    let p = step(&mut fake, &rs, &next);
+    assert_eq!(p.tx.skeleton_ops(), 0, "{:?}", p.tx);
+    // old slot 1 out, new slot 1 in: a map value change is delete + add of the same key
+    assert_eq!(p.tx.element_count(), 2, "{:?}", p.tx);
+}
+
+#[test]
+fn a_new_service_touches_only_elements() {
+    let (mut objs, mut fake, rs) = start();
+    let mut svc = objs.services[0].clone();
+    svc.metadata.name = Some("web2".into());
+    svc.spec.as_mut().unwrap().cluster_ip = Some("172.30.1.1".into());
+    objs.services.push(svc);
+    let mut sl = objs.slices[0].clone();
+    sl.metadata.name = Some("web2-1".into());
+    sl.metadata
+        .labels
+        .as_mut()
+        .unwrap()
+        .insert("kubernetes.io/service-name".into(), "web2".into());
+    objs.slices.push(sl);
+    let next = compile(&objs);
+    let p = step(&mut fake, &rs, &next);
+    assert_eq!(p.tx.skeleton_ops(), 0, "{:?}", p.tx);
+    // cluster-ips, clusterip, ip-cluster-n2, two backends
+    assert_eq!(p.tx.element_count(), 5, "{:?}", p.tx);
+}
+
+#[test]
+fn a_new_endpoint_count_adds_a_pick_rule_and_removal_flushes_then_deletes() {
+    let (mut objs, mut fake, rs) = start();
+    let template = slice_mut(&mut objs, "web-ipv4").endpoints[0].clone();
+    let s = slice_mut(&mut objs, "web-ipv4");
+    for i in 0..10 {
+        let mut e = template.clone();
+        e.addresses = vec![format!("10.0.3.{i}")];
+        s.endpoints.push(e);
+    }
+    let big = compile(&objs);
+    let p = step(&mut fake, &rs, &big);
+    assert!(
+        p.tx.ops
+            .iter()
+            .any(|op| matches!(op, Op::AddSet { name, .. } if name == "ip-cluster-n12")),
+        "{:?}",
+        p.tx
+    );
+    assert!(p
+        .tx
+        .ops
+        .iter()
+        .any(|op| matches!(op, Op::FlushChain { name, .. } if name == "pick-ip-cluster")));
+    let applied = plan::after(&rs, &big, &p);
+
+    // Back to 2 endpoints: the set goes, the chain is rebuilt; nothing to delete later.
+    let (objs2, _, _) = start();
+    let small = compile(&objs2);
+    let p2 = step(&mut fake, &applied, &small);
+    assert!(p2
+        .tx
+        .ops
+        .iter()
+        .any(|op| matches!(op, Op::DeleteSet { name, .. } if name == "ip-cluster-n12")));
+    assert!(p2.flushed_stale.is_empty());
+}
+
+#[test]
+fn a_removed_chain_is_flushed_now_and_deleted_when_due() {
+    let (_, mut fake, rs) = start();
+    let mut desired = rs.clone();
+    // Pretend a future skeleton dropped a chain nothing jumps to.
+    let t = desired.tables.get_mut(&Family::Ip).unwrap();
+    assert!(!t.chains.remove("affinity-update").unwrap().rules.is_empty());
+    t.chains
+        .get_mut("nat-postrouting")
+        .unwrap()
+        .rules
+        .retain(|r| !format!("{r:?}").contains("affinity-update"));
+    let p = plan::partial(&rs, &desired, &BTreeSet::new());
+    assert_eq!(
+        p.flushed_stale,
+        vec![(Family::Ip, "affinity-update".to_string())]
+    );
+    assert!(
+        p.tx.ops
+            .iter()
+            .all(|op| !matches!(op, Op::DeleteChain { .. })),
+        "no delete before the grace period"
+    );
+    fake.apply(&p.tx).expect("apply");
+    let applied = plan::after(&rs, &desired, &p);
+    assert!(
+        applied.tables[&Family::Ip]
+            .chains
+            .contains_key("affinity-update"),
+        "stale chain still there"
+    );
+    let due: BTreeSet<_> = [(Family::Ip, "affinity-update".to_string())].into();
+    let p2 = plan::partial(&applied, &desired, &due);
+    assert!(p2
+        .tx
+        .ops
+        .iter()
+        .any(|op| matches!(op, Op::DeleteChain { name, .. } if name == "affinity-update")));
+    fake.apply(&p2.tx).expect("delete");
+    assert_eq!(
+        render::normalise(&fake.dump()),
+        render::normalise(&render::ruleset(&desired))
+    );
+}
+
+#[test]
+fn a_failed_apply_changes_nothing_and_full_sync_repairs_outside_changes() {
+    let (mut objs, mut fake, rs) = start();
+    let before = fake.dump();
+    slice_mut(&mut objs, "web-ipv4").endpoints.pop();
+    let next = compile(&objs);
+    fake.fail.push_back(ApplyError::Io("injected".into()));
+    let p = plan::partial(&rs, &next, &BTreeSet::new());
+    assert!(fake.apply(&p.tx).is_err());
+    assert_eq!(fake.dump(), before, "atomic: nothing changed");
+
+    fake.external_delete_table(Family::Ip);
+    // A partial plan against the stale belief fails in the (strict) fake...
+    assert!(matches!(
+        fake.apply(&p.tx),
+        Err(ApplyError::NotFound { .. })
+    ));
+    // ...and a full sync rebuilds from scratch.
+    fake.apply(&plan::full(&next)).expect("full");
+    assert_eq!(
+        render::normalise(&fake.dump()),
+        render::normalise(&render::ruleset(&next))
+    );
+}
+
+#[test]
+fn the_fake_is_strict() {
+    let (_, mut fake, rs) = start();
+    let t = &rs.tables[&Family::Ip];
+    let def = t.sets["cluster-ips"].clone();
+    let dup = t.elements["cluster-ips"].iter().next().unwrap().clone();
+    let add = |els| nftproxy::nft::tx::Transaction {
+        ops: vec![Op::AddElements {
+            family: Family::Ip,
+            set: "cluster-ips".into(),
+            def: def.clone(),
+            elements: els,
+        }],
+    };
+    assert!(matches!(
+        fake.apply(&add(vec![dup.clone()])),
+        Err(ApplyError::Exists { .. })
+    ));
+    let del = nftproxy::nft::tx::Transaction {
+        ops: vec![Op::DeleteElements {
+            family: Family::Ip,
+            set: "cluster-ips".into(),
+            def: def.clone(),
+            elements: vec![nftproxy::nft::ir::Element {
+                key: vec![nftproxy::nft::ir::Value::Addr("9.9.9.9".parse().unwrap())],
+                value: None,
+            }],
+        }],
+    };
+    assert!(matches!(fake.apply(&del), Err(ApplyError::NotFound { .. })));
+    let busy = nftproxy::nft::tx::Transaction {
+        ops: vec![Op::DeleteSet {
+            family: Family::Ip,
+            name: "cluster-ips".into(),
+        }],
+    };
+    assert!(matches!(fake.apply(&busy), Err(ApplyError::Busy { .. })));
+    let busy_chain = nftproxy::nft::tx::Transaction {
+        ops: vec![
+            Op::FlushChain {
+                family: Family::Ip,
+                name: "services".into(),
+            },
+            Op::DeleteChain {
+                family: Family::Ip,
+                name: "services".into(),
+            },
+        ],
+    };
+    assert!(
+        matches!(fake.apply(&busy_chain), Err(ApplyError::Busy { .. })),
+        "still jumped to from nat-prerouting"
+    );
+    let wrong = add(vec![nftproxy::nft::ir::Element {
+        key: vec![nftproxy::nft::ir::Value::Port(80)],
+        value: None,
+    }]);
+    assert!(matches!(
+        fake.apply(&wrong),
+        Err(ApplyError::Invalid { .. })
+    ));
+}

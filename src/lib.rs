@@ -5,10 +5,13 @@
 
 pub mod apply;
 pub mod config;
+pub mod health;
+pub mod k8s;
 pub mod model;
 pub mod nft;
 pub mod objects;
 pub mod proxy;
 pub mod render_cmd;
 pub mod snapshot;
+pub mod sync;
 pub mod trace;

@@ -1,0 +1,171 @@
+//! Watches and stores: Services, EndpointSlices, this Node, and ServiceCIDRs when served.
+//!
+//! kube-runtime's watcher is the state machine (list, watch, relist after 410 Gone, backoff on
+//! errors); reflectors keep the stores. Every event nudges the sync loop. Managed fields are
+//! dropped before objects are stored: nftproxy never reads them and they are most of an object.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::networking::v1::ServiceCIDR;
+use kube::api::ListParams;
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{watcher, WatchStreamExt};
+use kube::{Api, Client, Resource, ResourceExt};
+use tokio::sync::mpsc;
+
+/// Upstream kube-proxy's selector: Services and slices handed to another proxy, and headless
+/// Services' slices, are not ours.
+pub const SERVICE_SELECTOR: &str = "!service.kubernetes.io/service-proxy-name";
+pub const SLICE_SELECTOR: &str =
+    "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless";
+
+/// The reflector stores the sync loop reads.
+#[derive(Clone)]
+pub struct Stores {
+    pub services: Store<Service>,
+    pub slices: Store<EndpointSlice>,
+    pub node: Store<Node>,
+    /// None when the API does not serve networking.k8s.io/v1 ServiceCIDRs.
+    pub service_cidrs: Option<Store<ServiceCIDR>>,
+}
+
+impl Stores {
+    /// Wait until every store holds its initial list, at most `timeout`. Returns whether all were
+    /// ready (the agent goes on either way: never wait forever).
+    pub async fn wait_ready(&self, timeout: Duration) -> bool {
+        let all = async {
+            let _ = self.services.wait_until_ready().await;
+            let _ = self.slices.wait_until_ready().await;
+            let _ = self.node.wait_until_ready().await;
+            if let Some(c) = &self.service_cidrs {
+                let _ = c.wait_until_ready().await;
+            }
+        };
+        tokio::time::timeout(timeout, all).await.is_ok()
+    }
+}
+
+/// Drive a reflector and nudge `changes` on every event.
+fn drive<K>(
+    name: &'static str,
+    stream: impl Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
+    changes: mpsc::Sender<()>,
+) -> tokio::task::JoinHandle<()>
+where
+    K: Resource + Clone + Send + Sync + 'static,
+{
+    tokio::spawn(async move {
+        let mut s = std::pin::pin!(stream);
+        while let Some(ev) = s.next().await {
+            match ev {
+                Ok(watcher::Event::InitApply(_) | watcher::Event::Init) => {}
+                Ok(_) => {
+                    // A full channel already holds a nudge: the sync loop reads all stores anyway.
+                    let _ = changes.try_send(());
+                }
+                Err(e) => {
+                    tracing::warn!(resource = name, error = %e, "watch error; retrying with backoff")
+                }
+            }
+        }
+    })
+}
+
+fn reflect<K>(
+    name: &'static str,
+    api: Api<K>,
+    cfg: watcher::Config,
+    changes: mpsc::Sender<()>,
+) -> Store<K>
+where
+    K: Resource + Clone + Send + Sync + std::fmt::Debug + serde::de::DeserializeOwned + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
+{
+    let (reader, writer) = reflector::store::<K>();
+    let stream = reflector::reflector(
+        writer,
+        watcher(api, cfg)
+            .default_backoff()
+            .modify(|o| o.meta_mut().managed_fields = None),
+    );
+    drive(name, stream, changes);
+    reader
+}
+
+/// Whether the API serves ServiceCIDRs (a 404 turns the feature off instead of a watch error loop).
+async fn service_cidrs_served(client: &Client) -> bool {
+    let api: Api<ServiceCIDR> = Api::all(client.clone());
+    match api.list(&ListParams::default().limit(1)).await {
+        Ok(_) => true,
+        Err(kube::Error::Api(e)) if e.code == 404 => {
+            tracing::info!("the API does not serve networking.k8s.io/v1 ServiceCIDRs; unallocated-ClusterIP drops are off");
+            false
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "could not probe ServiceCIDRs; watching them anyway");
+            true
+        }
+    }
+}
+
+/// Start every watch. Each event sends a nudge on `changes`.
+pub async fn start(client: Client, node_name: &str, changes: mpsc::Sender<()>) -> Stores {
+    let page = 500;
+    let services = reflect(
+        "services",
+        Api::<Service>::all(client.clone()),
+        watcher::Config::default()
+            .labels(SERVICE_SELECTOR)
+            .page_size(page)
+            .any_semantic(),
+        changes.clone(),
+    );
+    let slices = reflect(
+        "endpointslices",
+        Api::<EndpointSlice>::all(client.clone()),
+        watcher::Config::default()
+            .labels(SLICE_SELECTOR)
+            .page_size(page)
+            .any_semantic(),
+        changes.clone(),
+    );
+    let node = reflect(
+        "node",
+        Api::<Node>::all(client.clone()),
+        watcher::Config::default().fields(&format!("metadata.name={node_name}")),
+        changes.clone(),
+    );
+    let service_cidrs = if service_cidrs_served(&client).await {
+        Some(reflect(
+            "servicecidrs",
+            Api::<ServiceCIDR>::all(client.clone()),
+            watcher::Config::default(),
+            changes,
+        ))
+    } else {
+        None
+    };
+    Stores {
+        services,
+        slices,
+        node,
+        service_cidrs,
+    }
+}
+
+/// Convenience for the snapshot: the objects of a store.
+pub fn objects<K: Resource + Clone>(s: &Store<K>) -> Vec<Arc<K>>
+where
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    s.state()
+}
+
+/// Name of an object for logs.
+pub fn name<K: ResourceExt>(o: &K) -> String {
+    format!("{}/{}", o.namespace().unwrap_or_default(), o.name_any())
+}

@@ -1,0 +1,207 @@
+use super::*;
+use crate::apply::fake::FakeApplier;
+use crate::config::{NodePortAddresses, ProxyConfig};
+use crate::objects::Objects;
+
+fn objects() -> Objects {
+    Objects::parse(include_str!("../../tests/flows/cluster.yaml")).expect("objects")
+}
+
+fn desired_of(objs: &Objects) -> Desired {
+    let node = crate::render_cmd::pick_node(objs, Some("node-a"));
+    let cfg = ProxyConfig {
+        node_name: "node-a".into(),
+        cluster_cidrs: vec!["10.0.0.0/8".parse().unwrap()],
+        masquerade_all: false,
+        masquerade_bit: 14,
+        nodeport: NodePortAddresses {
+            primary: true,
+            cidrs: vec![],
+        },
+    };
+    let (ruleset, _) = crate::render_cmd::compile_objects(objs, &cfg, &node).expect("compile");
+    Desired {
+        ruleset,
+        state: Arc::new(ProxyState::default()),
+    }
+}
+
+#[derive(Default)]
+struct Recorder {
+    applied: Vec<(SyncKind, usize, usize)>,
+    failed: Vec<String>,
+}
+
+impl Observer for Recorder {
+    fn applied(&mut self, r: &Report) {
+        self.applied.push((r.kind, r.skeleton_ops, r.elements));
+    }
+    fn failed(&mut self, _: SyncKind, e: &str) {
+        self.failed.push(e.to_string());
+    }
+}
+
+fn cfg() -> SyncConfig {
+    SyncConfig {
+        min_sync_period: Duration::from_millis(100),
+        sync_period: Duration::from_secs(30),
+        chain_delete_grace: Duration::from_secs(1),
+        blocking_apply: false,
+    }
+}
+
+type Shared = Arc<Mutex<Objects>>;
+
+/// Start the loop on the current (paused-time) runtime.
+fn start(
+    fake: FakeApplier,
+) -> (
+    Shared,
+    mpsc::Sender<()>,
+    Arc<Mutex<FakeApplier>>,
+    Arc<Mutex<Recorder>>,
+    SharedStatus,
+    Arc<Mutex<usize>>,
+) {
+    let objs: Shared = Arc::new(Mutex::new(objects()));
+    let status: SharedStatus = Arc::default();
+    let syncer = Syncer::new(cfg(), fake, status.clone());
+    let applier = syncer.applier();
+    let (tx, rx) = mpsc::channel(1024);
+    let rec = Arc::new(Mutex::new(Recorder::default()));
+    let computed = Arc::new(Mutex::new(0usize));
+    let (o, r, c) = (objs.clone(), rec.clone(), computed.clone());
+    tokio::spawn(async move {
+        struct Fwd(Arc<Mutex<Recorder>>);
+        impl Observer for Fwd {
+            fn applied(&mut self, r: &Report) {
+                lock(&self.0).applied(r)
+            }
+            fn failed(&mut self, k: SyncKind, e: &str) {
+                lock(&self.0).failed(k, e)
+            }
+        }
+        let mut fwd = Fwd(r);
+        syncer
+            .run(
+                rx,
+                move || {
+                    *lock(&c) += 1;
+                    Some(desired_of(&lock(&o)))
+                },
+                &mut fwd,
+            )
+            .await
+    });
+    (objs, tx, applier, rec, status, computed)
+}
+
+async fn settle(d: Duration) {
+    tokio::time::sleep(d).await;
+}
+
+fn drop_endpoint(objs: &Shared) {
+    let mut o = lock(objs);
+    let s = o
+        .slices
+        .iter_mut()
+        .find(|s| s.metadata.name.as_deref() == Some("web-ipv4"))
+        .expect("slice");
+    s.endpoints.pop();
+}
+
+#[tokio::test(start_paused = true)]
+async fn first_sync_is_full_then_changes_are_element_only() {
+    let (objs, tx, applier, rec, _, _) = start(FakeApplier::new());
+    settle(Duration::from_millis(10)).await;
+    assert_eq!(lock(&rec).applied.len(), 1);
+    assert_eq!(lock(&rec).applied[0].0, SyncKind::Full);
+    drop_endpoint(&objs);
+    tx.send(()).await.unwrap();
+    settle(Duration::from_millis(200)).await;
+    let r = lock(&rec);
+    assert_eq!(r.applied.len(), 2, "{:?}", r.applied);
+    assert_eq!(r.applied[1].0, SyncKind::Partial);
+    assert_eq!(r.applied[1].1, 0, "no skeleton ops for an endpoint change");
+    assert!(r.applied[1].2 > 0);
+    assert_eq!(lock(&applier).committed.len(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn bursts_are_coalesced() {
+    let (objs, tx, applier, rec, _, _) = start(FakeApplier::new());
+    settle(Duration::from_millis(10)).await;
+    // 1000 changes within 50 ms: 20 per millisecond (tokio timers tick in milliseconds).
+    for _ in 0..50 {
+        for _ in 0..20 {
+            drop_endpoint(&objs);
+            tx.send(()).await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    settle(Duration::from_millis(500)).await;
+    let n = lock(&rec).applied.len();
+    assert!(n <= 3, "1000 changes in 50ms became {n} syncs");
+    let dump = lock(&applier).dump();
+    assert!(
+        !dump.contains("10.0.2.1 . 8080") && !dump.contains("10.0.1.1 . 8080"),
+        "the final state is applied"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn failures_retry_with_backoff_and_rebuild() {
+    let mut fake = FakeApplier::new();
+    fake.fail.push_back(ApplyError::Io("injected 1".into()));
+    fake.fail.push_back(ApplyError::Io("injected 2".into()));
+    let (_, _tx, applier, rec, status, _) = start(fake);
+    settle(Duration::from_millis(10)).await;
+    assert_eq!(lock(&rec).failed.len(), 1);
+    assert!(lock(&status).last_success.is_none());
+    settle(Duration::from_secs(3)).await;
+    let r = lock(&rec);
+    assert_eq!(r.failed.len(), 2, "retried: {:?}", r.failed);
+    assert_eq!(r.applied.len(), 1, "then succeeded");
+    assert_eq!(r.applied[0].0, SyncKind::Full);
+    assert!(lock(&status).last_success.is_some());
+    assert_eq!(lock(&applier).calls, 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_partial_is_followed_by_a_full_sync() {
+    let (objs, tx, applier, rec, _, _) = start(FakeApplier::new());
+    settle(Duration::from_millis(10)).await;
+    lock(&applier).fail.push_back(ApplyError::Invalid {
+        what: "x".into(),
+        detail: "injected".into(),
+    });
+    drop_endpoint(&objs);
+    tx.send(()).await.unwrap();
+    settle(Duration::from_secs(2)).await;
+    let r = lock(&rec);
+    assert_eq!(r.failed.len(), 1);
+    assert_eq!(
+        r.applied.last().map(|a| a.0),
+        Some(SyncKind::Full),
+        "{:?}",
+        r.applied
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn idle_agent_does_no_work_and_self_heals() {
+    let (_, _tx, applier, rec, _, computed) = start(FakeApplier::new());
+    settle(Duration::from_millis(10)).await;
+    assert_eq!(*lock(&computed), 1);
+    // Other components commit in this namespace; nothing of ours changed.
+    lock(&applier).external_commit();
+    settle(Duration::from_secs(95)).await;
+    assert_eq!(*lock(&computed), 1, "no recompute while nothing changes");
+    assert_eq!(lock(&rec).applied.len(), 1);
+    // Someone deletes our table: the next periodic check rebuilds it.
+    lock(&applier).external_delete_table(Family::Ip);
+    settle(Duration::from_secs(31)).await;
+    assert_eq!(lock(&rec).applied.len(), 2);
+    assert_eq!(lock(&rec).applied[1].0, SyncKind::Full);
+    assert!(lock(&applier).state.tables.contains_key(&Family::Ip));
+}

@@ -5,8 +5,10 @@
 
 pub mod apply;
 pub mod config;
+pub mod conntrack;
 pub mod health;
 pub mod k8s;
+pub mod metrics;
 pub mod model;
 pub mod nft;
 pub mod objects;

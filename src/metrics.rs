@@ -60,7 +60,9 @@ pub struct Metrics {
 }
 
 fn latency_buckets() -> Vec<f64> {
-    vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
+    vec![
+        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    ]
 }
 
 impl Default for Metrics {
@@ -89,33 +91,84 @@ impl Metrics {
             bad_objects: Counter::default(),
             seen: Mutex::new(BTreeMap::new()),
         };
-        registry.register("sync_duration_seconds", "Time to compute, plan and commit one sync, by kind (full, partial)", m.sync_duration.clone());
-        registry.register("sync_failures", "Syncs whose commit failed, by kind", m.sync_failures.clone());
-        registry.register("last_successful_sync_timestamp_seconds", "Unix time of the last successful sync", m.last_success.clone());
+        registry.register(
+            "sync_duration_seconds",
+            "Time to compute, plan and commit one sync, by kind (full, partial)",
+            m.sync_duration.clone(),
+        );
+        registry.register(
+            "sync_failures",
+            "Syncs whose commit failed, by kind",
+            m.sync_failures.clone(),
+        );
+        registry.register(
+            "last_successful_sync_timestamp_seconds",
+            "Unix time of the last successful sync",
+            m.last_success.clone(),
+        );
         registry.register(
             "network_programming_duration_seconds",
             "From an EndpointSlice change (endpoints.kubernetes.io/last-change-trigger-time) to its commit",
             m.programming_latency.clone(),
         );
-        registry.register("services", "Service ports programmed (all families)", m.services.clone());
-        registry.register("endpoints", "Endpoints programmed (all families, cluster and local sets)", m.endpoints.clone());
-        registry.register("ruleset_objects", "Size of the programmed ruleset, by kind (chains, rules, elements)", m.ruleset_size.clone());
-        registry.register("services_without_local_endpoints", "externalTrafficPolicy Local service ports with no ready endpoint on this node", m.services_without_local_endpoints.clone());
-        registry.register("healthcheck_responses", "healthCheckNodePort answers, by HTTP code", m.healthcheck_responses.clone());
+        registry.register(
+            "services",
+            "Service ports programmed (all families)",
+            m.services.clone(),
+        );
+        registry.register(
+            "endpoints",
+            "Endpoints programmed (all families, cluster and local sets)",
+            m.endpoints.clone(),
+        );
+        registry.register(
+            "ruleset_objects",
+            "Size of the programmed ruleset, by kind (chains, rules, elements)",
+            m.ruleset_size.clone(),
+        );
+        registry.register(
+            "services_without_local_endpoints",
+            "externalTrafficPolicy Local service ports with no ready endpoint on this node",
+            m.services_without_local_endpoints.clone(),
+        );
+        registry.register(
+            "healthcheck_responses",
+            "healthCheckNodePort answers, by HTTP code",
+            m.healthcheck_responses.clone(),
+        );
         registry.register(
             "no_local_endpoint_drops_packets",
             "Packets dropped because a Local-policy service has no endpoint on this node (or internalTrafficPolicy Local with none here)",
             m.no_local_endpoint_drops.clone(),
         );
-        registry.register("no_endpoint_rejects_packets", "Packets rejected because the service has no endpoints at all", m.no_endpoint_rejects.clone());
-        registry.register("conntrack_entries_deleted", "Stale UDP conntrack entries deleted", m.conntrack_deleted.clone());
-        registry.register("bad_objects", "Objects or fields skipped as malformed", m.bad_objects.clone());
+        registry.register(
+            "no_endpoint_rejects_packets",
+            "Packets rejected because the service has no endpoints at all",
+            m.no_endpoint_rejects.clone(),
+        );
+        registry.register(
+            "conntrack_entries_deleted",
+            "Stale UDP conntrack entries deleted",
+            m.conntrack_deleted.clone(),
+        );
+        registry.register(
+            "bad_objects",
+            "Objects or fields skipped as malformed",
+            m.bad_objects.clone(),
+        );
         Metrics { registry, ..m }
     }
 
     pub fn record_sync(&self, r: &Report) {
-        self.sync_duration.get_or_create(&KindLabel { kind: r.kind.as_str().into() }).observe(r.duration.as_secs_f64());
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
+        self.sync_duration
+            .get_or_create(&KindLabel {
+                kind: r.kind.as_str().into(),
+            })
+            .observe(r.duration.as_secs_f64());
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
         self.last_success.set(now);
         let (mut svc, mut eps, mut without_local) = (0i64, 0i64, 0i64);
         for fs in r.state.families.values() {
@@ -130,29 +183,54 @@ impl Metrics {
         self.services.set(svc);
         self.endpoints.set(eps);
         self.services_without_local_endpoints.set(without_local);
-        for (k, v) in [("chains", r.ruleset_chains), ("rules", r.ruleset_rules), ("elements", r.ruleset_elements)] {
-            self.ruleset_size.get_or_create(&ObjectLabel { kind: k.into() }).set(v as i64);
+        for (k, v) in [
+            ("chains", r.ruleset_chains),
+            ("rules", r.ruleset_rules),
+            ("elements", r.ruleset_elements),
+        ] {
+            self.ruleset_size
+                .get_or_create(&ObjectLabel { kind: k.into() })
+                .set(v as i64);
         }
     }
 
     pub fn record_failure(&self, kind: SyncKind) {
-        self.sync_failures.get_or_create(&KindLabel { kind: kind.as_str().into() }).inc();
+        self.sync_failures
+            .get_or_create(&KindLabel {
+                kind: kind.as_str().into(),
+            })
+            .inc();
     }
 
     /// Fold element counters of a no-endpoint set into the per-service counters.
-    pub fn record_counters(&self, family: IpFamily, set: &str, drops: bool, elements: &[(Element, Option<(u64, u64)>)], owners: &BTreeMap<Vec<Value>, ServiceLabel>) {
+    pub fn record_counters(
+        &self,
+        family: IpFamily,
+        set: &str,
+        drops: bool,
+        elements: &[crate::apply::Counted],
+        owners: &BTreeMap<Vec<Value>, ServiceLabel>,
+    ) {
         let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
         for (e, c) in elements {
             let Some((packets, _)) = c else { continue };
             let key = (family, set.to_string(), e.clone());
             let last = seen.insert(key, *packets).unwrap_or(0);
             // A counter smaller than before belongs to a re-added element: count it from zero.
-            let delta = if *packets >= last { packets - last } else { *packets };
+            let delta = if *packets >= last {
+                packets - last
+            } else {
+                *packets
+            };
             if delta == 0 {
                 continue;
             }
             if let Some(label) = owners.get(&e.key) {
-                let fam = if drops { &self.no_local_endpoint_drops } else { &self.no_endpoint_rejects };
+                let fam = if drops {
+                    &self.no_local_endpoint_drops
+                } else {
+                    &self.no_endpoint_rejects
+                };
                 fam.get_or_create(label).inc_by(delta);
             }
         }
@@ -174,10 +252,19 @@ pub fn entry_owners(state: &ProxyState) -> BTreeMap<IpFamily, BTreeMap<Vec<Value
         let m = out.entry(*f).or_default();
         for ps in fs.ports.values() {
             let sp = &ps.sp;
-            let label = ServiceLabel { namespace: sp.key.service.namespace.clone(), service: sp.key.service.name.clone() };
+            let label = ServiceLabel {
+                namespace: sp.key.service.namespace.clone(),
+                service: sp.key.service.name.clone(),
+            };
             let proto = Value::Proto(sp.key.proto);
-            for ip in std::iter::once(&sp.cluster_ip).chain(&sp.external_ips).chain(&sp.lb_ips) {
-                m.insert(vec![Value::Addr(*ip), proto.clone(), Value::Port(sp.port)], label.clone());
+            for ip in std::iter::once(&sp.cluster_ip)
+                .chain(&sp.external_ips)
+                .chain(&sp.lb_ips)
+            {
+                m.insert(
+                    vec![Value::Addr(*ip), proto.clone(), Value::Port(sp.port)],
+                    label.clone(),
+                );
             }
             if let Some(np) = sp.node_port {
                 m.insert(vec![proto.clone(), Value::Port(np)], label.clone());
@@ -188,13 +275,24 @@ pub fn entry_owners(state: &ProxyState) -> BTreeMap<IpFamily, BTreeMap<Vec<Value
 }
 
 /// Serve `/metrics`.
-pub async fn serve(addr: SocketAddr, m: Arc<Metrics>) -> std::io::Result<tokio::task::JoinHandle<()>> {
+pub async fn serve(
+    addr: SocketAddr,
+    m: Arc<Metrics>,
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let app = axum::Router::new().route(
         "/metrics",
         get(move || {
             let m = m.clone();
-            async move { ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], m.encode()) }
+            async move {
+                (
+                    [(
+                        header::CONTENT_TYPE,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
+                    m.encode(),
+                )
+            }
         }),
     );
     Ok(tokio::spawn(async move {
@@ -212,14 +310,47 @@ mod tests {
     fn counters_are_monotonic_across_element_readds() {
         let m = Metrics::new();
         let key = vec![Value::Proto(crate::nft::ir::Proto::Tcp), Value::Port(30013)];
-        let owners: BTreeMap<Vec<Value>, ServiceLabel> = [(key.clone(), ServiceLabel { namespace: "ns".into(), service: "s".into() })].into();
+        let owners: BTreeMap<Vec<Value>, ServiceLabel> = [(
+            key.clone(),
+            ServiceLabel {
+                namespace: "ns".into(),
+                service: "s".into(),
+            },
+        )]
+        .into();
         let e = Element { key, value: None };
-        m.record_counters(IpFamily::Ip, "nodeport-no-endpoint-drop", true, &[(e.clone(), Some((5, 300)))], &owners);
-        m.record_counters(IpFamily::Ip, "nodeport-no-endpoint-drop", true, &[(e.clone(), Some((7, 400)))], &owners);
-        m.record_counters(IpFamily::Ip, "nodeport-no-endpoint-drop", true, &[(e.clone(), Some((2, 100)))], &owners);
+        m.record_counters(
+            IpFamily::Ip,
+            "nodeport-no-endpoint-drop",
+            true,
+            &[(e.clone(), Some((5, 300)))],
+            &owners,
+        );
+        m.record_counters(
+            IpFamily::Ip,
+            "nodeport-no-endpoint-drop",
+            true,
+            &[(e.clone(), Some((7, 400)))],
+            &owners,
+        );
+        m.record_counters(
+            IpFamily::Ip,
+            "nodeport-no-endpoint-drop",
+            true,
+            &[(e.clone(), Some((2, 100)))],
+            &owners,
+        );
         let text = m.encode();
-        assert!(text.contains(r#"nftproxy_no_local_endpoint_drops_packets_total{namespace="ns",service="s"} 9"#), "{text}");
-        assert!(text.contains("# TYPE nftproxy_network_programming_duration_seconds histogram"), "{text}");
+        assert!(
+            text.contains(
+                r#"nftproxy_no_local_endpoint_drops_packets_total{namespace="ns",service="s"} 9"#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE nftproxy_network_programming_duration_seconds histogram"),
+            "{text}"
+        );
         assert!(text.ends_with("# EOF\n"));
     }
 }

@@ -86,9 +86,9 @@ pub fn service_cidrs(objs: &[ServiceCIDR], problems: &mut Vec<Problem>) -> Vec<I
 }
 
 /// Build the proxy state from whole object lists.
-pub fn proxy_state(
-    services: &[Service],
-    slices: &[EndpointSlice],
+pub fn proxy_state<'a>(
+    services: impl IntoIterator<Item = &'a Service>,
+    slices: impl IntoIterator<Item = &'a EndpointSlice>,
     cidrs: &[IpNet],
     node: &NodeInfo,
     problems: &mut Vec<Problem>,

@@ -62,13 +62,16 @@ enum Flow {
     Reject,
 }
 
+/// Elements written from the packet path (key -> value).
+type RuntimeMap = BTreeMap<Vec<Value>, Vec<Value>>;
+
 /// The tracer: a table, the node's local addresses, and the runtime state of timeout maps
 /// (affinity entries written by earlier packets).
 pub struct Tracer<'a> {
     family: Family,
     table: &'a Table,
     local: BTreeSet<IpAddr>,
-    runtime: RefCell<BTreeMap<String, BTreeMap<Vec<Value>, Vec<Value>>>>,
+    runtime: RefCell<BTreeMap<String, RuntimeMap>>,
 }
 
 const MAX_DEPTH: usize = 32;

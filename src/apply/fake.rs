@@ -384,7 +384,7 @@ impl Applier for FakeApplier {
         &mut self,
         family: Family,
         set: &str,
-    ) -> Result<Vec<(Element, Option<(u64, u64)>)>, ApplyError> {
+    ) -> Result<Vec<super::Counted>, ApplyError> {
         let t = self
             .state
             .tables

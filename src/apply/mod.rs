@@ -3,6 +3,7 @@
 
 pub mod fake;
 pub mod netlink;
+pub mod nl;
 
 use crate::nft::ir::{Element, Family};
 use crate::nft::tx::Transaction;
@@ -30,6 +31,9 @@ pub enum ApplyError {
     Io(String),
 }
 
+/// A set element with its counter (packets, bytes) when the set counts.
+pub type Counted = (Element, Option<(u64, u64)>);
+
 /// Applies transactions atomically and answers the few questions the sync loop asks of the
 /// kernel. Implementations are called from a blocking thread.
 pub trait Applier: Send {
@@ -41,5 +45,5 @@ pub trait Applier: Send {
     fn table_exists(&mut self, family: Family) -> Result<bool, ApplyError>;
     /// Dump the elements of one set (targeted; never the whole table). Counters, if any, are
     /// returned as (packets, bytes).
-    fn list_elements(&mut self, family: Family, set: &str) -> Result<Vec<(Element, Option<(u64, u64)>)>, ApplyError>;
+    fn list_elements(&mut self, family: Family, set: &str) -> Result<Vec<Counted>, ApplyError>;
 }

@@ -89,12 +89,27 @@ impl<P: Probe> Binder for TcpBinder<P> {
         svc: &ServiceName,
         count: SharedCount,
     ) -> std::io::Result<TcpHandle> {
-        // Bind every address first so that a failure leaves nothing half-open.
+        // An address that is not (yet) on the node is skipped as long as another one works:
+        // dual-stack nodes get their second address later than the first.
         let mut listeners = Vec::new();
+        let mut first_error = None;
         for a in addrs {
-            let l = std::net::TcpListener::bind(a)?;
-            l.set_nonblocking(true)?;
-            listeners.push(l);
+            match std::net::TcpListener::bind(a).and_then(|l| l.set_nonblocking(true).map(|_| l)) {
+                Ok(l) => listeners.push(l),
+                Err(e) if e.kind() == std::io::ErrorKind::AddrNotAvailable => {
+                    tracing::debug!(addr = %a, error = %e, "health check address not on this node");
+                    first_error.get_or_insert(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        if listeners.is_empty() {
+            return Err(first_error.unwrap_or_else(|| {
+                std::io::Error::new(
+                    std::io::ErrorKind::AddrNotAvailable,
+                    "no address to listen on",
+                )
+            }));
         }
         let mut tasks = Vec::new();
         for l in listeners {

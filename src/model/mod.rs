@@ -518,7 +518,7 @@ pub fn merge_slices<'a>(slices: impl IntoIterator<Item = &'a SliceInfo>) -> Port
         }
     }
     for list in merged.values_mut() {
-        list.sort_by(|a, b| (a.ip, a.port).cmp(&(b.ip, b.port)));
+        list.sort_by_key(|e| (e.ip, e.port));
     }
     merged
 }

@@ -112,7 +112,10 @@ pub enum FieldType {
     Slot,
 }
 
+// A byte length, not a container: there is no emptiness to ask about.
+#[allow(clippy::len_without_is_empty)]
 impl FieldType {
+    /// Bytes on the wire (before register padding).
     pub fn len(self) -> usize {
         match self {
             FieldType::Ipv4Addr => 4,

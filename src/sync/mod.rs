@@ -71,6 +71,8 @@ impl SyncKind {
 pub struct Report {
     pub kind: SyncKind,
     pub duration: Duration,
+    /// The kernel commit alone (netlink send and error read).
+    pub apply_time: Duration,
     pub ops: usize,
     pub elements: usize,
     pub skeleton_ops: usize,
@@ -214,7 +216,9 @@ impl<A: Applier + 'static> Syncer<A> {
             None => (SyncKind::Full, plan::full(&desired.ruleset), None),
         };
         let (ops, elements, skeleton_ops) = (tx.ops.len(), tx.element_count(), tx.skeleton_ops());
+        let mut apply_time = Duration::ZERO;
         if !tx.is_empty() {
+            let apply_start = Instant::now();
             let tx: Transaction = tx;
             let result = self
                 .call(move |a| -> Result<u32, ApplyError> {
@@ -223,6 +227,7 @@ impl<A: Applier + 'static> Syncer<A> {
                 })
                 .await
                 .and_then(|r| r);
+            apply_time = apply_start.elapsed();
             match result {
                 Ok(generation) => self.our_generation = Some(generation),
                 Err(e) => {
@@ -268,6 +273,7 @@ impl<A: Applier + 'static> Syncer<A> {
         let report = Report {
             kind,
             duration: start.elapsed(),
+            apply_time,
             ops,
             elements,
             skeleton_ops,

@@ -52,17 +52,19 @@ fn cfg() -> SyncConfig {
 
 type Shared = Arc<Mutex<Objects>>;
 
-/// Start the loop on the current (paused-time) runtime.
-fn start(
-    fake: FakeApplier,
-) -> (
+/// Handles on a running loop: objects, change nudges, the fake, what was observed, status, and
+/// how many times the desired state was computed.
+type Running = (
     Shared,
     mpsc::Sender<()>,
     Arc<Mutex<FakeApplier>>,
     Arc<Mutex<Recorder>>,
     SharedStatus,
     Arc<Mutex<usize>>,
-) {
+);
+
+/// Start the loop on the current (paused-time) runtime.
+fn start(fake: FakeApplier) -> Running {
     let objs: Shared = Arc::new(Mutex::new(objects()));
     let status: SharedStatus = Arc::default();
     let syncer = Syncer::new(cfg(), fake, status.clone());

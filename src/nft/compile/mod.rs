@@ -555,6 +555,3 @@ impl Builder {
         }
     }
 }
-
-#[cfg(test)]
-mod tests;

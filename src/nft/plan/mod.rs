@@ -239,6 +239,3 @@ pub fn element_counts(r: &Ruleset) -> BTreeMap<(Family, String), usize> {
         })
         .collect()
 }
-
-#[cfg(test)]
-mod tests;

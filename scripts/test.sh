@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The whole test suite: formatting and lints, unit/golden/flow tests, privileged netlink tests,
+# end-to-end tests in network namespaces, the demo and the benchmark smoke run.
+# Needs root (network namespaces, nftables); everything runs inside namespaces it creates.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/setup.sh
+export PATH="$HOME/.cargo/bin:$PATH"
+echo "== cargo fmt / clippy"
+cargo fmt --all -- --check
+cargo clippy --all-targets -q -- -D warnings
+echo "== cargo test (unit, golden, flows, netlink in fresh namespaces)"
+cargo build -q
+cargo test -q
+echo "== end-to-end (namespaces cluster)"
+python3 -m pytest integration -q -p no:cacheprovider

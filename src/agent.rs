@@ -1,0 +1,531 @@
+//! `nftproxy run`: wires the watchers, the sync loop, the kernel, the health servers and metrics.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use kube::Client;
+use tokio::sync::mpsc;
+
+use crate::apply::netlink::NetlinkApplier;
+use crate::apply::Applier;
+use crate::config::{ProxyConfig, RunArgs};
+use crate::events::{Events, Warning};
+use crate::health::agent::AgentHealth;
+use crate::health::service::{Probe, Servers, TcpBinder, Wanted};
+use crate::k8s::{self, Stores};
+use crate::metrics::{self, Metrics};
+use crate::model::ServiceName;
+use crate::nft::compile;
+use crate::nft::ir::Family;
+use crate::proxy::ProxyState;
+use crate::snapshot::{self, NodeInfo};
+use crate::sync::{Desired, Observer, Report, SharedStatus, SyncConfig, SyncKind, Syncer};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("configuration: {0}")]
+    Config(#[from] crate::config::ConfigError),
+    #[error("kubeconfig: {0}")]
+    Kubeconfig(String),
+    #[error("kubernetes client: {0}")]
+    Client(#[from] kube::Error),
+    #[error("netlink: {0}")]
+    Netlink(#[from] crate::apply::ApplyError),
+    #[error("preflight: {0}")]
+    Preflight(#[from] crate::preflight::PreflightError),
+    #[error("cannot listen on {addr}: {error}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        error: std::io::Error,
+    },
+}
+
+/// Build the API client the way every Kubernetes client does: an explicit kubeconfig, else
+/// in-cluster service account, else $KUBECONFIG, else ~/.kube/config.
+pub async fn client(kubeconfig: Option<&std::path::Path>) -> Result<Client, AgentError> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .map_err(|e| AgentError::Kubeconfig(format!("{}: {e}", path.display())))?;
+            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+                .await
+                .map_err(|e| AgentError::Kubeconfig(e.to_string()))?
+        }
+        None => kube::Config::infer()
+            .await
+            .map_err(|e| AgentError::Kubeconfig(e.to_string()))?,
+    };
+    Ok(Client::try_from(config)?)
+}
+
+/// Problems are logged once per (object, reason), not on every sync.
+#[derive(Default)]
+struct ProblemLog {
+    seen: BTreeSet<(String, String)>,
+}
+
+impl ProblemLog {
+    fn report(&mut self, problems: Vec<crate::model::Problem>, metrics: &Metrics, events: &Events) {
+        let now: BTreeSet<(String, String)> =
+            problems.into_iter().map(|p| (p.object, p.reason)).collect();
+        for (object, reason) in now.difference(&self.seen) {
+            tracing::warn!(object = %object, reason = %reason, "skipped bad input");
+            metrics.bad_objects.inc();
+            if let Some(w) = Warning::from_problem(object, reason) {
+                events.warn(w);
+            }
+        }
+        self.seen = now;
+    }
+}
+
+/// Remembers EndpointSlice change trigger times to measure network programming latency.
+#[derive(Default)]
+struct Triggers {
+    seen: HashMap<String, SystemTime>,
+    pending: Vec<SystemTime>,
+}
+
+const TRIGGER_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+
+impl Triggers {
+    fn scan(&mut self, slices: &[Arc<k8s_openapi::api::discovery::v1::EndpointSlice>]) {
+        for s in slices {
+            let Some(raw) = s
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(TRIGGER_ANNOTATION))
+            else {
+                continue;
+            };
+            let Ok(t) = humantime::parse_rfc3339_weak(raw) else {
+                continue;
+            };
+            let key = s
+                .metadata
+                .uid
+                .clone()
+                .unwrap_or_else(|| k8s::name(s.as_ref()));
+            if self.seen.get(&key) != Some(&t) {
+                self.seen.insert(key, t);
+                self.pending.push(t);
+            }
+        }
+    }
+}
+
+struct HealthProbe {
+    health: AgentHealth,
+    metrics: Arc<Metrics>,
+}
+
+impl Probe for HealthProbe {
+    fn proxy_healthy(&self) -> bool {
+        self.health.healthy()
+    }
+    fn answered(&self, code: u16) {
+        self.metrics
+            .healthcheck_responses
+            .get_or_create(&metrics::CodeLabel {
+                code: code.to_string(),
+            })
+            .inc();
+    }
+}
+
+type HealthServers = Arc<Mutex<HealthState>>;
+
+/// The health servers and what they should serve (kept to retry failed binds between syncs).
+struct HealthState {
+    servers: Servers<TcpBinder<HealthProbe>>,
+    wanted: BTreeMap<ServiceName, Wanted>,
+    failing: bool,
+    node: String,
+}
+
+impl HealthState {
+    fn reconcile(&mut self, events: &Events) {
+        let failures = self.servers.update(&self.wanted);
+        self.failing = !failures.is_empty();
+        for f in failures {
+            tracing::warn!(service = %f.service, port = f.port, error = %f.error, "cannot open healthCheckNodePort; retrying");
+            events.warn(Warning {
+                kind: "Service".into(),
+                namespace: f.service.namespace.clone(),
+                name: f.service.name.clone(),
+                reason: "FailedToStartServiceHealthcheck".into(),
+                note: format!(
+                    "node {}: cannot listen on healthCheckNodePort {}: {}",
+                    self.node, f.port, f.error
+                ),
+            });
+        }
+    }
+}
+
+struct AgentObserver {
+    metrics: Arc<Metrics>,
+    health: HealthServers,
+    events: Events,
+    triggers: Arc<Mutex<Triggers>>,
+    latest: Arc<Mutex<Option<Arc<ProxyState>>>>,
+    conntrack: Box<dyn crate::conntrack::Conntrack>,
+}
+
+/// The health servers wanted by a state: one per Service with a healthCheckNodePort.
+pub fn wanted_health(state: &ProxyState) -> BTreeMap<ServiceName, Wanted> {
+    let mut out: BTreeMap<ServiceName, Wanted> = BTreeMap::new();
+    for fs in state.families.values() {
+        for ps in fs.ports.values() {
+            if let Some(port) = ps.sp.health_check_node_port {
+                let w = out.entry(ps.sp.key.service.clone()).or_insert(Wanted {
+                    port,
+                    local_endpoints: 0,
+                });
+                w.local_endpoints = w.local_endpoints.max(ps.chosen.local_ready);
+            }
+        }
+    }
+    out
+}
+
+impl Observer for AgentObserver {
+    fn applied(&mut self, r: &Report) {
+        self.metrics.record_sync(r);
+        let now = SystemTime::now();
+        for t in self
+            .triggers
+            .lock()
+            .map(|mut t| std::mem::take(&mut t.pending))
+            .unwrap_or_default()
+        {
+            if let Ok(d) = now.duration_since(t) {
+                self.metrics.programming_latency.observe(d.as_secs_f64());
+            }
+        }
+        if let Ok(mut h) = self.health.lock() {
+            h.wanted = wanted_health(&r.state);
+            h.reconcile(&self.events);
+        }
+        if let Ok(mut l) = self.latest.lock() {
+            *l = Some(r.state.clone());
+        }
+        let flows = crate::udp::stale_udp_flows(r.previous.as_deref(), &r.state);
+        if !flows.is_empty() {
+            match self.conntrack.delete_stale(&flows) {
+                Ok(n) => {
+                    self.metrics.conntrack_deleted.inc_by(n as u64);
+                    if n > 0 {
+                        tracing::info!(deleted = n, "removed stale UDP conntrack entries");
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "conntrack cleanup failed"),
+            }
+        }
+    }
+    fn failed(&mut self, kind: SyncKind, _error: &str) {
+        self.metrics.record_failure(kind);
+    }
+}
+
+/// The address list the health check servers listen on.
+fn health_addrs(cfg: &ProxyConfig, node: &NodeInfo) -> Vec<IpAddr> {
+    let all4 = cfg.nodeport.matches_all(Family::Ip);
+    let all6 = cfg.nodeport.matches_all(Family::Ip6);
+    let mut out = Vec::new();
+    if all4 {
+        out.push(IpAddr::from([0u8, 0, 0, 0]));
+    }
+    if all6 {
+        out.push(IpAddr::from(std::net::Ipv6Addr::UNSPECIFIED));
+    }
+    for net in cfg.nodeport.resolve(node) {
+        let host = net.prefix_len() == net.max_prefix_len();
+        let covered = match net.addr() {
+            IpAddr::V4(_) => all4,
+            IpAddr::V6(_) => all6,
+        };
+        if covered || net.addr().is_loopback() {
+            continue;
+        }
+        if host {
+            out.push(net.addr());
+        } else if !out
+            .iter()
+            .any(|a| a.is_unspecified() && a.is_ipv4() == net.addr().is_ipv4())
+        {
+            // A CIDR (not a single address): listen everywhere for that family.
+            out.push(if net.addr().is_ipv4() {
+                IpAddr::from([0u8, 0, 0, 0])
+            } else {
+                IpAddr::from(std::net::Ipv6Addr::UNSPECIFIED)
+            });
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// Probe the kernel features and privileges the ruleset needs (throwaway table, nothing left).
+pub fn preflight() -> Result<(), AgentError> {
+    let mut probe = NetlinkApplier::with_table(crate::preflight::PROBE_TABLE)?;
+    crate::preflight::check(&mut |tx| probe.apply(tx))?;
+    Ok(())
+}
+
+/// Run the agent until SIGTERM/SIGINT. Rules stay in place on exit.
+pub async fn run(args: RunArgs) -> Result<(), AgentError> {
+    let cfg = ProxyConfig::from_args(&args.proxy)?;
+    tracing::info!(node = %cfg.node_name, "starting nftproxy");
+    preflight()?;
+    let applier = NetlinkApplier::new()?;
+    let conntrack: Box<dyn crate::conntrack::Conntrack> =
+        match crate::conntrack::NetlinkConntrack::new() {
+            Ok(c) => Box::new(c),
+            Err(e) => {
+                tracing::warn!(error = %e, "conntrack netlink unavailable; stale UDP flows will not be cleaned");
+                Box::new(crate::conntrack::FakeConntrack::default())
+            }
+        };
+    let client = client(args.kubeconfig.as_deref()).await?;
+    let events = Events::start(client.clone(), &cfg.node_name);
+    let metrics = Arc::new(Metrics::new());
+    let status: SharedStatus = Arc::default();
+    // Until the first sync, the start itself is the pending change (liveness covers a stuck start).
+    status
+        .lock()
+        .map(|mut s| s.pending_since = Some(tokio::time::Instant::now()))
+        .ok();
+    let node_eligible = Arc::new(Mutex::new(true));
+    let health = AgentHealth {
+        status: status.clone(),
+        sync_period: args.sync_period,
+        node_eligible: node_eligible.clone(),
+    };
+    crate::health::agent::serve(args.healthz_bind_address, health.clone())
+        .await
+        .map_err(|error| AgentError::Listen {
+            addr: args.healthz_bind_address,
+            error,
+        })?;
+    metrics::serve(args.metrics_bind_address, metrics.clone())
+        .await
+        .map_err(|error| AgentError::Listen {
+            addr: args.metrics_bind_address,
+            error,
+        })?;
+
+    let (changes_tx, changes_rx) = mpsc::channel(1);
+    let stores = k8s::start(client, &cfg.node_name, changes_tx.clone()).await;
+    if !stores.wait_ready(args.initial_sync_timeout).await {
+        tracing::warn!(timeout = ?args.initial_sync_timeout, "initial lists incomplete; programming what is known");
+    }
+
+    let triggers = Arc::new(Mutex::new(Triggers::default()));
+    let latest: Arc<Mutex<Option<Arc<ProxyState>>>> = Arc::default();
+    let probe = Arc::new(HealthProbe {
+        health,
+        metrics: metrics.clone(),
+    });
+    let health_servers: HealthServers = Arc::new(Mutex::new(HealthState {
+        servers: Servers::new(TcpBinder { probe }, Vec::new()),
+        wanted: BTreeMap::new(),
+        failing: false,
+        node: cfg.node_name.clone(),
+    }));
+    spawn_health_retry(health_servers.clone(), events.clone());
+    let mut observer = AgentObserver {
+        metrics: metrics.clone(),
+        health: health_servers,
+        events: events.clone(),
+        triggers: triggers.clone(),
+        latest: latest.clone(),
+        conntrack,
+    };
+    let sync_cfg = SyncConfig {
+        min_sync_period: args.min_sync_period,
+        sync_period: args.sync_period,
+        ..SyncConfig::default()
+    };
+    let syncer = Syncer::new(sync_cfg, applier, status);
+    spawn_counter_reader(syncer.applier(), latest, metrics.clone());
+
+    let health_addrs_cell: Arc<Mutex<Vec<IpAddr>>> = Arc::default();
+    let mut ctx = DesiredCtx {
+        stores,
+        cfg,
+        triggers,
+        node_eligible,
+        problems: ProblemLog::default(),
+        metrics: metrics.clone(),
+        events: events.clone(),
+        health_addrs: health_addrs_cell.clone(),
+    };
+    let desired = move || ctx.compute();
+
+    let sync = async move {
+        struct WithAddrs<'a> {
+            inner: &'a mut AgentObserver,
+            addrs: Arc<Mutex<Vec<IpAddr>>>,
+        }
+        impl Observer for WithAddrs<'_> {
+            fn applied(&mut self, r: &Report) {
+                let addrs = self.addrs.lock().map(|a| a.clone()).unwrap_or_default();
+                if let Ok(mut h) = self.inner.health.lock() {
+                    // Moving every server to new addresses; failures are retried by reconcile.
+                    let _ = h.servers.set_addrs(addrs);
+                }
+                self.inner.applied(r)
+            }
+            fn failed(&mut self, k: SyncKind, e: &str) {
+                self.inner.failed(k, e)
+            }
+        }
+        let mut obs = WithAddrs {
+            inner: &mut observer,
+            addrs: health_addrs_cell,
+        };
+        syncer.run(changes_rx, desired, &mut obs).await;
+    };
+    tokio::select! {
+        _ = sync => {}
+        _ = shutdown_signal() => tracing::info!("shutting down; rules stay in place"),
+    }
+    drop(changes_tx);
+    Ok(())
+}
+
+/// Everything the desired-state computation reads and updates.
+struct DesiredCtx {
+    stores: Stores,
+    cfg: ProxyConfig,
+    triggers: Arc<Mutex<Triggers>>,
+    node_eligible: Arc<Mutex<bool>>,
+    problems: ProblemLog,
+    metrics: Arc<Metrics>,
+    events: Events,
+    health_addrs: Arc<Mutex<Vec<IpAddr>>>,
+}
+
+impl DesiredCtx {
+    fn compute(&mut self) -> Option<Desired> {
+        let node = self
+            .stores
+            .node
+            .state()
+            .into_iter()
+            .next()
+            .map(|n| NodeInfo::from_node(&n))
+            .unwrap_or_else(|| NodeInfo {
+                name: self.cfg.node_name.clone(),
+                ..Default::default()
+            });
+        if let Ok(mut e) = self.node_eligible.lock() {
+            *e = !node.ineligible;
+        }
+        let services = self.stores.services.state();
+        let slices = self.stores.slices.state();
+        if let Ok(mut t) = self.triggers.lock() {
+            t.scan(&slices);
+        }
+        let mut found = Vec::new();
+        let cidr_objs: Vec<_> = self
+            .stores
+            .service_cidrs
+            .as_ref()
+            .map(|s| s.state().into_iter().map(|o| (*o).clone()).collect())
+            .unwrap_or_default();
+        let cidrs = snapshot::service_cidrs(&cidr_objs, &mut found);
+        let state = snapshot::proxy_state(
+            services.iter().map(|s| s.as_ref()),
+            slices.iter().map(|s| s.as_ref()),
+            &cidrs,
+            &node,
+            &mut found,
+        );
+        self.problems.report(found, &self.metrics, &self.events);
+        if let Ok(mut a) = self.health_addrs.lock() {
+            *a = health_addrs(&self.cfg, &node);
+        }
+        match compile::compile(&state, &self.cfg.compile_config(&node)) {
+            Ok(ruleset) => Some(Desired {
+                ruleset,
+                state: Arc::new(state),
+            }),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot compile the ruleset (bug)");
+                None
+            }
+        }
+    }
+}
+
+/// Retry health ports that could not be bound, every 5 s, without waiting for a sync.
+fn spawn_health_retry(health: HealthServers, events: Events) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tick.tick().await;
+            if let Ok(mut h) = health.lock() {
+                if h.failing {
+                    h.reconcile(&events);
+                }
+            }
+        }
+    });
+}
+
+/// Read the no-endpoint counters every 10 s (targeted set dumps, never the whole table).
+fn spawn_counter_reader<A: Applier + 'static>(
+    applier: Arc<Mutex<A>>,
+    latest: Arc<Mutex<Option<Arc<ProxyState>>>>,
+    metrics: Arc<Metrics>,
+) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(10));
+        loop {
+            tick.tick().await;
+            let Some(state) = latest.lock().ok().and_then(|l| l.clone()) else {
+                continue;
+            };
+            let (a, m) = (applier.clone(), metrics.clone());
+            let _ = tokio::task::spawn_blocking(move || {
+                let owners = metrics::entry_owners(&state);
+                let mut a = a.lock().unwrap_or_else(|e| e.into_inner());
+                for (f, own) in &owners {
+                    for (set, drops) in [
+                        ("no-endpoint-drop", true),
+                        ("nodeport-no-endpoint-drop", true),
+                        ("no-endpoint-reject", false),
+                        ("nodeport-no-endpoint-reject", false),
+                    ] {
+                        match a.list_elements(*f, set) {
+                            Ok(els) => m.record_counters(*f, set, drops, &els, own),
+                            Err(e) => tracing::debug!(set, error = %e, "cannot read counters"),
+                        }
+                    }
+                }
+            })
+            .await;
+        }
+    });
+}
+
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+}

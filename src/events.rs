@@ -1,0 +1,115 @@
+//! Warning Events on the objects nftproxy cannot serve (bad input, health ports that cannot be
+//! bound). Sync code hands events to a channel; a task publishes them, so the API never slows a
+//! sync and an unreachable API only costs a log line.
+
+use k8s_openapi::api::core::v1::ObjectReference;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::Client;
+use tokio::sync::mpsc;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Warning {
+    /// "Service" or "EndpointSlice".
+    pub kind: String,
+    pub namespace: String,
+    pub name: String,
+    pub reason: String,
+    pub note: String,
+}
+
+impl Warning {
+    /// From a model problem's object string ("Service ns/name").
+    pub fn from_problem(object: &str, reason_text: &str) -> Option<Warning> {
+        let (kind, rest) = object.split_once(' ')?;
+        let (ns, name) = rest.split_once('/')?;
+        if !matches!(kind, "Service" | "EndpointSlice") {
+            return None;
+        }
+        Some(Warning {
+            kind: kind.into(),
+            namespace: ns.into(),
+            name: name.into(),
+            reason: "NftproxyInvalidInput".into(),
+            note: reason_text.into(),
+        })
+    }
+}
+
+/// Cheap, cloneable handle; sending never blocks (events are dropped when the queue is full).
+#[derive(Clone)]
+pub struct Events {
+    tx: mpsc::Sender<Warning>,
+}
+
+impl Events {
+    pub fn warn(&self, w: Warning) {
+        if self.tx.try_send(w).is_err() {
+            tracing::debug!("event queue full; event dropped");
+        }
+    }
+
+    /// A handle whose events go nowhere but a receiver (tests).
+    pub fn channel(capacity: usize) -> (Events, mpsc::Receiver<Warning>) {
+        let (tx, rx) = mpsc::channel(capacity);
+        (Events { tx }, rx)
+    }
+
+    /// Publish through the events API as `nftproxy` on `node`.
+    pub fn start(client: Client, node: &str) -> Events {
+        let (events, mut rx) = Events::channel(256);
+        let recorder = Recorder::new(
+            client,
+            Reporter {
+                controller: "nftproxy".into(),
+                instance: Some(node.to_string()),
+            },
+        );
+        tokio::spawn(async move {
+            while let Some(w) = rx.recv().await {
+                let api_version = if w.kind == "EndpointSlice" {
+                    "discovery.k8s.io/v1"
+                } else {
+                    "v1"
+                };
+                let reference = ObjectReference {
+                    api_version: Some(api_version.into()),
+                    kind: Some(w.kind.clone()),
+                    namespace: Some(w.namespace.clone()),
+                    name: Some(w.name.clone()),
+                    ..Default::default()
+                };
+                let ev = Event {
+                    type_: EventType::Warning,
+                    reason: w.reason.clone(),
+                    note: Some(w.note.clone()),
+                    action: "Proxying".into(),
+                    secondary: None,
+                };
+                if let Err(e) = recorder.publish(&ev, &reference).await {
+                    tracing::debug!(error = %e, object = %format!("{}/{}", w.namespace, w.name), "cannot publish event");
+                }
+            }
+        });
+        events
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn problems_become_warnings() {
+        let w = Warning::from_problem("Service ns/web", "bad externalIP").unwrap();
+        assert_eq!(
+            (
+                w.kind.as_str(),
+                w.namespace.as_str(),
+                w.name.as_str(),
+                w.note.as_str()
+            ),
+            ("Service", "ns", "web", "bad externalIP")
+        );
+        assert!(Warning::from_problem("ServiceCIDR x", "bad").is_none());
+    }
+}

@@ -1,0 +1,156 @@
+//! The deployment manifests parse as the typed Kubernetes objects and carry what a kube-proxy
+//! replacement needs.
+
+mod common;
+
+use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::core::v1::ServiceAccount;
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+use serde::Deserialize;
+
+fn docs(name: &str) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(common::root().join("deploy").join(name)).expect("manifest");
+    serde_yaml::Deserializer::from_str(&text)
+        .map(|d| serde_json::Value::deserialize(d).expect("yaml"))
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+fn typed<T: serde::de::DeserializeOwned>(v: &serde_json::Value) -> T {
+    serde_json::from_value(v.clone()).expect("typed object")
+}
+
+#[test]
+fn rbac_is_least_privilege() {
+    let d = docs("rbac.yaml");
+    let sa: ServiceAccount = typed(&d[0]);
+    assert_eq!(sa.metadata.name.as_deref(), Some("nftproxy"));
+    let role: ClusterRole = typed(&d[1]);
+    let rules = role.rules.expect("rules");
+    let verbs_for = |group: &str, res: &str| -> Vec<String> {
+        rules
+            .iter()
+            .filter(|r| {
+                r.api_groups.iter().flatten().any(|g| g == group)
+                    && r.resources.iter().flatten().any(|x| x == res)
+            })
+            .flat_map(|r| r.verbs.clone())
+            .collect()
+    };
+    for (g, r) in [
+        ("", "services"),
+        ("", "nodes"),
+        ("discovery.k8s.io", "endpointslices"),
+        ("networking.k8s.io", "servicecidrs"),
+    ] {
+        let mut v = verbs_for(g, r);
+        v.sort();
+        assert_eq!(v, vec!["get", "list", "watch"], "{g}/{r}");
+    }
+    let mut ev = verbs_for("events.k8s.io", "events");
+    ev.sort();
+    assert_eq!(ev, vec!["create", "patch"]);
+    let all_verbs: Vec<&String> = rules.iter().flat_map(|r| r.verbs.iter()).collect();
+    assert!(
+        !all_verbs
+            .iter()
+            .any(|v| ["*", "delete", "update", "deletecollection"].contains(&v.as_str())),
+        "no write access beyond events"
+    );
+    let binding: ClusterRoleBinding = typed(&d[2]);
+    assert_eq!(binding.role_ref.name, "nftproxy");
+    assert_eq!(binding.subjects.expect("subjects")[0].name, "nftproxy");
+}
+
+#[test]
+fn daemonset_runs_on_every_node_with_host_network_and_probes() {
+    let d = docs("daemonset.yaml");
+    let ds: DaemonSet = typed(&d[0]);
+    let spec = ds.spec.expect("spec");
+    assert_eq!(
+        spec.update_strategy.and_then(|u| u.type_).as_deref(),
+        Some("RollingUpdate")
+    );
+    let pod = spec.template.spec.expect("pod spec");
+    assert_eq!(pod.host_network, Some(true));
+    assert_eq!(
+        pod.priority_class_name.as_deref(),
+        Some("system-node-critical")
+    );
+    assert!(
+        pod.tolerations
+            .expect("tolerations")
+            .iter()
+            .any(|t| t.operator.as_deref() == Some("Exists") && t.key.is_none()),
+        "tolerates everything"
+    );
+    assert_eq!(pod.service_account_name.as_deref(), Some("nftproxy"));
+    let c = &pod.containers[0];
+    let env = c.env.as_ref().expect("env");
+    let node = env
+        .iter()
+        .find(|e| e.name == "NODE_NAME")
+        .expect("NODE_NAME");
+    assert_eq!(
+        node.value_from
+            .as_ref()
+            .and_then(|v| v.field_ref.as_ref())
+            .map(|f| f.field_path.as_str()),
+        Some("spec.nodeName")
+    );
+    let sc = c.security_context.as_ref().expect("securityContext");
+    assert_ne!(
+        sc.privileged,
+        Some(true),
+        "capabilities instead of privileged"
+    );
+    let caps = sc
+        .capabilities
+        .as_ref()
+        .and_then(|c| c.add.clone())
+        .unwrap_or_default();
+    assert!(caps.contains(&"NET_ADMIN".to_string()) && caps.contains(&"NET_RAW".to_string()));
+    assert_eq!(
+        c.liveness_probe
+            .as_ref()
+            .and_then(|p| p.http_get.as_ref())
+            .and_then(|h| h.path.as_deref()),
+        Some("/livez")
+    );
+    assert_eq!(
+        c.readiness_probe
+            .as_ref()
+            .and_then(|p| p.http_get.as_ref())
+            .and_then(|h| h.path.as_deref()),
+        Some("/healthz")
+    );
+    assert!(c
+        .resources
+        .as_ref()
+        .and_then(|r| r.requests.as_ref())
+        .is_some_and(|r| r.contains_key("cpu") && r.contains_key("memory")));
+    let args = c.args.clone().unwrap_or_default();
+    assert_eq!(args.first().map(String::as_str), Some("run"));
+    // The agent's own flag parser accepts the manifest's arguments.
+    use clap::Parser;
+    let mut argv = vec!["nftproxy".to_string()];
+    argv.extend(args);
+    nftproxy::config::Cli::try_parse_from(argv).expect("daemonset args parse");
+}
+
+#[test]
+fn kind_config_disables_kube_proxy_and_kustomization_lists_everything() {
+    let kind = &docs("kind.yaml")[0];
+    assert_eq!(kind["networking"]["kubeProxyMode"], "none");
+    let k = &docs("kustomization.yaml")[0];
+    let res: Vec<&str> = k["resources"]
+        .as_array()
+        .expect("resources")
+        .iter()
+        .filter_map(|r| r.as_str())
+        .collect();
+    for r in &res {
+        assert!(common::root().join("deploy").join(r).exists(), "{r}");
+    }
+    assert!(res.contains(&"rbac.yaml") && res.contains(&"daemonset.yaml"));
+}

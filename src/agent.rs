@@ -173,6 +173,27 @@ struct AgentObserver {
     triggers: Arc<Mutex<Triggers>>,
     latest: Arc<Mutex<Option<Arc<ProxyState>>>>,
     conntrack: Box<dyn crate::conntrack::Conntrack>,
+    applier: Arc<Mutex<NetlinkApplier>>,
+}
+
+/// Whether an affinity service port lost an endpoint (its affinity entries may point to it).
+fn affinity_lost(previous: Option<&ProxyState>, current: &ProxyState) -> bool {
+    let Some(prev) = previous else { return false };
+    prev.families.iter().any(|(f, fs)| {
+        fs.ports
+            .iter()
+            .filter(|(_, p)| p.sp.affinity_secs.is_some())
+            .any(|(k, p)| {
+                let now = current.families.get(f).and_then(|c| c.ports.get(k));
+                now.is_none_or(|n| {
+                    p.chosen
+                        .cluster
+                        .iter()
+                        .chain(&p.chosen.local)
+                        .any(|b| !n.chosen.cluster.contains(b) && !n.chosen.local.contains(b))
+                })
+            })
+    })
 }
 
 /// The health servers wanted by a state: one per Service with a healthCheckNodePort.
@@ -212,6 +233,18 @@ impl Observer for AgentObserver {
         }
         if let Ok(mut l) = self.latest.lock() {
             *l = Some(r.state.clone());
+        }
+        if affinity_lost(r.previous.as_deref(), &r.state) {
+            let families: Vec<Family> = r.state.families.keys().copied().collect();
+            let mut a = self.applier.lock().unwrap_or_else(|e| e.into_inner());
+            match crate::affinity::clean(&mut *a, &r.state, &families) {
+                Ok(n) if n > 0 => tracing::info!(
+                    deleted = n,
+                    "removed affinity entries pointing to gone endpoints"
+                ),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "affinity cleanup failed"),
+            }
         }
         let flows = crate::udp::stale_udp_flows(r.previous.as_deref(), &r.state);
         if !flows.is_empty() {
@@ -338,6 +371,12 @@ pub async fn run(args: RunArgs) -> Result<(), AgentError> {
         node: cfg.node_name.clone(),
     }));
     spawn_health_retry(health_servers.clone(), events.clone());
+    let sync_cfg = SyncConfig {
+        min_sync_period: args.min_sync_period,
+        sync_period: args.sync_period,
+        ..SyncConfig::default()
+    };
+    let syncer = Syncer::new(sync_cfg, applier, status);
     let mut observer = AgentObserver {
         metrics: metrics.clone(),
         health: health_servers,
@@ -345,13 +384,8 @@ pub async fn run(args: RunArgs) -> Result<(), AgentError> {
         triggers: triggers.clone(),
         latest: latest.clone(),
         conntrack,
+        applier: syncer.applier(),
     };
-    let sync_cfg = SyncConfig {
-        min_sync_period: args.min_sync_period,
-        sync_period: args.sync_period,
-        ..SyncConfig::default()
-    };
-    let syncer = Syncer::new(sync_cfg, applier, status);
     spawn_counter_reader(syncer.applier(), latest, metrics.clone());
 
     let health_addrs_cell: Arc<Mutex<Vec<IpAddr>>> = Arc::default();

@@ -3,6 +3,7 @@
 //! Data flow: watchers -> stores -> `model` -> `proxy` (ProxyState) -> `nft::compile` (Ruleset)
 //! -> `nft::plan` (Transaction) -> `apply` (one atomic netlink batch) -> health/metrics.
 
+pub mod affinity;
 pub mod agent;
 pub mod apply;
 pub mod config;

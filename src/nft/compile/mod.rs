@@ -419,6 +419,32 @@ fn instantiate_skeleton(f: Family, cfg: &CompileConfig, tpl: &Template) -> Table
     t
 }
 
+/// The definition of the affinity maps (as the skeleton declares them).
+pub fn affinity_def(f: Family, nodeport: bool) -> SetDef {
+    let name = if nodeport {
+        "np-affinity"
+    } else {
+        "ip-affinity"
+    };
+    match skeleton()
+        .ok()
+        .and_then(|t| t.sets.iter().find(|s| s.name == name))
+    {
+        Some(s) => {
+            let t = instantiate_skeleton(
+                f,
+                &CompileConfig::default(),
+                &Template {
+                    sets: vec![s.clone()],
+                    chains: vec![],
+                },
+            );
+            t.sets.get(name).cloned().unwrap_or_else(|| s.def.clone())
+        }
+        None => plain_set(vec![]),
+    }
+}
+
 /// Compile the desired ruleset.
 pub fn compile(state: &ProxyState, cfg: &CompileConfig) -> Result<Ruleset, CompileError> {
     let tpl = skeleton()?;

@@ -74,6 +74,15 @@ fn conformance<A: Applier>(a: &mut A, rs: &Ruleset, changed: &Ruleset) -> Vec<St
         "reapply {:?}",
         again.as_ref().map_err(std::mem::discriminant)
     ));
+    let sk = a.skeleton(Family::Ip).expect("skeleton");
+    log.push(format!(
+        "skeleton matches {}",
+        sk == nftproxy::apply::Skeleton::of(&changed.tables[&Family::Ip])
+    ));
+    log.push(format!(
+        "skeleton rules {}",
+        sk.rules.values().sum::<usize>()
+    ));
     let mut els: Vec<String> = a
         .list_elements(Family::Ip, "clusterip")
         .expect("list")
@@ -131,4 +140,8 @@ fn fake_and_kernel_agree() {
     });
     let fake = conformance(&mut FakeApplier::new(), &rs, &changed);
     assert_eq!(kernel, fake);
+    assert!(
+        fake.contains(&"skeleton matches true".to_string()),
+        "{fake:?}"
+    );
 }

@@ -100,6 +100,19 @@ impl FakeApplier {
         self.generation += 1;
     }
 
+    /// Someone flushed one of our chains.
+    pub fn external_flush_chain(&mut self, f: Family, chain: &str) {
+        if let Some(c) = self
+            .state
+            .tables
+            .get_mut(&f)
+            .and_then(|t| t.chains.get_mut(chain))
+        {
+            c.rules.clear();
+        }
+        self.generation += 1;
+    }
+
     /// Some other component committed something in this network namespace.
     pub fn external_commit(&mut self) {
         self.generation += 1;
@@ -374,6 +387,17 @@ impl Applier for FakeApplier {
 
     fn generation(&mut self) -> Result<u32, ApplyError> {
         Ok(self.generation)
+    }
+
+    fn skeleton(&mut self, family: Family) -> Result<super::Skeleton, ApplyError> {
+        let t = self
+            .state
+            .tables
+            .get(&family)
+            .ok_or_else(|| ApplyError::NotFound {
+                what: format!("table {}", family.keyword()),
+            })?;
+        Ok(super::Skeleton::of(t))
     }
 
     fn table_exists(&mut self, family: Family) -> Result<bool, ApplyError> {

@@ -31,6 +31,29 @@ pub enum ApplyError {
     Io(String),
 }
 
+/// A cheap fingerprint of a table's skeleton: rules per chain (chains that have rules) and set
+/// names. Reading it lists no elements; comparing it with what was applied notices flushed or
+/// deleted chains, rules and sets changed from outside.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Skeleton {
+    pub rules: std::collections::BTreeMap<String, usize>,
+    pub sets: std::collections::BTreeSet<String>,
+}
+
+impl Skeleton {
+    pub fn of(t: &crate::nft::ir::Table) -> Skeleton {
+        Skeleton {
+            rules: t
+                .chains
+                .iter()
+                .filter(|(_, c)| !c.rules.is_empty())
+                .map(|(n, c)| (n.clone(), c.rules.len()))
+                .collect(),
+            sets: t.sets.keys().cloned().collect(),
+        }
+    }
+}
+
 /// A set element with its counter (packets, bytes) when the set counts.
 pub type Counted = (Element, Option<(u64, u64)>);
 
@@ -43,6 +66,8 @@ pub trait Applier: Send {
     fn generation(&mut self) -> Result<u32, ApplyError>;
     /// Whether our table of `family` exists.
     fn table_exists(&mut self, family: Family) -> Result<bool, ApplyError>;
+    /// The skeleton fingerprint of our table of `family`.
+    fn skeleton(&mut self, family: Family) -> Result<Skeleton, ApplyError>;
     /// Dump the elements of one set (targeted; never the whole table). Counters, if any, are
     /// returned as (packets, bytes).
     fn list_elements(&mut self, family: Family, set: &str) -> Result<Vec<Counted>, ApplyError>;

@@ -267,6 +267,29 @@ impl Applier for NetlinkApplier {
             .map_err(|e| nl_error("get generation", e))
     }
 
+    fn skeleton(&mut self, family: Family) -> Result<super::Skeleton, ApplyError> {
+        let what = format!("list rules and sets {} {}", family.keyword(), self.table);
+        let rules = self
+            .sock
+            .dump_rules(nfproto(family), &self.table)
+            .map_err(|e| nl_error(&what, e))?;
+        let sets = self
+            .sock
+            .dump_sets(nfproto(family), &self.table)
+            .map_err(|e| nl_error(&what, e))?;
+        let mut sk = super::Skeleton::default();
+        for (chain, _) in rules {
+            *sk.rules.entry(chain).or_default() += 1;
+        }
+        // Anonymous sets belong to rules, not to the skeleton.
+        sk.sets = sets
+            .into_iter()
+            .map(|s| s.name)
+            .filter(|n| !n.starts_with("__"))
+            .collect();
+        Ok(sk)
+    }
+
     fn table_exists(&mut self, family: Family) -> Result<bool, ApplyError> {
         let what = format!("get table {} {}", family.keyword(), self.table);
         self.sock

@@ -11,7 +11,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use crate::apply::{Applier, ApplyError};
+use crate::apply::{Applier, ApplyError, Skeleton};
 use crate::nft::ir::{Family, Ruleset};
 use crate::nft::plan;
 use crate::nft::tx::Transaction;
@@ -158,14 +158,19 @@ impl<A: Applier + 'static> Syncer<A> {
         let Some(applied) = self.applied.as_ref() else {
             return false;
         };
-        let families: Vec<Family> = applied.tables.keys().copied().collect();
+        let expected: Vec<(Family, Skeleton)> = applied
+            .tables
+            .iter()
+            .map(|(f, t)| (*f, Skeleton::of(t)))
+            .collect();
         let result = self
             .call(move |a| -> Result<bool, ApplyError> {
                 if a.generation()? == ours {
                     return Ok(true);
                 }
-                for f in families {
-                    if !a.table_exists(f)? {
+                // Someone committed something in this namespace: was it our table?
+                for (f, want) in expected {
+                    if !a.table_exists(f)? || a.skeleton(f)? != want {
                         return Ok(false);
                     }
                 }
@@ -175,7 +180,9 @@ impl<A: Applier + 'static> Syncer<A> {
         match result {
             Ok(Ok(intact)) => {
                 if !intact {
-                    tracing::warn!("nftproxy tables were deleted from outside; rebuilding");
+                    tracing::warn!(
+                        "nftproxy tables were changed or deleted from outside; rebuilding"
+                    );
                 }
                 intact
             }

@@ -206,4 +206,11 @@ async fn idle_agent_does_no_work_and_self_heals() {
     assert_eq!(lock(&rec).applied.len(), 2);
     assert_eq!(lock(&rec).applied[1].0, SyncKind::Full);
     assert!(lock(&applier).state.tables.contains_key(&Family::Ip));
+    // Someone flushes one of our chains: rebuilt at the next check too.
+    lock(&applier).external_flush_chain(Family::Ip, "services");
+    settle(Duration::from_secs(31)).await;
+    assert_eq!(lock(&rec).applied.len(), 3);
+    assert!(!lock(&applier).state.tables[&Family::Ip].chains["services"]
+        .rules
+        .is_empty());
 }

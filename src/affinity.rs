@@ -11,13 +11,10 @@ use crate::nft::tx::{Op, Transaction};
 use crate::proxy::ProxyState;
 
 /// Entry point key (as in the affinity maps, without the client) -> endpoints it may use.
-fn backends(
-    state: &ProxyState,
-    f: Family,
-) -> (
-    BTreeMap<Vec<Value>, BTreeSet<Vec<Value>>>,
-    BTreeMap<Vec<Value>, BTreeSet<Vec<Value>>>,
-) {
+type Valid = BTreeMap<Vec<Value>, BTreeSet<Vec<Value>>>;
+
+/// Valid endpoints per address entry and per NodePort entry.
+fn backends(state: &ProxyState, f: Family) -> (Valid, Valid) {
     let (mut ip, mut np) = (BTreeMap::new(), BTreeMap::new());
     let Some(fs) = state.families.get(&f) else {
         return (ip, np);

@@ -355,7 +355,7 @@ pub async fn run(args: RunArgs) -> Result<(), AgentError> {
     let (changes_tx, changes_rx) = mpsc::channel(1);
     let stores = k8s::start(client, &cfg.node_name, changes_tx.clone()).await;
     if !stores.wait_ready(args.initial_sync_timeout).await {
-        tracing::warn!(timeout = ?args.initial_sync_timeout, "initial lists incomplete; programming what is known");
+        tracing::warn!(timeout = ?args.initial_sync_timeout, "initial lists incomplete; serving health and waiting for them (existing rules stay)");
     }
 
     let triggers = Arc::new(Mutex::new(Triggers::default()));
@@ -447,6 +447,12 @@ struct DesiredCtx {
 
 impl DesiredCtx {
     fn compute(&mut self) -> Option<Desired> {
+        if !self.stores.ready.load(std::sync::atomic::Ordering::SeqCst) {
+            tracing::info!(
+                "waiting for the initial lists of Services and EndpointSlices; existing rules stay"
+            );
+            return None;
+        }
         let node = self
             .stores
             .node

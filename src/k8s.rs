@@ -31,6 +31,9 @@ pub struct Stores {
     pub node: Store<Node>,
     /// None when the API does not serve networking.k8s.io/v1 ServiceCIDRs.
     pub service_cidrs: Option<Store<ServiceCIDR>>,
+    /// Set once Services and EndpointSlices hold their initial lists. Until then nothing is
+    /// programmed: an agent restarting while the API is down keeps the rules it left.
+    pub ready: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Stores {
@@ -114,6 +117,7 @@ async fn service_cidrs_served(client: &Client) -> bool {
 
 /// Start every watch. Each event sends a nudge on `changes`.
 pub async fn start(client: Client, node_name: &str, changes: mpsc::Sender<()>) -> Stores {
+    let ready_nudge = changes.clone();
     let page = 500;
     let services = reflect(
         "services",
@@ -149,11 +153,21 @@ pub async fn start(client: Client, node_name: &str, changes: mpsc::Sender<()>) -
     } else {
         None
     };
+    let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (r, s, e) = (ready.clone(), services.clone(), slices.clone());
+    tokio::spawn(async move {
+        if s.wait_until_ready().await.is_ok() && e.wait_until_ready().await.is_ok() {
+            r.store(true, std::sync::atomic::Ordering::SeqCst);
+            // The watchers' own nudges may have come before the flag: sync now.
+            let _ = ready_nudge.send(()).await;
+        }
+    });
     Stores {
         services,
         slices,
         node,
         service_cidrs,
+        ready,
     }
 }
 

@@ -34,21 +34,18 @@ pub struct Stores {
     /// Set once Services and EndpointSlices hold their initial lists. Until then nothing is
     /// programmed: an agent restarting while the API is down keeps the rules it left.
     pub ready: Arc<std::sync::atomic::AtomicBool>,
+    /// True once every store (also the Node and ServiceCIDRs) holds its initial list.
+    complete: tokio::sync::watch::Receiver<bool>,
 }
 
 impl Stores {
     /// Wait until every store holds its initial list, at most `timeout`. Returns whether all were
     /// ready (the agent goes on either way: never wait forever).
     pub async fn wait_ready(&self, timeout: Duration) -> bool {
-        let all = async {
-            let _ = self.services.wait_until_ready().await;
-            let _ = self.slices.wait_until_ready().await;
-            let _ = self.node.wait_until_ready().await;
-            if let Some(c) = &self.service_cidrs {
-                let _ = c.wait_until_ready().await;
-            }
-        };
-        tokio::time::timeout(timeout, all).await.is_ok()
+        let mut rx = self.complete.clone();
+        tokio::time::timeout(timeout, rx.wait_for(|c| *c))
+            .await
+            .is_ok_and(|r| r.is_ok())
     }
 }
 
@@ -153,14 +150,28 @@ pub async fn start(client: Client, node_name: &str, changes: mpsc::Sender<()>) -
     } else {
         None
     };
+    // The ONLY waiter on the stores' readiness: a kube-runtime Store wakes just the last task
+    // that polled `wait_until_ready`, so two concurrent waiters can hang one of them.
     let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let (r, s, e) = (ready.clone(), services.clone(), slices.clone());
+    let (complete_tx, complete) = tokio::sync::watch::channel(false);
+    let (r, s, e, n, c) = (
+        ready.clone(),
+        services.clone(),
+        slices.clone(),
+        node.clone(),
+        service_cidrs.clone(),
+    );
     tokio::spawn(async move {
         if s.wait_until_ready().await.is_ok() && e.wait_until_ready().await.is_ok() {
             r.store(true, std::sync::atomic::Ordering::SeqCst);
             // The watchers' own nudges may have come before the flag: sync now.
-            let _ = ready_nudge.send(()).await;
+            let _ = ready_nudge.try_send(());
         }
+        let _ = n.wait_until_ready().await;
+        if let Some(c) = c {
+            let _ = c.wait_until_ready().await;
+        }
+        let _ = complete_tx.send(true);
     });
     Stores {
         services,
@@ -168,6 +179,7 @@ pub async fn start(client: Client, node_name: &str, changes: mpsc::Sender<()>) -
         node,
         service_cidrs,
         ready,
+        complete,
     }
 }
 

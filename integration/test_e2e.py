@@ -83,9 +83,14 @@ def test_local_policy_without_local_endpoint(cluster, k8s):
                       lb_ips=("192.0.2.21",), hc_port=32201),
               endpoint_slice("t2", [endpoint("a3")], ports))
     ext, cb = cluster.ns("ext"), cluster.pod("cb")
-    # node-b has programmed it once its pod reaches the LB IP; node-a once outside traffic works
-    wait_until(reaches(cb, "192.0.2.21", 80, "a3"), 5, what="node-b pod -> t2 LB IP")
+    # node-a has programmed it once outside traffic works; node-b once it lists the LB IP among
+    # the entries to drop (cb -> LB IP alone would prove nothing: without rules on node-b the
+    # packet is routed on to node-a, which short-circuits it just as well)
     wait_until(reaches(ext, "192.0.2.21", 80, "a3"), 5, what="outside -> t2 LB IP via node-a")
+    node_b = cluster.ns("node-b")
+    wait_until(lambda: "192.0.2.21" in node_b.nft("list", "set", "ip", "nftproxy",
+                                                   "no-endpoint-drop", check=False),
+               5, what="node-b to list 192.0.2.21 in no-endpoint-drop")
     check(ext, "TCP", "192.0.2.21", 80, "a3", EXT, "LB IP via node-a (local endpoint)")
 
     cluster.route_lb("192.0.2.21", "node-b")
@@ -301,8 +306,8 @@ def _normalised_table(ns: C.Netns, family: str) -> str:
 def agent_a(cluster):
     a = cluster.agents["node-a"]
     yield a
-    if not a.running():
-        a.start()
+    if not a.running() or a.synced_count() == 0:
+        a.restart_until_synced()
 
 
 def test_agent_restart_keeps_connections(cluster, k8s, agent_a, timings):
@@ -339,14 +344,55 @@ def test_agent_restart_keeps_connections(cluster, k8s, agent_a, timings):
         check(ca, "TCP", "172.30.12.1", 80, "b1", pod_ip("ca"), "new connection while agent down")
         check(ext, "TCP", "192.0.2.121", 80, "b2", NODE_A, "new connection while agent down")
 
-        t0 = time.monotonic()
-        agent_a.start()  # waits for the first (full) sync of the new process
-        timings(f"restarted agent synced after {time.monotonic() - t0:.2f}s")
+        agent_a.start(wait=False)
+        try:
+            took, not_synced = agent_a.wait_synced(35), ""
+            timings(f"restarted agent synced after {took:.2f}s")
+        except C.AgentSyncTimeout as e:
+            took, not_synced = None, str(e)
         exchange_all("after-restart")
         check(ca, "TCP", "172.30.12.1", 80, "b1", pod_ip("ca"), "new connection after restart")
         check(ext, "TCP", "192.0.2.121", 80, "b2", NODE_A, "new connection after restart")
+        assert took is not None, f"the restarted agent never programmed anything: {not_synced}"
         time.sleep(0.3)  # anything the new process does right after its first sync
         exchange_all("after-restart-2")
     finally:
         for conn, _, _ in conns.values():
             conn.close()
+    # the new process follows changes
+    k8s.apply(endpoint_slice("t12", [endpoint("b3")], [svc_port("tcp", 80)]))
+    wait_until(reaches(ca, "172.30.12.1", 80, "b3"), 1.0, what="a slice change after the restart")
+    assert took < 5, (f"the restarted agent synced (programmed changes) only {took:.1f}s after "
+                      f"its start; log:\n{agent_a.current_log()[-3000:]}")
+
+
+# (12b) ---------------------------------------------------------------------------------------
+def test_agent_start_syncs_promptly(cluster, k8s, timings):
+    """Up to six restarts of node-b's agent (and the two starts at set-up): each new process
+    completes its first sync within 5 s (the API server answers its lists in milliseconds).
+    Stops at the first slow start, after measuring how late its first sync comes."""
+    k8s.apply(service("t12b", [svc_port("tcp", 80)], cluster_ip="172.30.12.3"),
+              endpoint_slice("t12b", [endpoint("b1")], [svc_port("tcp", 80)]))
+    agent = cluster.agents["node-b"]
+    took, failures = [], list(cluster.startup_problems)
+    try:
+        for i in range(6):
+            agent.stop()
+            agent.start(wait=False)
+            try:
+                took.append(agent.wait_synced(5))
+            except C.AgentSyncTimeout as e:
+                failures.append(f"restart {i + 1}: {e}")
+                # how late is it (--initial-sync-timeout is 30 s)? One case is evidence enough.
+                try:
+                    late = agent.wait_synced(28)
+                    failures[-1] += f"\n(its first sync came {late:.1f}s after the start)"
+                except C.AgentSyncTimeout:
+                    failures[-1] += (f"\n(no sync {time.monotonic() - agent.started_at:.0f}s after the"
+                                     f" start; log:\n{agent.current_log()[-2000:]})")
+                break
+    finally:
+        if not agent.running() or agent.synced_count() == 0:
+            agent.restart_until_synced()
+    timings("agent start -> first sync: " + ", ".join(f"{t:.2f}s" for t in took))
+    assert not failures, f"{len(failures)} slow starts:\n" + "\n\n".join(failures)

@@ -12,5 +12,11 @@ cargo clippy --all-targets -q -- -D warnings
 echo "== cargo test (unit, golden, flows, netlink in fresh namespaces)"
 cargo build -q
 cargo test -q
-echo "== end-to-end (namespaces cluster)"
+echo "== demo (the README's first command, as an end-to-end check)"
+python3 integration/demo.py
+if [ -f integration/bench/bench.py ]; then
+  echo "== benchmark smoke run (figures are reported, not asserted)"
+  python3 integration/bench/bench.py --smoke
+fi
+echo "== end-to-end (namespaces cluster) and stand-in API server tests"
 python3 -m pytest integration -q -p no:cacheprovider

@@ -17,6 +17,49 @@ use crate::nft::plan;
 use crate::nft::tx::Transaction;
 use crate::proxy::ProxyState;
 
+/// Syncs allowed back to back before `min_sync_period` rate limiting sets in.
+const SYNC_BURST: u32 = 3;
+/// How long a change waits for its companions (a Service and its EndpointSlice are written
+/// moments apart) before an idle agent syncs.
+const GATHER: Duration = Duration::from_millis(2);
+
+/// A token bucket: `burst` syncs at once, then one per `period`.
+#[derive(Debug, Clone)]
+struct TokenBucket {
+    burst: u32,
+    period: Duration,
+    tokens: f64,
+    at: Instant,
+}
+
+impl TokenBucket {
+    fn new(burst: u32, period: Duration) -> Self {
+        TokenBucket {
+            burst,
+            period,
+            tokens: f64::from(burst),
+            at: Instant::now(),
+        }
+    }
+
+    /// Take one token; returns when the sync may run (now, or when the next token is there).
+    fn take(&mut self, now: Instant) -> Instant {
+        if self.period.is_zero() {
+            return now;
+        }
+        let refill = now.duration_since(self.at).as_secs_f64() / self.period.as_secs_f64();
+        self.tokens = (self.tokens + refill).min(f64::from(self.burst));
+        self.at = now;
+        self.tokens -= 1.0;
+        if self.tokens >= 0.0 {
+            now
+        } else {
+            // Borrowed: the debt is paid back by waiting.
+            now + self.period.mul_f64(-self.tokens)
+        }
+    }
+}
+
 /// What the loop needs to know about timing.
 #[derive(Debug, Clone)]
 pub struct SyncConfig {
@@ -334,12 +377,15 @@ impl<A: Applier + 'static> Syncer<A> {
         observer: &mut dyn Observer,
     ) {
         let mut last_sync = Instant::now() - self.cfg.min_sync_period;
+        let mut bucket = TokenBucket::new(SYNC_BURST, self.cfg.min_sync_period);
         let mut last_check = Instant::now();
         let mut need_sync = true; // the first sync runs at once
         loop {
             if need_sync {
-                // Coalesce: at most one sync per min_sync_period.
-                let earliest = last_sync + self.cfg.min_sync_period;
+                // Coalesce: an idle agent syncs at once (after a breath that lets a Service and its
+                // slice arrive together); under a stream of changes, one sync per min_sync_period.
+                tokio::time::sleep(GATHER).await;
+                let earliest = bucket.take(Instant::now());
                 if Instant::now() < earliest {
                     tokio::time::sleep_until(earliest).await;
                 }

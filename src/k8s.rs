@@ -75,6 +75,76 @@ where
     })
 }
 
+/// Drop what nftproxy never reads before an object is stored: at 50,000 Services the stores are
+/// most of the agent's memory, and managed fields, pod references and node images are most of
+/// an object.
+pub trait Slim {
+    fn slim(&mut self);
+}
+
+fn slim_meta(m: &mut kube::api::ObjectMeta, keep_annotation: Option<&str>) {
+    m.managed_fields = None;
+    m.owner_references = None;
+    m.finalizers = None;
+    m.generate_name = None;
+    m.creation_timestamp = None;
+    m.annotations = match (m.annotations.take(), keep_annotation) {
+        (Some(mut a), Some(k)) => a
+            .remove(k)
+            .map(|v| [(k.to_string(), v)].into_iter().collect()),
+        _ => None,
+    };
+}
+
+impl Slim for Service {
+    fn slim(&mut self) {
+        slim_meta(&mut self.metadata, None);
+        if let Some(s) = self.spec.as_mut() {
+            s.selector = None;
+        }
+        if let Some(st) = self.status.as_mut() {
+            st.conditions = None;
+        }
+    }
+}
+
+impl Slim for EndpointSlice {
+    fn slim(&mut self) {
+        slim_meta(
+            &mut self.metadata,
+            Some("endpoints.kubernetes.io/last-change-trigger-time"),
+        );
+        for e in self.endpoints.iter_mut() {
+            e.target_ref = None;
+            e.hostname = None;
+            e.deprecated_topology = None;
+        }
+    }
+}
+
+impl Slim for Node {
+    fn slim(&mut self) {
+        slim_meta(&mut self.metadata, None);
+        if let Some(st) = self.status.as_mut() {
+            let addresses = st.addresses.take();
+            *st = Default::default();
+            st.addresses = addresses;
+        }
+        if let Some(s) = self.spec.as_mut() {
+            let taints = s.taints.take();
+            *s = Default::default();
+            s.taints = taints;
+        }
+    }
+}
+
+impl Slim for ServiceCIDR {
+    fn slim(&mut self) {
+        slim_meta(&mut self.metadata, None);
+        self.status = None;
+    }
+}
+
 fn reflect<K>(
     name: &'static str,
     api: Api<K>,
@@ -82,15 +152,20 @@ fn reflect<K>(
     changes: mpsc::Sender<()>,
 ) -> Store<K>
 where
-    K: Resource + Clone + Send + Sync + std::fmt::Debug + serde::de::DeserializeOwned + 'static,
+    K: Resource
+        + Slim
+        + Clone
+        + Send
+        + Sync
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + 'static,
     K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
 {
     let (reader, writer) = reflector::store::<K>();
     let stream = reflector::reflector(
         writer,
-        watcher(api, cfg)
-            .default_backoff()
-            .modify(|o| o.meta_mut().managed_fields = None),
+        watcher(api, cfg).default_backoff().modify(Slim::slim),
     );
     drive(name, stream, changes);
     reader
@@ -194,4 +269,50 @@ where
 /// Name of an object for logs.
 pub fn name<K: ResourceExt>(o: &K) -> String {
     format!("{}/{}", o.namespace().unwrap_or_default(), o.name_any())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::objects::Objects;
+    use crate::snapshot::{self, NodeInfo};
+
+    #[test]
+    fn slimming_changes_nothing_nftproxy_reads() {
+        let objs = Objects::parse(include_str!("../tests/flows/cluster.yaml")).expect("objects");
+        let mut slim = objs.clone();
+        for s in slim.services.iter_mut() {
+            s.slim();
+        }
+        for s in slim.slices.iter_mut() {
+            s.metadata.annotations = Some(
+                [
+                    (
+                        "endpoints.kubernetes.io/last-change-trigger-time".to_string(),
+                        "2026-01-01T00:00:00Z".to_string(),
+                    ),
+                    ("other".to_string(), "x".to_string()),
+                ]
+                .into(),
+            );
+            s.slim();
+            assert_eq!(
+                s.metadata.annotations.as_ref().map(|a| a.len()),
+                Some(1),
+                "the trigger time stays"
+            );
+        }
+        for n in slim.nodes.iter_mut() {
+            n.slim();
+        }
+        let state = |o: &Objects| {
+            let node = NodeInfo::from_node(&o.nodes[0]);
+            let mut p = Vec::new();
+            (
+                snapshot::proxy_state(&o.services, &o.slices, &[], &node, &mut p),
+                node,
+            )
+        };
+        assert_eq!(state(&objs), state(&slim));
+    }
 }

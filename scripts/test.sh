@@ -16,6 +16,7 @@ echo "== demo (the README's first command, as an end-to-end check)"
 python3 integration/demo.py
 if [ -f integration/bench/bench.py ]; then
   echo "== benchmark smoke run (figures are reported, not asserted)"
+  cargo build -q --release --bin nftproxy
   python3 integration/bench/bench.py --smoke
 fi
 echo "== end-to-end (namespaces cluster) and stand-in API server tests"

@@ -174,6 +174,8 @@ struct AgentObserver {
     latest: Arc<Mutex<Option<Arc<ProxyState>>>>,
     conntrack: Box<dyn crate::conntrack::Conntrack>,
     applier: Arc<Mutex<NetlinkApplier>>,
+    /// This node's NodePort addresses when they are single addresses (None: CIDRs).
+    nodeport_ips: Arc<Mutex<Option<Vec<IpAddr>>>>,
 }
 
 /// Whether an affinity service port lost an endpoint (its affinity entries may point to it).
@@ -246,7 +248,13 @@ impl Observer for AgentObserver {
                 Err(e) => tracing::warn!(error = %e, "affinity cleanup failed"),
             }
         }
-        let flows = crate::udp::stale_udp_flows(r.previous.as_deref(), &r.state);
+        let nodeport_ips = self
+            .nodeport_ips
+            .lock()
+            .map(|n| n.clone())
+            .unwrap_or_default();
+        let flows =
+            crate::udp::stale_udp_flows(r.previous.as_deref(), &r.state, nodeport_ips.as_deref());
         if !flows.is_empty() {
             match self.conntrack.delete_stale(&flows) {
                 Ok(n) => {
@@ -371,6 +379,7 @@ pub async fn run(args: RunArgs) -> Result<(), AgentError> {
         node: cfg.node_name.clone(),
     }));
     spawn_health_retry(health_servers.clone(), events.clone());
+    let nodeport_ips: Arc<Mutex<Option<Vec<IpAddr>>>> = Arc::default();
     let sync_cfg = SyncConfig {
         min_sync_period: args.min_sync_period,
         sync_period: args.sync_period,
@@ -385,6 +394,7 @@ pub async fn run(args: RunArgs) -> Result<(), AgentError> {
         latest: latest.clone(),
         conntrack,
         applier: syncer.applier(),
+        nodeport_ips: nodeport_ips.clone(),
     };
     spawn_counter_reader(syncer.applier(), latest, metrics.clone());
 
@@ -398,6 +408,7 @@ pub async fn run(args: RunArgs) -> Result<(), AgentError> {
         metrics: metrics.clone(),
         events: events.clone(),
         health_addrs: health_addrs_cell.clone(),
+        nodeport_ips,
     };
     let desired = move || ctx.compute();
 
@@ -443,6 +454,7 @@ struct DesiredCtx {
     metrics: Arc<Metrics>,
     events: Events,
     health_addrs: Arc<Mutex<Vec<IpAddr>>>,
+    nodeport_ips: Arc<Mutex<Option<Vec<IpAddr>>>>,
 }
 
 impl DesiredCtx {
@@ -490,6 +502,13 @@ impl DesiredCtx {
         self.problems.report(found, &self.metrics, &self.events);
         if let Ok(mut a) = self.health_addrs.lock() {
             *a = health_addrs(&self.cfg, &node);
+        }
+        if let Ok(mut n) = self.nodeport_ips.lock() {
+            let nets = self.cfg.nodeport.resolve(&node);
+            *n = nets
+                .iter()
+                .all(|n| n.prefix_len() == n.max_prefix_len())
+                .then(|| nets.iter().map(|n| n.addr()).collect());
         }
         match compile::compile(&state, &self.cfg.compile_config(&node)) {
             Ok(ruleset) => Some(Desired {

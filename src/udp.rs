@@ -18,8 +18,15 @@ fn serving(ps: &PortState) -> BTreeSet<IpAddr> {
         .collect()
 }
 
-/// The flows to clean after moving from `previous` to `current`.
-pub fn stale_udp_flows(previous: Option<&ProxyState>, current: &ProxyState) -> Vec<StaleFlow> {
+/// The flows to clean after moving from `previous` to `current`. NodePort flows are matched on
+/// `nodeport_ips` (this node's NodePort addresses); `None` means "any local address" and is
+/// only used when those are not single addresses (a pod's own UDP flow to a remote host on the
+/// same port number would match it too).
+pub fn stale_udp_flows(
+    previous: Option<&ProxyState>,
+    current: &ProxyState,
+    nodeport_ips: Option<&[IpAddr]>,
+) -> Vec<StaleFlow> {
     // Without a previous state (start-up) nothing is known to be stale: conntrack is not flushed on
     // restart.
     let Some(previous) = previous else {
@@ -57,12 +64,24 @@ pub fn stale_udp_flows(previous: Option<&ProxyState>, current: &ProxyState) -> V
                 });
             }
             if let Some(np) = sp.node_port {
-                out.push(StaleFlow {
-                    dst: None,
-                    port: np,
-                    family: *f,
-                    keep: keep.clone(),
-                });
+                match nodeport_ips {
+                    Some(ips) => {
+                        for ip in ips.iter().filter(|ip| crate::nft::ir::Family::of(ip) == *f) {
+                            out.push(StaleFlow {
+                                dst: Some(*ip),
+                                port: np,
+                                family: *f,
+                                keep: keep.clone(),
+                            });
+                        }
+                    }
+                    None => out.push(StaleFlow {
+                        dst: None,
+                        port: np,
+                        family: *f,
+                        keep: keep.clone(),
+                    }),
+                }
             }
         }
     }
@@ -85,10 +104,10 @@ mod tests {
         let mut objs = Objects::parse(include_str!("../tests/flows/cluster.yaml")).unwrap();
         let before = state(&objs);
         assert!(
-            stale_udp_flows(None, &before).is_empty(),
+            stale_udp_flows(None, &before, None).is_empty(),
             "no flush on start"
         );
-        assert!(stale_udp_flows(Some(&before), &before).is_empty());
+        assert!(stale_udp_flows(Some(&before), &before, None).is_empty());
         // The UDP service loses its endpoint; a TCP service loses one too.
         for s in objs.slices.iter_mut() {
             let n = s.metadata.name.clone().unwrap_or_default();
@@ -97,7 +116,7 @@ mod tests {
             }
         }
         let after = state(&objs);
-        let flows = stale_udp_flows(Some(&before), &after);
+        let flows = stale_udp_flows(Some(&before), &after, None);
         assert_eq!(
             flows,
             vec![StaleFlow {
@@ -108,8 +127,42 @@ mod tests {
             }]
         );
         // Gaining an endpoint from none also cleans (entries to the bare ClusterIP).
-        let flows = stale_udp_flows(Some(&after), &before);
+        let flows = stale_udp_flows(Some(&after), &before, None);
         assert_eq!(flows.len(), 1);
         assert_eq!(flows[0].keep, vec!["10.0.2.12".parse::<IpAddr>().unwrap()]);
+    }
+
+    #[test]
+    fn nodeport_flows_use_the_node_addresses_when_known() {
+        let mut objs = Objects::parse(include_str!("../tests/flows/cluster.yaml")).unwrap();
+        for s in objs
+            .services
+            .iter_mut()
+            .filter(|s| s.metadata.name.as_deref() == Some("dns"))
+        {
+            let spec = s.spec.as_mut().unwrap();
+            spec.type_ = Some("NodePort".into());
+            spec.ports.as_mut().unwrap()[0].node_port = Some(30053);
+        }
+        let before = state(&objs);
+        for s in objs
+            .slices
+            .iter_mut()
+            .filter(|s| s.metadata.name.as_deref() == Some("dns-ipv4"))
+        {
+            s.endpoints.clear();
+        }
+        let after = state(&objs);
+        let node: IpAddr = "192.168.0.2".parse().unwrap();
+        let flows = stale_udp_flows(
+            Some(&before),
+            &after,
+            Some(&[node, "fd00:168::2".parse().unwrap()]),
+        );
+        let np: Vec<_> = flows.iter().filter(|f| f.port == 30053).collect();
+        assert_eq!(np.len(), 1, "one per address of the family: {flows:?}");
+        assert_eq!(np[0].dst, Some(node));
+        let any = stale_udp_flows(Some(&before), &after, None);
+        assert!(any.iter().any(|f| f.port == 30053 && f.dst.is_none()));
     }
 }

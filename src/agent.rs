@@ -499,7 +499,6 @@ impl DesiredCtx {
             &node,
             &mut found,
         );
-        self.problems.report(found, &self.metrics, &self.events);
         if let Ok(mut a) = self.health_addrs.lock() {
             *a = health_addrs(&self.cfg, &node);
         }
@@ -510,11 +509,15 @@ impl DesiredCtx {
                 .all(|n| n.prefix_len() == n.max_prefix_len())
                 .then(|| nets.iter().map(|n| n.addr()).collect());
         }
-        match compile::compile(&state, &self.cfg.compile_config(&node)) {
-            Ok(ruleset) => Some(Desired {
-                ruleset,
-                state: Arc::new(state),
-            }),
+        match compile::compile_checked(&state, &self.cfg.compile_config(&node)) {
+            Ok((ruleset, conflicts)) => {
+                found.extend(conflicts);
+                self.problems.report(found, &self.metrics, &self.events);
+                Some(Desired {
+                    ruleset,
+                    state: Arc::new(state),
+                })
+            }
             Err(e) => {
                 tracing::error!(error = %e, "cannot compile the ruleset (bug)");
                 None

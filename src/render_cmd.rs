@@ -35,6 +35,7 @@ pub fn compile_objects(
     let mut problems = Vec::new();
     let cidrs = snapshot::service_cidrs(&objs.service_cidrs, &mut problems);
     let state = snapshot::proxy_state(&objs.services, &objs.slices, &cidrs, node, &mut problems);
-    let rs = compile::compile(&state, &cfg.compile_config(node))?;
+    let (rs, mut conflicts) = compile::compile_checked(&state, &cfg.compile_config(node))?;
+    problems.append(&mut conflicts);
     Ok((rs, problems))
 }

@@ -263,3 +263,36 @@ fn the_fake_is_strict() {
         Err(ApplyError::Invalid { .. })
     ));
 }
+
+#[test]
+fn conflicting_services_do_not_break_the_commit() {
+    let (mut objs, mut fake, rs) = start();
+    // A second Service claiming web's ClusterIP:port and lb-cluster's NodePort (bad input).
+    let mut dup = objs
+        .services
+        .iter()
+        .find(|s| s.metadata.name.as_deref() == Some("lb-cluster"))
+        .unwrap()
+        .clone();
+    dup.metadata.name = Some("zz-dup".into());
+    dup.spec.as_mut().unwrap().cluster_ip = Some("172.30.0.10".into());
+    objs.services.push(dup);
+    let node = nftproxy::render_cmd::pick_node(&objs, Some("node-a"));
+    let (next, problems) =
+        nftproxy::render_cmd::compile_objects(&objs, &common::proxy_config("node-a"), &node)
+            .expect("compile");
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert!(
+        problems[0].object == "Service ns/zz-dup"
+            && problems[0].reason.contains("already used by ns/web"),
+        "{problems:?}"
+    );
+    let p = plan::partial(&rs, &next, &BTreeSet::new());
+    fake.apply(&p.tx).expect("the commit still succeeds");
+    // Keep only the port's ClusterIP conflict: the NodePort of the skipped port is not claimed.
+    assert_eq!(
+        render::normalise(&render::ruleset(&next)),
+        render::normalise(&render::ruleset(&rs)),
+        "nothing of the duplicate is programmed"
+    );
+}

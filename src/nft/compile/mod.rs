@@ -150,6 +150,11 @@ struct Builder {
     counts: BTreeMap<Pick, BTreeSet<usize>>,
     /// Affinity timeouts in use (address entries / NodePorts).
     affinity: BTreeMap<bool, BTreeSet<u32>>,
+    /// Entry points already taken, and by whom: two Services claiming the same address:port
+    /// (or NodePort) is bad input; the first keeps it, the later one is reported and skipped
+    /// rather than turning into duplicate elements that would fail every commit.
+    claimed: BTreeMap<Vec<Value>, crate::model::PortKey>,
+    problems: Vec<crate::model::Problem>,
 }
 
 impl Builder {
@@ -184,11 +189,36 @@ impl Builder {
         }
     }
 
+    /// Take an entry point for `sp`; false (and a problem) when another port has it.
+    fn claim(&mut self, entry: &[Value], sp: &crate::model::ServicePort) -> bool {
+        match self.claimed.get(entry) {
+            Some(owner) if *owner != sp.key => {
+                let what = entry
+                    .iter()
+                    .map(super::render::value)
+                    .collect::<Vec<_>>()
+                    .join(" . ");
+                self.problems.push(crate::model::Problem {
+                    object: format!("Service {}", sp.key.service),
+                    reason: format!("entry {what} is already used by {owner}; skipped"),
+                });
+                false
+            }
+            _ => {
+                self.claimed.insert(entry.to_vec(), sp.key.clone());
+                true
+            }
+        }
+    }
+
     fn port(&mut self, ps: &PortState, cfg: &CompileConfig) {
         let sp = &ps.sp;
         let c = &ps.chosen;
         let proto = sp.key.proto;
         let cip = self.entry_key(Some(sp.cluster_ip), proto, sp.port);
+        if !self.claim(&cip, sp) {
+            return;
+        }
         self.add("cluster-ips", vec![Value::Addr(sp.cluster_ip)], None);
 
         // ClusterIP: internal traffic policy decides the endpoint set.
@@ -220,6 +250,7 @@ impl Builder {
         if let Some(np) = sp.node_port {
             externals.push((self.entry_key(None, proto, np), true));
         }
+        externals.retain(|(entry, _)| self.claim(entry, sp));
         for (entry, nodeport) in &externals {
             let (cluster_pick, local_pick) = if *nodeport {
                 (Pick::NpCluster, Pick::NpLocal)
@@ -447,14 +478,25 @@ pub fn affinity_def(f: Family, nodeport: bool) -> SetDef {
 
 /// Compile the desired ruleset.
 pub fn compile(state: &ProxyState, cfg: &CompileConfig) -> Result<Ruleset, CompileError> {
+    compile_checked(state, cfg).map(|(rs, _)| rs)
+}
+
+/// Compile, also returning the conflicts found (entry points claimed by two Services).
+pub fn compile_checked(
+    state: &ProxyState,
+    cfg: &CompileConfig,
+) -> Result<(Ruleset, Vec<crate::model::Problem>), CompileError> {
     let tpl = skeleton()?;
     let mut rs = Ruleset::default();
+    let mut problems = Vec::new();
     for &f in &cfg.families {
         let mut b = Builder {
             family: f,
             table: instantiate_skeleton(f, cfg, tpl),
             counts: BTreeMap::new(),
             affinity: BTreeMap::new(),
+            claimed: BTreeMap::new(),
+            problems: Vec::new(),
         };
         for n in PRESET_COUNTS {
             for p in Pick::ALL {
@@ -476,9 +518,10 @@ pub fn compile(state: &ProxyState, cfg: &CompileConfig) -> Result<Ruleset, Compi
             }
         }
         b.finish();
+        problems.append(&mut b.problems);
         rs.tables.insert(f, b.table);
     }
-    Ok(rs)
+    Ok((rs, problems))
 }
 
 impl Builder {

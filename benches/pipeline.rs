@@ -40,11 +40,30 @@ fn ms(t: Instant) -> f64 {
 }
 
 fn main() {
-    let args: Vec<usize> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
-    let (n, e) = (args.first().copied().unwrap_or(10_000), args.get(1).copied().unwrap_or(5));
+    let args: Vec<usize> = std::env::args()
+        .skip(1)
+        .filter_map(|a| a.parse().ok())
+        .collect();
+    let (n, e) = (
+        args.first().copied().unwrap_or(10_000),
+        args.get(1).copied().unwrap_or(5),
+    );
     let (svcs, mut slices) = objects(n, e);
-    let node = NodeInfo { name: "bench-node".into(), internal_ips: vec!["192.168.0.2".parse().expect("ip")], ..Default::default() };
-    let cfg = ProxyConfig { node_name: node.name.clone(), cluster_cidrs: vec!["10.0.0.0/8".parse().expect("cidr")], masquerade_all: false, masquerade_bit: 14, nodeport: NodePortAddresses { primary: true, cidrs: vec![] } };
+    let node = NodeInfo {
+        name: "bench-node".into(),
+        internal_ips: vec!["192.168.0.2".parse().expect("ip")],
+        ..Default::default()
+    };
+    let cfg = ProxyConfig {
+        node_name: node.name.clone(),
+        cluster_cidrs: vec!["10.0.0.0/8".parse().expect("cidr")],
+        masquerade_all: false,
+        masquerade_bit: 14,
+        nodeport: NodePortAddresses {
+            primary: true,
+            cidrs: vec![],
+        },
+    };
     let cc = cfg.compile_config(&node);
 
     let t = Instant::now();
@@ -77,7 +96,12 @@ fn main() {
     let _after = plan::after(&rs, &rs2, &part);
     let t_after = ms(t);
 
-    let elements: usize = rs.tables.values().flat_map(|t| t.elements.values()).map(|s| s.len()).sum();
+    let elements: usize = rs
+        .tables
+        .values()
+        .flat_map(|t| t.elements.values())
+        .map(|s| s.len())
+        .sum();
     println!("pipeline at {n} Services x {e} endpoints ({elements} elements, {} ops in the full transaction, {} KiB of text)", full.ops.len(), text.len() / 1024);
     println!("  proxy state from objects   {t_state:9.1} ms");
     println!("  compile                    {t_compile:9.1} ms");
@@ -86,7 +110,13 @@ fn main() {
     println!("one endpoint replaced (partial sync, recomputed from scratch):");
     println!("  proxy state                {t_state2:9.1} ms");
     println!("  compile                    {t_compile2:9.1} ms");
-    println!("  plan (diff)                {t_plan:9.1} ms  -> {} element ops", part.tx.element_count());
+    println!(
+        "  plan (diff)                {t_plan:9.1} ms  -> {} element ops",
+        part.tx.element_count()
+    );
     println!("  applied-state bookkeeping  {t_after:9.1} ms");
-    println!("  total                      {:9.1} ms", t_state2 + t_compile2 + t_plan + t_after);
+    println!(
+        "  total                      {:9.1} ms",
+        t_state2 + t_compile2 + t_plan + t_after
+    );
 }

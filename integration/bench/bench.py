@@ -25,20 +25,31 @@ traffic to it is checked too.
 
 Figures and how they are taken (times are CLOCK_MONOTONIC in this process):
   cold start       agent exec -> the LAST Service's `clusterip` element exists (one netlink
-                   GETSETELEM every 10 ms; the full sync is one atomic commit)
-  endpoint p50/99  POST of one changed EndpointSlice -> `nft monitor` prints the new
-                   `ip-cluster-backends` element (samples spaced 150 ms, > min-sync-period)
+                   GETSETELEM every 10 ms, nlpoll.py; the full sync is one atomic commit)
+  endpoint p50/99  POST of one changed EndpointSlice -> the new `ip-cluster-backends` element
+                   is announced by the kernel (samples spaced >= 150 ms, > min-sync-period)
   new Service p50  POST of Service + slice -> the `clusterip` element AND all its backends
-  RSS              VmRSS after cold start (plus the settle time)
+  RSS              VmRSS once the agent is quiet after cold start
   apply vs nft -f  apply_ms of the first full sync / wall time of `nft -f` of `nftproxy
                    render` output in an empty namespace (same objects, same run)
   connect ratio    median TCP connect() time to Service 0's ClusterIP, this node vs a node
-                   with 10 Services; one connect at a time, interleaved in random order with
-                   the other node and with direct (no DNAT) connects to the endpoint
+                   with 10 Services; one thread, one connect at a time, interleaved in random
+                   order with the other node and with direct (no DNAT) connects
   idle CPU         utime+stime of the agent over --idle-seconds with no changes
   burst            one /control/apply with 1000 changed endpoints (1000 slices when there are
                    enough Services) -> all 1000 new backends in the kernel; `synced` lines
                    the burst caused
+
+Element announcements are read from the nf_tables multicast group (what `nft monitor` prints)
+by a thread of this process; `--nft-monitor` uses `nft monitor new elements` instead, which
+nft 1.0.6 cannot do at 50k Services (it spends minutes at 100% CPU filling its cache first).
+
+Where the time goes, per change: a second EndpointSlice watcher on the API server timestamps
+the watch event (API server + delivery); the agent's `synced` line (wall-clock timestamp,
+duration_ms) places the committing sync, so "watch -> sync start" is the agent's work before
+the sync, including the desired-state computation that duration_ms leaves out. The agent runs
+with RUST_LOG=...,nftproxy::apply::netlink=debug: its per-batch "kernel" time stands in for
+apply_ms while the `synced` line has none.
 
 Exit status: 0 when everything worked (timing targets are REPORTED, never asserted), 1 on a
 functional failure (rules never appear, traffic fails, the agent dies...), 2 on a setup error.
@@ -50,6 +61,7 @@ import argparse
 import atexit
 import ctypes
 import datetime
+import errno
 import http.client
 import ipaddress
 import json
@@ -71,7 +83,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, HERE)
-from nlpoll import ElementPoller, key_ip_proto_port  # noqa: E402
+from nlpoll import ElementPoller, key_ip_proto_port, monitor_socket, parse_new_elements  # noqa: E402
 
 APISERVER = os.path.join(ROOT, "integration", "apiserver", "apiserver.py")
 TCPTOOL = os.path.join(HERE, "tcptool.py")
@@ -362,25 +374,85 @@ MON_RE = re.compile(r"^(?:add|create) element ip (\S+) (\S+) \{ (.*) \}\s*$")
 
 
 class Monitor:
-    """`nft monitor new elements` in a namespace; every element line is timestamped on arrival
-    and indexed as (set, 'k'|'v', first address of key|value) -> [times]."""
+    """New set elements in a namespace, timestamped on arrival and indexed as
+    (set, 'k'|'v', first address of key|value) -> [times].
 
-    def __init__(self, ns: str, log_path: str, raw_path: str | None = None):
+    Source "netlink" (default): the nf_tables multicast group, read by a thread of this process
+    (the same notifications `nft monitor` prints). Source "nft": `nft monitor new elements`;
+    nft 1.0.6 first fills a cache of the whole ruleset and needs minutes at 100% CPU at 50k
+    Services, so it is only usable for small sizes (cross-check with --nft-monitor)."""
+
+    def __init__(self, ns: str, log_path: str, raw_path: str | None = None, source: str = "netlink"):
         self.ns = ns
+        self.source = source
         self.raw = open(raw_path, "w") if raw_path else None
         self.lock = threading.Lock()
         self.seen: dict[tuple[str, str, str], list[float]] = {}
         self.lines = 0
-        self.proc = REG.add_proc(subprocess.Popen(
-            ["ip", "netns", "exec", ns, "stdbuf", "-oL", "nft", "monitor", "new", "elements"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=open(log_path, "ab"),
-            start_new_session=True))
-        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.overflows = 0
+        self.stopped = False
+        self.proc = None
+        self.sock = None
+        if source == "nft":
+            self.proc = REG.add_proc(subprocess.Popen(
+                ["ip", "netns", "exec", ns, "stdbuf", "-oL", "nft", "monitor", "new", "elements"],
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=open(log_path, "ab"),
+                start_new_session=True))
+            target = self._read_nft
+        else:
+            self.sock = in_netns(ns, monitor_socket)
+            self.sock.settimeout(0.5)
+            target = self._read_netlink
+        self.thread = threading.Thread(target=target, daemon=True)
         self.thread.start()
 
-    def _read(self):
-        # Only timestamps and indexes here; waiters poll (no notify per line: a burst prints
-        # thousands of lines and waking a waiter for each would steal the GIL from this thread).
+    def alive(self) -> bool:
+        if self.proc is not None:
+            return self.proc.poll() is None
+        return not self.stopped
+
+    def stop(self) -> None:
+        self.stopped = True
+        if self.proc is not None:
+            REG.stop_proc(self.proc)
+        if self.sock is not None:
+            self.thread.join(2)
+            self.sock.close()
+        if self.raw:
+            self.raw.close()
+            self.raw = None
+
+    def _add(self, t: float, set_name: str, key_ip: str, val_ip: str | None) -> None:
+        self.seen.setdefault((set_name, "k", key_ip), []).append(t)
+        if val_ip:
+            self.seen.setdefault((set_name, "v", val_ip), []).append(t)
+
+    # Readers only timestamp and index; waiters poll (no notify per element: a burst brings
+    # thousands, and waking a waiter for each would steal the GIL from the reader).
+    def _read_netlink(self):
+        while not self.stopped:
+            try:
+                buf = self.sock.recv(1 << 20)
+            except socket.timeout:
+                continue
+            except OSError as e:
+                if e.errno == errno.ENOBUFS:  # the kernel dropped notifications
+                    self.overflows += 1
+                    continue
+                return
+            t = time.monotonic()
+            with self.lock:
+                for family, table, set_name, key, data in parse_new_elements(buf):
+                    if family != 2 or len(key) < 4:
+                        continue
+                    kip = socket.inet_ntoa(key[:4])
+                    vip = socket.inet_ntoa(data[:4]) if data and len(data) >= 4 else None
+                    self.lines += 1
+                    self._add(t, set_name, kip, vip)
+                    if self.raw:
+                        self.raw.write(f"{t:.6f} {table} {set_name} {kip} : {vip}\n")
+
+    def _read_nft(self):
         for raw in iter(self.proc.stdout.readline, b""):
             t = time.monotonic()
             text = raw.decode(errors="replace")
@@ -394,9 +466,8 @@ class Monitor:
                 self.lines += 1
                 for elem in body.split(", "):
                     key, _, val = elem.partition(" : ")
-                    self.seen.setdefault((set_name, "k", key.split(" . ")[0].strip()), []).append(t)
-                    if val:
-                        self.seen.setdefault((set_name, "v", val.split(" . ")[0].strip()), []).append(t)
+                    self._add(t, set_name, key.split(" . ")[0].strip(),
+                              val.split(" . ")[0].strip() if val else None)
 
     def first_after(self, token, t0: float) -> float | None:
         for t in self.seen.get(token, ()):
@@ -424,7 +495,7 @@ class Monitor:
                     pending = still
             if not pending:
                 return got
-            if time.monotonic() > deadline or self.proc.poll() is not None:
+            if time.monotonic() > deadline or not self.alive():
                 return None
             time.sleep(0.005)
 
@@ -628,13 +699,35 @@ class Node:
                     f"current-context: b\n")
 
     def start_apiserver(self, timeout: float) -> float:
+        """Preload and start the API server. With --verbose it logs every request to stderr;
+        a thread timestamps the first watch request per resource: the agent opens a watch
+        right after its (paginated) initial list, so that time is "list done"."""
         log = os.path.join(self.dir, "apiserver.log")
+        self.watch_started: dict[str, float] = {}
         t0 = time.monotonic()
-        self.apiserver = self.popen(
-            [sys.executable, APISERVER, "--listen", f"127.0.0.1:{API_PORT}",
-             "--objects", self.objects_path, "--service-cluster-ip-range", SERVICE_RANGE], log)
+        with open(log, "ab") as f:
+            self.apiserver = REG.add_proc(subprocess.Popen(
+                ["ip", "netns", "exec", self.ns, sys.executable, APISERVER,
+                 "--listen", f"127.0.0.1:{API_PORT}", "--objects", self.objects_path,
+                 "--service-cluster-ip-range", SERVICE_RANGE, "--verbose"],
+                stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.PIPE, start_new_session=True,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"}))
+        threading.Thread(target=self._api_requests, args=(self.apiserver.stderr,), daemon=True).start()
         self.wait_line(self.apiserver, log, "LISTENING", timeout, "the API server")
         return time.monotonic() - t0
+
+    WATCH_RE = re.compile(r'"GET /api[s]?/(?:[\w.]+/)?v1/(\w+)\?[^"]*watch=true')
+
+    def _api_requests(self, stream):
+        with open(os.path.join(self.dir, "apiserver-requests.log"), "w") as out:
+            for raw in iter(stream.readline, b""):
+                t = time.monotonic()
+                line = raw.decode(errors="replace")
+                if "/control/" not in line:
+                    out.write(f"{t:.6f} {line}")
+                m = self.WATCH_RE.search(line)
+                if m and m.group(1) not in self.watch_started:
+                    self.watch_started[m.group(1)] = t
 
     def agent_argv(self) -> list[str]:
         return [self.bin, "run", "--kubeconfig", os.path.join(self.dir, "kubeconfig"),
@@ -755,59 +848,68 @@ class Node:
         REG.del_netns(self.ns)
 
 
-class NsWorker:
-    """A thread that joined namespace `ns` and performs timed TCP connects on request. Two of
-    them let one process interleave connects in two namespaces one by one, so drift and CPU
-    noise on this shared machine hit both sides alike."""
+class ConnectTimer:
+    """One thread that times TCP connects in several namespaces, switching with setns() before
+    each socket is created (a socket stays in the namespace it was created in). One thread for
+    all sides means the same CPU and scheduling luck for each, which matters on a shared 2-core
+    machine: separate threads per namespace measured up to 2x apart for identical paths."""
 
-    def __init__(self, ns: str):
-        self.ns = ns
+    def __init__(self, namespaces: list[str]):
+        self.namespaces = namespaces
         self.req: queue.Queue = queue.Queue()
         self.res: queue.Queue = queue.Queue()
         self.thread = threading.Thread(target=self._body, daemon=True)
         self.thread.start()
         r = self.res.get(timeout=10)
         if r != "ready":
-            raise Functional(f"connect worker in {ns}: {r}")
+            raise Functional(f"connect timer: {r}")
 
     def _body(self):
+        fds = []
         try:
-            fd = os.open(os.path.join(NETNS_DIR, self.ns), os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                if _libc.setns(fd, CLONE_NEWNET) != 0:
-                    raise OSError(ctypes.get_errno(), "setns")
-            finally:
-                os.close(fd)
+            for ns in self.namespaces:
+                fds.append(os.open(os.path.join(NETNS_DIR, ns), os.O_RDONLY | os.O_CLOEXEC))
         except OSError as e:
-            self.res.put(f"setns failed: {e}")
+            self.res.put(f"open netns: {e}")
             return
         self.res.put("ready")
-        while True:
-            job = self.req.get()
-            if job is None:
-                return
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.settimeout(2.0)
-            try:
-                t0 = time.perf_counter_ns()
-                s.connect(job)
-                t1 = time.perf_counter_ns()
-                # read to EOF: the server has accepted, answered and closed, so it is back in
-                # accept() and does not contend for the listener while the next SYN arrives
-                data = b""
-                while True:
-                    chunk = s.recv(64)
-                    if not chunk:
-                        break
-                    data += chunk
-                self.res.put(((t1 - t0) / 1000.0, data.decode(errors="replace").strip()))
-            except OSError as e:
-                self.res.put((None, f"{type(e).__name__}: {e}"))
-            finally:
-                s.close()
+        cur = None
+        try:
+            while True:
+                job = self.req.get()
+                if job is None:
+                    return
+                idx, dst, port = job
+                if idx != cur:
+                    if _libc.setns(fds[idx], CLONE_NEWNET) != 0:
+                        self.res.put((None, f"setns: {os.strerror(ctypes.get_errno())}"))
+                        continue
+                    cur = idx
+                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                s.settimeout(2.0)
+                try:
+                    t0 = time.perf_counter_ns()
+                    s.connect((dst, port))
+                    t1 = time.perf_counter_ns()
+                    # read to EOF: the server has accepted, answered and closed, so it is back
+                    # in accept() and does not hold the listener while the next SYN arrives
+                    data = b""
+                    while True:
+                        chunk = s.recv(64)
+                        if not chunk:
+                            break
+                        data += chunk
+                    self.res.put(((t1 - t0) / 1000.0, data.decode(errors="replace").strip()))
+                except OSError as e:
+                    self.res.put((None, f"{type(e).__name__}: {e}"))
+                finally:
+                    s.close()
+        finally:
+            for fd in fds:
+                os.close(fd)
 
-    def connect(self, dst: str, port: int) -> tuple[float | None, str]:
-        self.req.put((dst, port))
+    def connect(self, idx: int, dst: str, port: int) -> tuple[float | None, str]:
+        self.req.put((idx, dst, port))
         return self.res.get(timeout=10)
 
     def close(self):
@@ -826,6 +928,7 @@ class Run:
         self.workdir = workdir
         self.bin = binary
         self.r: dict = {"services": services, "endpoints": self.e, "big_services": args.big_services,
+                        "big_endpoints": args.big_endpoints,
                         "failures": [], "notes": [], "loadavg_start": os.getloadavg()[0]}
         self.rng = random.Random(1000 * idx + services)
         self.scale = max(1.0, services / 1000.0)
@@ -857,8 +960,7 @@ class Run:
             say(f"  API server preloaded in {self.r['apiserver_load_s']:.1f}s")
             self.nft_f(world, node)
             self.cold_start(world, node)
-            if a.settle:
-                time.sleep(a.settle)
+            self.settle(node)
             st = node.agent_status()
             self.r["rss_mib"] = st["VmRSS"] / 1024.0
             self.r["hwm_mib"] = st["VmHWM"] / 1024.0
@@ -866,7 +968,7 @@ class Run:
             say(f"  RSS {self.r['rss_mib']:.1f} MiB (peak {self.r['hwm_mib']:.1f} MiB)")
             self.idle_cpu(node)
             mon = Monitor(node.ns, os.path.join(node.dir, "monitor.err"),
-                          os.path.join(node.dir, "monitor.log"))
+                          os.path.join(node.dir, "monitor.log"), "nft" if a.nft_monitor else "netlink")
             self.mon = mon
             self.monitor_ready(node, mon)
             try:
@@ -890,9 +992,9 @@ class Run:
                 self.probe.close()
             mon = getattr(self, "mon", None)
             if mon is not None:
-                REG.stop_proc(mon.proc)
-                if mon.raw:
-                    mon.raw.close()
+                mon.stop()
+                if mon.overflows:
+                    self.r["notes"].append(f"element monitor overflowed {mon.overflows} time(s)")
             node.stop()
         return self.r
 
@@ -932,8 +1034,12 @@ class Run:
     def cold_start(self, world: World, node: Node) -> None:
         t_start = node.start_agent()
         wall_start = time.time()
-        t_seen, t_miss = node.wait_element(world.last_cip, t_start, 60 + 10 * self.scale)
+        t_seen, t_miss = node.wait_element(world.last_cip, t_start, 90 + 2 * self.scale)
         self.r["cold_s"] = t_seen - t_start
+        ws = node.watch_started
+        if "services" in ws and "endpointslices" in ws:
+            # the agent holds complete lists of Services and EndpointSlices from here on
+            self.r["cold_lists_done_s"] = max(ws["services"], ws["endpointslices"]) - t_start
         self.r["cold_resolution_ms"] = (t_seen - t_miss) * 1000
         recs = node.wait_synced(1, 30)
         first = recs[0]
@@ -951,7 +1057,9 @@ class Run:
             if not node.has_backend(cip, slot):
                 raise Functional(f"backend element {cip} . tcp . 80 . {slot} missing after cold start")
         say(f"  cold start {self.r['cold_s'] * 1000:.0f} ms (poll resolution "
-            f"{self.r['cold_resolution_ms']:.0f} ms); first sync {self.r['first_sync']}")
+            f"{self.r['cold_resolution_ms']:.0f} ms); initial lists done after "
+            f"{self.r.get('cold_lists_done_s', float('nan')) * 1000:.0f} ms; "
+            f"first sync {self.r['first_sync']}")
         if first.get("apply_ms") is not None and self.r.get("nft_f_s"):
             self.r["apply_ratio"] = first["apply_ms"] / (self.r["nft_f_s"] * 1000)
         if first.get("apply_src"):
@@ -959,6 +1067,24 @@ class Run:
                                    "of its netlink batch debug line")
         elif first.get("apply_ms") is None:
             self.r["notes"].append("no apply_ms and no netlink batch line: apply vs nft -f not measured")
+
+    def settle(self, node: Node) -> None:
+        """Let the agent go quiet after cold start: --settle seconds, and no `synced` line for
+        2 s (the agent runs a trailing no-op sync after the first), at most 60 s."""
+        time.sleep(self.a.settle)
+        deadline = time.monotonic() + 60
+        last_n, last_t = -1, time.monotonic()
+        while time.monotonic() < deadline:
+            node.log.poll()
+            node.check_agent()
+            if len(node.log.synced) != last_n:
+                last_n, last_t = len(node.log.synced), time.monotonic()
+            elif time.monotonic() - last_t >= 2.0:
+                break
+            time.sleep(0.1)
+        self.r["syncs_after_cold"] = len(node.log.synced) - 1
+        self.r["post_cold_syncs"] = [{k: r.get(k) for k in ("kind", "ops", "duration_ms")}
+                                     for r in node.log.synced[1:4]]
 
     def idle_cpu(self, node: Node) -> None:
         secs = self.a.idle_seconds
@@ -969,6 +1095,7 @@ class Run:
         node.log.poll()
         ms = (c1 - c0) * 1000.0 / os.sysconf("SC_CLK_TCK")
         self.r["idle_cpu_ms"] = ms
+        self.r["idle_s"] = t1 - t0
         self.r["idle_cpu_pct"] = ms / ((t1 - t0) * 10.0)
         self.r["idle_syncs"] = len(node.log.synced) - n0
         say(f"  idle: {ms:.0f} ms CPU in {t1 - t0:.1f}s ({self.r['idle_cpu_pct']:.2f}% of a core), "
@@ -978,7 +1105,7 @@ class Run:
         """A probe element in a table of our own: when the monitor prints it, it is listening."""
         run(["nsenter", f"--net={NETNS_DIR}/{node.ns}", "nft", "-f", "-"], 30,
             input="table ip nfbench {\n set probe { type ipv4_addr; }\n}\n")
-        deadline = time.monotonic() + 60 * self.scale
+        deadline = time.monotonic() + 60
         k = 0
         while True:
             k += 1
@@ -989,31 +1116,61 @@ class Run:
             if mon.wait_all([("probe", "k", addr)], t0 - 1, 1.0) is not None:
                 return
             if time.monotonic() > deadline:
-                raise Functional("nft monitor never printed the probe element")
+                raise Functional("the element listener never saw the probe element")
 
     def sync_records_since(self, node: Node, n0: int) -> list[dict]:
         node.log.poll()
         return node.log.synced[n0:]
 
-    def breakdown(self, t0: float, off: float, t_commit: float, slice_name: str,
-                  recs: list[dict]) -> dict:
-        """Where the time of one change went: API server + watch delivery (probe watcher),
-        agent until its sync starts, the sync itself (duration_ms), and the log line vs the
-        monitor. `off` maps monotonic to wall time (the agent logs wall time)."""
+    def syncs_for(self, node: Node, n0: int, t0: float, off: float, t_commit: float,
+                  timeout: float) -> list[dict]:
+        """The `synced` records of one change: those that started after t0, up to the one that
+        made the commit the monitor saw at t_commit (the last with ops > 0 that started before
+        t_commit: syncs run one after another). Waits (bounded) until a sync with ops > 0 has
+        logged at/after t_commit - 50 ms (at 50k Services the line comes hundreds of ms after the
+        commit), or for 1 s after t_commit when the monitor lagged more than that (`nft monitor`
+        printing a burst). Records get start/end
+        in this process's monotonic clock; `off` = wall - monotonic."""
+        deadline = time.monotonic() + timeout
+        while True:
+            node.log.poll()
+            out = []
+            for r in node.log.synced[n0:]:
+                if r.get("ts") is None:
+                    continue
+                end = r["ts"] - off
+                start = end - r.get("duration_ms", 0.0) / 1000
+                if start < t0 - 0.001:
+                    continue  # a sync of the previous change, logged late
+                out.append({**r, "start": start, "end": end})
+            now = time.monotonic()
+            if any(r.get("ops", 0) > 0 and r["end"] >= t_commit - 0.05 for r in out) \
+                    or (now - t_commit > 1.0 and any(r.get("ops", 0) > 0 and r["start"] <= t_commit
+                                                     for r in out)) \
+                    or now > deadline:
+                last = max((i for i, r in enumerate(out) if r.get("ops", 0) > 0 and r["start"] <= t_commit),
+                           default=len(out) - 1)
+                return out[:last + 1]
+            time.sleep(0.02)
+
+    def breakdown(self, t0: float, t_commit: float, slice_name: str, recs: list[dict]) -> dict:
+        """Where the time of one change went: API server + watch delivery (probe watcher), agent
+        until the committing sync starts (watch decode, coalescing, and the desired-state
+        computation, which the log's duration_ms leaves out), that sync (duration_ms), its
+        kernel time, and how long after the commit its log line came."""
         d = {}
         tw = self.probe.first_after(slice_name, t0) if getattr(self, "probe", None) else None
         if tw is not None:
             d["api_watch_ms"] = (tw - t0) * 1000
-        work = [r for r in recs if r.get("ops", 0) > 0 and r.get("ts")]
-        if work:
-            r = work[0]
-            end_mono = r["ts"] - off
-            start_mono = end_mono - r.get("duration_ms", 0.0) / 1000
-            d["to_sync_start_ms"] = (start_mono - t0) * 1000
+        if recs and recs[-1].get("ops", 0) > 0 and recs[-1]["start"] <= t_commit:
+            r = recs[-1]
+            d["to_sync_start_ms"] = (r["start"] - t0) * 1000
+            if tw is not None:
+                d["watch_to_sync_start_ms"] = (r["start"] - tw) * 1000
             d["sync_ms"] = r.get("duration_ms")
             if r.get("apply_ms") is not None:
                 d["apply_ms"] = r["apply_ms"]
-            d["log_minus_commit_ms"] = (end_mono - t_commit) * 1000
+            d["log_after_commit_ms"] = (r["end"] - t_commit) * 1000
         return d
 
     @staticmethod
@@ -1038,10 +1195,10 @@ class Run:
                 raise Functional(f"sample {s}: new endpoint {new} of svc-{i:05d} not in the kernel "
                                  f"after {10 + self.scale:.0f}s")
             lat.append((got[tok] - t0) * 1000)
-            time.sleep(0.15)
-            recs = self.sync_records_since(node, n0)
+            recs = self.syncs_for(node, n0, t0, off, got[tok], 10 + self.scale)
+            time.sleep(0.15)  # > --min-sync-period: the next change is not coalesced with this one
             per.append(recs)
-            parts.append(self.breakdown(t0, off, got[tok], obj["metadata"]["name"], recs))
+            parts.append(self.breakdown(t0, got[tok], obj["metadata"]["name"], recs))
         self.r["ep_ms"] = lat
         self.r["ep_p50"], self.r["ep_p90"], self.r["ep_p99"] = pct(lat, 50), pct(lat, 90), pct(lat, 99)
         self.r["ep_syncs"] = summarize_syncs(per)
@@ -1066,10 +1223,10 @@ class Run:
             done = max(got.values())
             lat.append((done - t0) * 1000)
             lat_cip.append((got[tokens[0]] - t0) * 1000)
+            recs = self.syncs_for(node, n0, t0, off, done, 10 + self.scale)
             time.sleep(0.15)
-            recs = self.sync_records_since(node, n0)
             per.append(recs)
-            parts.append(self.breakdown(t0, off, done, objs[1]["metadata"]["name"], recs))
+            parts.append(self.breakdown(t0, done, objs[1]["metadata"]["name"], recs))
         self.r["svc_ms"] = lat
         self.r["svc_p50"], self.r["svc_p90"] = pct(lat, 50), pct(lat, 90)
         self.r["svc_cip_p50"] = pct(lat_cip, 50)
@@ -1097,6 +1254,7 @@ class Run:
             objs.append(slice_obj(i, world.eps[i]))
         node.log.poll()
         n0 = len(node.log.synced)
+        off = time.time() - time.monotonic()
         t0, _ = node.apply(objs, timeout=120)
         t_resp = time.monotonic()
         got = mon.wait_all(tokens, t0, 30 * self.scale)
@@ -1105,8 +1263,9 @@ class Run:
             raise Functional(f"burst: {len(miss)} of {len(tokens)} new endpoints never reached the "
                              f"kernel (e.g. {miss[:3]})")
         done = max(got.values())
-        time.sleep(1.0)  # let trailing syncs show up in the log
-        recs = self.sync_records_since(node, n0)
+        recs = self.syncs_for(node, n0, t0, off, done, 30 + self.scale)
+        time.sleep(1.0)  # trailing syncs (after the last change) are counted separately
+        self.r["burst_trailing_syncs"] = len(self.sync_records_since(node, n0)) - len(recs)
         self.r["burst_changes"] = len(tokens)
         self.r["burst_slices"] = len(objs)
         self.r["burst_s"] = done - t0
@@ -1148,6 +1307,34 @@ class Run:
         if res["errors"] or len(res["peers"]) < expected / 2:
             raise Functional(f"traffic to the 1000-endpoint Service {cip}: {res['errors']} errors, "
                              f"{len(res['peers'])} distinct endpoints ({res['first_error']})")
+        # one endpoint of a big Service replaced (the last big one: remote endpoints in one
+        # slice per 100): latency, and how many element operations the agent needed
+        self.mon_big_change(world, node)
+
+    def mon_big_change(self, world: World, node: Node) -> None:
+        mon = getattr(self, "mon", None)
+        if mon is None:
+            return
+        i = world.big
+        slot = len(world.eps[i]) // 2
+        new = world.new_ip()
+        world.eps[i][slot] = new
+        part = slot // 100
+        obj = slice_obj(i, world.eps[i][part * 100:(part + 1) * 100], part)
+        node.log.poll()
+        n0 = len(node.log.synced)
+        off = time.time() - time.monotonic()
+        t0, _ = node.apply([obj])
+        tok = ("ip-cluster-backends", "v", ip(new))
+        got = mon.wait_all([tok], t0, 10 + self.scale)
+        if got is None:
+            raise Functional(f"replaced endpoint {ip(new)} of the 1000-endpoint svc-{i:05d} never "
+                             f"reached the kernel")
+        recs = self.syncs_for(node, n0, t0, off, got[tok], 10 + self.scale)
+        self.r["big_ep_ms"] = (got[tok] - t0) * 1000
+        self.r["big_ep_elements"] = sum(r.get("elements", 0) for r in recs)
+        say(f"  one endpoint of a 1000-endpoint Service replaced: {self.r['big_ep_ms']:.1f} ms, "
+            f"{self.r['big_ep_elements']} element operations")
 
     def connect_compare(self, node: Node) -> None:
         base = Node(self.name("c"), World(10, self.e, 0, 0), self.workdir, self.bin)
@@ -1161,24 +1348,23 @@ class Run:
             t_seen, _ = base.wait_element(base.world.last_cip, t, 60)
             self.r["cold_10_s"] = t_seen - t
             cip0 = ip(SVC_BASE)
-            wa, wb = NsWorker(node.ns), NsWorker(base.ns)
+            timer = ConnectTimer([node.ns, base.ns])
             try:
                 big, small, direct, direct10, errors = [], [], [], [], []
-                plan = [(wa, cip0, 80, big), (wb, cip0, 80, small),
-                        (wa, LOCAL_EP, 8080, direct), (wb, LOCAL_EP, 8080, direct10)]
+                plan = [(0, cip0, 80, big), (1, cip0, 80, small),
+                        (0, LOCAL_EP, 8080, direct), (1, LOCAL_EP, 8080, direct10)]
                 warm = 20
                 for k in range(warm + self.a.connects):
                     self.rng.shuffle(plan)  # no side always goes first
                     for w, dst, port, acc in plan:
-                        us, peer = w.connect(dst, port)
+                        us, peer = timer.connect(w, dst, port)
                         if us is None or peer != LOCAL_EP:
                             if len(errors) < 5:
-                                errors.append(f"{w.ns} -> {dst}:{port}: {peer}")
+                                errors.append(f"{(node.ns, base.ns)[w]} -> {dst}:{port}: {peer}")
                         elif k >= warm:
                             acc.append(us)
             finally:
-                wa.close()
-                wb.close()
+                timer.close()
             if errors:
                 raise Functional("connects to Service 0 failed: " + "; ".join(errors[:3]))
             mb, ms, md = statistics.median(big), statistics.median(small), statistics.median(direct)
@@ -1192,6 +1378,11 @@ class Run:
             self.r["connect_n"] = len(big)
             self.r["connect_ratio"] = mb / ms
             self.r["connect_p90_ratio"] = pct(big, 90) / pct(small, 90)
+            self.r["connect_p10_ratio"] = pct(big, 10) / pct(small, 10)
+            self.r["connect_samples_us"] = {"this": [round(x, 1) for x in big],
+                                            "ten": [round(x, 1) for x in small],
+                                            "direct_this": [round(x, 1) for x in direct],
+                                            "direct_ten": [round(x, 1) for x in direct10]}
             say(f"  connect: median {mb:.1f} us vs {ms:.1f} us with 10 Services (ratio "
                 f"{mb / ms:.3f}); direct to the endpoint {md:.1f} us here, "
                 f"{self.r['connect_direct10_us']:.1f} us there; n={len(big)} each")
@@ -1245,6 +1436,7 @@ def rows_for(runs: list[dict]) -> list[tuple]:
 
     cold = med(runs, "cold_s")
     row("cold start (agent start -> full ruleset)", cold, "{:.3f} s", t["cold"], " s")
+    row("  initial lists done (agent's watches open)", med(runs, "cold_lists_done_s"), "{:.3f} s", None, "")
     row("endpoint replaced p50 (API write -> commit)", med(runs, "ep_p50"), "{:.1f} ms", t["ep_p50"], " ms")
     row("endpoint replaced p90", med(runs, "ep_p90"), "{:.1f} ms", None, "")
     row("endpoint replaced p99", med(runs, "ep_p99"), "{:.1f} ms", t["ep_p99"], " ms")
@@ -1260,18 +1452,26 @@ def rows_for(runs: list[dict]) -> list[tuple]:
     cu, c10 = med(runs, "connect_us"), med(runs, "connect10_us")
     if cu is not None and c10 is not None:
         rows.append(("  connect median: this / 10 Services (us)", size, f"{cu:.1f} / {c10:.1f}", "-", "info"))
+        rows.append(("  connect p10 ratio (less scheduling noise)", size,
+                     f"{med(runs, 'connect_p10_ratio'):.3f}x", "-", "info"))
         rows.append(("  same, direct to the endpoint (no DNAT)", size,
                      f"{med(runs, 'connect_direct_us'):.1f} / {med(runs, 'connect_direct10_us'):.1f}",
                      "-", "info"))
-    row("agent CPU when idle (10 s)", med(runs, "idle_cpu_pct"), "{:.2f}% of a core", None, "")
+    row(f"agent CPU when idle ({runs[0].get('idle_s', 10):.0f} s, no changes)", med(runs, "idle_cpu_pct"),
+        "{:.2f}% of a core", None, "")
     bc = med(runs, "burst_changes")
     row(f"burst of {int(bc) if bc else '?'} endpoint changes -> all in kernel", med(runs, "burst_s"),
         "{:.3f} s", BURST_MAX_S, " s")
     row("  synced lines caused by the burst", med(runs, "burst_syncs"), "{:.0f}", None, "")
     if runs[0].get("big_services"):
         ok = all(not any("big" in f for f in r["failures"]) and r.get("big_connects") for r in runs)
-        rows.append((f"{runs[0]['big_services']} Services x 1000 endpoints work", size,
+        rows.append((f"{runs[0]['big_services']} Service(s) x {runs[0].get('big_endpoints', 1000)} "
+                     f"endpoints work", size,
                      "yes" if ok else "NO", "must work", "PASS" if ok else "FAIL"))
+        be = med(runs, "big_ep_ms")
+        if be is not None:
+            rows.append(("  one of its endpoints replaced (API -> commit)", size,
+                         f"{be:.1f} ms, {med(runs, 'big_ep_elements'):.0f} element ops", "-", "info"))
     fails = sum(len(r["failures"]) for r in runs)
     rows.append(("functional failures", size, str(fails), "0", "PASS" if fails == 0 else "FAIL"))
     return rows
@@ -1318,6 +1518,8 @@ def main(argv=None) -> int:
     ap.add_argument("--bin", default=os.environ.get("NFTPROXY_BIN", DEFAULT_BIN))
     ap.add_argument("--agent-args", default="",
                     help="extra flags for `nftproxy run` (diagnostics, e.g. \"--initial-sync-timeout 100ms\")")
+    ap.add_argument("--nft-monitor", action="store_true",
+                    help="watch elements with `nft monitor` instead of a netlink listener (small sizes only)")
     ap.add_argument("--json", help="also write every raw figure to this file")
     ap.add_argument("--keep-workdir", action="store_true", help="keep logs and objects (path printed)")
     a = ap.parse_args(argv)
@@ -1353,7 +1555,7 @@ def main(argv=None) -> int:
         shutil.copy2(a.bin, binary)
     say(f"binary {a.bin}; work dir {workdir}; namespaces {PREFIX}*; "
         f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
-    all_rows, raw = [], []
+    all_rows, raw, done_sizes = [], [], []
     failed = False
     try:
         remove_stale_namespaces()
@@ -1362,12 +1564,14 @@ def main(argv=None) -> int:
             runs = []
             for _ in range(a.repeat):
                 idx += 1
-                r = flatten(Run(a, idx, n, workdir, binary).go())
-                runs.append(r)
-                raw.append(r)
-                failed |= bool(r["failures"])
+                run_ = Run(a, idx, n, workdir, binary)
+                raw.append(run_.r)  # partial figures survive an interruption
+                flatten(run_.go())
+                runs.append(run_.r)
+                failed |= bool(run_.r["failures"])
             rows = rows_for(runs)
             all_rows += rows
+            done_sizes.append(n)
             if len(sizes) > 1:
                 print(f"\n== {n} services x {a.endpoints} endpoints ({a.repeat} run(s), median) ==")
                 print_table(rows)
@@ -1381,14 +1585,24 @@ def main(argv=None) -> int:
         if a.json:
             with open(a.json, "w") as f:
                 json.dump(raw, f, indent=1, default=str)
+        # sizes cut short (interrupt, crash): their partial figures
+        partial = [r for r in raw if r["services"] not in done_sizes]
+        if partial:
+            flatten(partial[-1])
+            if not partial[-1]["failures"]:
+                partial[-1]["failures"].append("interrupted")
+            all_rows += rows_for([partial[-1]])
         if all_rows:
             print(f"\n== nftproxy benchmark: {', '.join(str(n) for n in sizes)} services x "
                   f"{a.endpoints} endpoints, {a.repeat} run(s) each (median), load avg at start "
                   f"{raw[0]['loadavg_start']:.2f} ==")
             print_table(all_rows)
+            shown = set()
             for r in raw:
                 for note in r["notes"]:
-                    print(f"note ({r['services']}): {note}")
+                    if (r["services"], note) not in shown:
+                        shown.add((r["services"], note))
+                        print(f"note ({r['services']}): {note}")
                 for f_ in r["failures"]:
                     print(f"FUNCTIONAL FAILURE ({r['services']}): {f_.splitlines()[0]}")
             print("timing targets are reported, not asserted; exit status reflects functional "

@@ -96,3 +96,79 @@ class ElementPoller:
 
     def close(self):
         self.sock.close()
+
+
+# --------------------------------------------------------------------------
+# Element notifications (what `nft monitor new elements` reads), without nft's cache fill:
+# `nft monitor` 1.0.6 spends minutes at 100% CPU before printing anything when the namespace
+# already holds ~400k elements, so the benchmark listens to the multicast group itself.
+
+NFNLGRP_NFTABLES = 7
+SOL_NETLINK = 270
+NETLINK_ADD_MEMBERSHIP = 1
+SO_RCVBUFFORCE = 33
+NFTA_SET_ELEM_DATA = 2
+NLA_TYPE_MASK = 0x3FFF
+
+
+def _attrs(buf: bytes, off: int, end: int):
+    while off + 4 <= end:
+        ln, typ = struct.unpack_from("=HH", buf, off)
+        if ln < 4:
+            return
+        yield typ & NLA_TYPE_MASK, off + 4, off + ln
+        off += (ln + 3) & ~3
+
+
+def _value(buf: bytes, start: int, end: int) -> bytes | None:
+    for typ, s, e in _attrs(buf, start, end):
+        if typ == NFTA_DATA_VALUE:
+            return buf[s:e]
+    return None
+
+
+def parse_new_elements(buf: bytes):
+    """Yield (family, table, set, key bytes, data bytes|None) for every element of every
+    NFT_MSG_NEWSETELEM message in one recv buffer."""
+    off = 0
+    while off + 16 <= len(buf):
+        ln, typ, _flags, _seq, _pid = struct.unpack_from("=IHHII", buf, off)
+        if ln < 16:
+            return
+        end = min(off + ln, len(buf))
+        if typ == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWSETELEM and ln >= 20:
+            family = buf[off + 16]
+            table = set_name = ""
+            elems = None
+            for atyp, s, e in _attrs(buf, off + 20, end):
+                if atyp == NFTA_SET_ELEM_LIST_TABLE:
+                    table = buf[s:e].rstrip(b"\0").decode(errors="replace")
+                elif atyp == NFTA_SET_ELEM_LIST_SET:
+                    set_name = buf[s:e].rstrip(b"\0").decode(errors="replace")
+                elif atyp == NFTA_SET_ELEM_LIST_ELEMENTS:
+                    elems = (s, e)
+            if elems:
+                for ltyp, s, e in _attrs(buf, *elems):
+                    if ltyp != NFTA_LIST_ELEM:
+                        continue
+                    key = data = None
+                    for etyp, s2, e2 in _attrs(buf, s, e):
+                        if etyp == NFTA_SET_ELEM_KEY:
+                            key = _value(buf, s2, e2)
+                        elif etyp == NFTA_SET_ELEM_DATA:
+                            data = _value(buf, s2, e2)
+                    if key is not None:
+                        yield family, table, set_name, key, data
+        off += (ln + 3) & ~3
+
+
+def monitor_socket() -> socket.socket:
+    """Call inside the target namespace: a socket subscribed to nf_tables notifications."""
+    s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+    try:
+        s.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 64 << 20)
+    except OSError:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+    s.bind((0, 0))
+    s.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, NFNLGRP_NFTABLES)
+    return s

@@ -152,6 +152,8 @@ pub struct Syncer<A: Applier + 'static> {
     our_generation: Option<u32>,
     status: SharedStatus,
     failures: u32,
+    /// Time the last desired-state computation took (snapshot, model, compile), for the log.
+    compute_time: Duration,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -170,6 +172,7 @@ impl<A: Applier + 'static> Syncer<A> {
             our_generation: None,
             status,
             failures: 0,
+            compute_time: Duration::ZERO,
         }
     }
 
@@ -342,7 +345,9 @@ impl<A: Applier + 'static> Syncer<A> {
             ops,
             elements,
             skeleton_ops,
+            compute_ms = self.compute_time.as_secs_f64() * 1000.0,
             duration_ms = report.duration.as_secs_f64() * 1000.0,
+            apply_ms = apply_time.as_secs_f64() * 1000.0,
             "synced"
         );
         observer.applied(&report);
@@ -390,8 +395,10 @@ impl<A: Applier + 'static> Syncer<A> {
                     tokio::time::sleep_until(earliest).await;
                 }
                 while changes.try_recv().is_ok() {}
+                let compute_start = Instant::now();
                 if let Some(d) = desired() {
                     last_sync = Instant::now();
+                    self.compute_time = last_sync.duration_since(compute_start);
                     if self.sync(d, false, observer).await.is_ok() {
                         lock(&self.status).pending_since = None;
                     }

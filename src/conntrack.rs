@@ -934,6 +934,7 @@ mod sock {
 #[allow(unsafe_code)] // unshare(2) and geteuid(2) in the privileged test
 mod tests {
     use super::*;
+    use crate::testutil::{in_netns, privileged};
 
     // ---- hand-rolled wire helpers, independent of the encoder under test ----
 
@@ -1529,41 +1530,6 @@ mod tests {
         let boxed: Box<dyn Conntrack> = Box::new(FakeConntrack::new());
         drop(boxed);
     }
-
-    // ---- privileged: the real kernel, inside a throwaway network namespace ----
-
-    fn privileged() -> bool {
-        if std::env::var("NFTPROXY_SKIP_PRIVILEGED").as_deref() == Ok("1") {
-            return false;
-        }
-        // SAFETY: geteuid has no preconditions.
-        assert!(
-            unsafe { libc::geteuid() } == 0,
-            "privileged test: run as root, or set NFTPROXY_SKIP_PRIVILEGED=1 to skip"
-        );
-        true
-    }
-
-    /// Runs `f` on a thread of its own in a fresh network namespace, which disappears with the
-    /// thread (also on panic); processes spawned from `f` inherit the namespace.
-    fn in_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
-        let h = std::thread::spawn(move || {
-            // SAFETY: unshare only changes the namespaces of the calling thread.
-            let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
-            assert_eq!(
-                rc,
-                0,
-                "unshare(CLONE_NEWNET): {}",
-                std::io::Error::last_os_error()
-            );
-            f()
-        });
-        match h.join() {
-            Ok(v) => v,
-            Err(e) => std::panic::resume_unwind(e),
-        }
-    }
-
     fn run(cmd: &str, args: &[&str], stdin: Option<&str>) -> String {
         use std::io::Write;
         use std::process::{Command, Stdio};

@@ -20,5 +20,7 @@ pub mod proxy;
 pub mod render_cmd;
 pub mod snapshot;
 pub mod sync;
+#[doc(hidden)]
+pub mod testutil;
 pub mod trace;
 pub mod udp;

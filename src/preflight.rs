@@ -133,20 +133,7 @@ fn features() -> Vec<Feature> {
             chain: ChainType::Nat,
             hook: Hook::Prerouting,
             sets: vec![
-                (
-                    "p",
-                    SetDef {
-                        key: Decl::Type(vec![InetProto]),
-                        data: None,
-                        flags: SetFlags {
-                            interval: false,
-                            timeout: false,
-                            counter: false,
-                        },
-                        size: None,
-                        constant: false,
-                    },
-                ),
+                ("p", SetDef::plain(Decl::Type(vec![InetProto]))),
                 (
                     "m",
                     SetDef {
@@ -157,13 +144,7 @@ fn features() -> Vec<Feature> {
                             Field::Numgen(65536),
                         ]),
                         data: Some(Decl::Typeof(vec![Field::Daddr, Field::ThDport])),
-                        flags: SetFlags {
-                            interval: false,
-                            timeout: false,
-                            counter: false,
-                        },
-                        size: None,
-                        constant: false,
+                        ..SetDef::plain(Decl::Type(vec![]))
                     },
                 ),
             ],

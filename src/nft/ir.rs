@@ -180,7 +180,7 @@ pub struct Element {
     pub value: Option<Vec<Value>>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
 pub struct SetFlags {
     pub interval: bool,
     /// Elements may carry a timeout and be added from the packet path (`update @set`).
@@ -203,6 +203,17 @@ pub struct SetDef {
 }
 
 impl SetDef {
+    /// A set keyed by `key`, without data, flags or size.
+    pub fn plain(key: Decl) -> SetDef {
+        SetDef {
+            key,
+            data: None,
+            flags: SetFlags::default(),
+            size: None,
+            constant: false,
+        }
+    }
+
     /// Elements of timeout sets are written by the packet path (affinity), not by nftproxy:
     /// plans never add or remove them.
     pub fn runtime_owned(&self) -> bool {

@@ -3,9 +3,7 @@
 //! family (the ip6 table is derived from it).
 
 use super::ir::{Action, Proto};
-use super::ir::{
-    BaseChain, ChainType, Decl, Field, FieldType, Hook, Match, Rule, SetDef, SetFlags, Value,
-};
+use super::ir::{BaseChain, ChainType, Decl, Field, FieldType, Hook, Match, Rule, SetDef, Value};
 
 /// The skeleton text compiled into the binary.
 pub const SKELETON: &str = include_str!("../../nft-templates/skeleton.nft");
@@ -66,17 +64,7 @@ pub fn parse(text: &str) -> Result<Template, TemplateError> {
         let words: Vec<&str> = line.split_whitespace().collect();
         match words.as_slice() {
             [kind @ ("set" | "map"), name, "{"] => {
-                let mut def = SetDef {
-                    key: Decl::Type(vec![]),
-                    data: None,
-                    flags: SetFlags {
-                        interval: false,
-                        timeout: false,
-                        counter: false,
-                    },
-                    size: None,
-                    constant: false,
-                };
+                let mut def = SetDef::plain(Decl::Type(vec![]));
                 let mut elements = Vec::new();
                 for (n, raw) in lines.by_ref() {
                     let err = |msg: &str| TemplateError {

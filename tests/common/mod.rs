@@ -47,37 +47,14 @@ pub fn compile_file(path: &Path, node: &str) -> Ruleset {
     rs
 }
 
-/// Whether privileged tests may run. They need root (CI runs as root); set
-/// NFTPROXY_SKIP_PRIVILEGED=1 to skip them knowingly on a developer machine.
+/// See [`nftproxy::testutil::privileged`].
 pub fn privileged() -> bool {
-    if std::env::var("NFTPROXY_SKIP_PRIVILEGED").as_deref() == Ok("1") {
-        return false;
-    }
-    assert!(
-        unsafe { libc::geteuid() } == 0,
-        "privileged test: run as root, or set NFTPROXY_SKIP_PRIVILEGED=1 to skip"
-    );
-    true
+    nftproxy::testutil::privileged()
 }
 
-/// Run `f` on a thread of its own in a fresh network namespace. The namespace disappears with
-/// the thread, also when `f` panics, so nothing is left behind on the host; processes spawned
-/// from `f` inherit the namespace.
+/// See [`nftproxy::testutil::in_netns`].
 pub fn in_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
-    let h = std::thread::spawn(move || {
-        let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
-        assert_eq!(
-            rc,
-            0,
-            "unshare(CLONE_NEWNET): {}",
-            std::io::Error::last_os_error()
-        );
-        f()
-    });
-    match h.join() {
-        Ok(v) => v,
-        Err(e) => std::panic::resume_unwind(e),
-    }
+    nftproxy::testutil::in_netns(f)
 }
 
 /// Run `nft` with arguments (and optional stdin), returning stdout; panics on failure.

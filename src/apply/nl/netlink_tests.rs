@@ -18,6 +18,7 @@ use std::time::Instant;
 use super::*;
 use crate::apply::Applier;
 use crate::nft::ir::{Chain, SetFlags, Table};
+use crate::testutil::{in_netns, privileged};
 
 // ---------------------------------------------------------------------------------------------
 // IR helpers
@@ -990,43 +991,6 @@ fn ops_are_described_for_errors() {
         ApplyError::Invalid { .. }
     ));
 }
-
-// ---------------------------------------------------------------------------------------------
-// Privileged harness
-// ---------------------------------------------------------------------------------------------
-
-/// True when privileged tests may run; panics with instructions when they cannot.
-fn privileged() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
-    }
-    if std::env::var("NFTPROXY_SKIP_PRIVILEGED").as_deref() == Ok("1") {
-        return false;
-    }
-    panic!(
-        "privileged netlink test: needs root (CAP_SYS_ADMIN for unshare(CLONE_NEWNET), CAP_NET_ADMIN for nftables); \
-         run as root, or set NFTPROXY_SKIP_PRIVILEGED=1 to skip"
-    );
-}
-
-/// Run `f` on a fresh thread inside a fresh network namespace; nothing outlives the thread.
-fn in_netns<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static) -> R {
-    std::thread::spawn(move || {
-        // SAFETY: unshare only affects the calling thread (a thread of our own).
-        let r = unsafe { libc::unshare(libc::CLONE_NEWNET) };
-        assert_eq!(
-            r,
-            0,
-            "unshare(CLONE_NEWNET): {}",
-            std::io::Error::last_os_error()
-        );
-        f()
-    })
-    .join()
-    .unwrap_or_else(|e| std::panic::resume_unwind(e))
-}
-
 fn nft(args: &[&str], stdin: Option<&str>) -> Result<String, String> {
     use std::io::Write;
     let mut child = std::process::Command::new("nft")

@@ -12,7 +12,7 @@ use ipnet::IpNet;
 
 use super::ir::{
     Action, Chain, Decl, Element, Family, Field, FieldType, Match, Proto, Rule, Ruleset, SetDef,
-    SetFlags, Table, Value,
+    Table, Value,
 };
 use super::template::{self, Template};
 use crate::proxy::{Backend, PortState, ProxyState};
@@ -129,17 +129,7 @@ fn entry_types(f: Family, nodeport: bool) -> Vec<FieldType> {
 }
 
 fn plain_set(types: Vec<FieldType>) -> SetDef {
-    SetDef {
-        key: Decl::Type(types),
-        data: None,
-        flags: SetFlags {
-            interval: false,
-            timeout: false,
-            counter: false,
-        },
-        size: None,
-        constant: false,
-    }
+    SetDef::plain(Decl::Type(types))
 }
 
 /// Builds one family's table.

@@ -1,0 +1,32 @@
+//! Helpers for privileged tests (unit tests here and the tests in `tests/`): one place that
+//! decides whether they may run and how they get a network namespace of their own.
+
+/// Whether privileged tests may run: they need root (CI runs as root). Set
+/// NFTPROXY_SKIP_PRIVILEGED=1 to skip them knowingly; otherwise a non-root run panics rather
+/// than passing silently.
+pub fn privileged() -> bool {
+    if std::env::var("NFTPROXY_SKIP_PRIVILEGED").as_deref() == Ok("1") {
+        return false;
+    }
+    // SAFETY: geteuid has no preconditions.
+    assert!(unsafe { libc::geteuid() } == 0, "privileged test: run as root (unshare, nftables, conntrack), or set NFTPROXY_SKIP_PRIVILEGED=1 to skip");
+    true
+}
+
+/// Run `f` on a thread of its own in a fresh network namespace. The namespace disappears with
+/// the thread, also when `f` panics, so nothing is left behind on the host; processes spawned
+/// from `f` inherit the namespace.
+pub fn in_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    let h = std::thread::spawn(move || {
+        // SAFETY: unshare only changes the namespaces of the calling thread (our own).
+        let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+        assert_eq!(
+            rc,
+            0,
+            "unshare(CLONE_NEWNET): {}",
+            std::io::Error::last_os_error()
+        );
+        f()
+    });
+    h.join().unwrap_or_else(|e| std::panic::resume_unwind(e))
+}

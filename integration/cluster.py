@@ -500,6 +500,7 @@ class Agent:
         self.proc: subprocess.Popen | None = None
         self.starts = 0
         self.started_at = 0.0
+        self.extra_args: list[str] = []  # tests may add flags for the next start
 
     @property
     def healthz(self) -> tuple[str, int]:
@@ -512,7 +513,7 @@ class Agent:
                 "--cluster-cidr", CLUSTER_CIDR,
                 "--healthz-bind-address", f"{node_ip(self.node)}:10256",
                 "--metrics-bind-address", "127.0.0.1:10249",
-                "-v", os.environ.get("NFTPROXY_E2E_VERBOSITY", "1")]
+                "-v", os.environ.get("NFTPROXY_E2E_VERBOSITY", "1")] + self.extra_args
 
     def start(self, wait: bool = True, timeout: float = 30) -> float | None:
         """Start the agent; with wait, return the seconds until its first "synced" log line

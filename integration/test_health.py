@@ -8,6 +8,7 @@ on 127.0.0.1:10249.
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import cluster as C
@@ -126,3 +127,45 @@ def test_metrics_count_local_policy_drops(cluster, k8s, timings):
     after = wait_until(lambda: (lambda v: v if v > before else None)(_counter(node_a, name, labels)[0]),
                        20, 0.5, what=f"{name}{labels} on node-a to rise above {before}")
     timings(f"{name} rose {before:.0f} -> {after:.0f} after {time.monotonic() - t0:.1f}s")
+
+
+def test_livez_fails_while_commits_fail_and_recovers(cluster, k8s, timings):
+    """Commits fail on purpose (the agent's hidden --fault-inject-file seam) with --sync-period 2s:
+    once an accepted change has waited more than 2x sync-period, /livez and /healthz answer 503;
+    when commits work again the change is applied and both return to 200."""
+    agent = cluster.agents["node-b"]
+    fault = os.path.join(cluster.workdir, "fail-commits")
+    ports = [C.svc_port("tcp", 80, "TCP")]
+    k8s.apply(C.service("h9", ports, cluster_ip="172.30.9.1"), C.endpoint_slice("h9", [C.endpoint("b1")], ports))
+    cb = cluster.pod("cb")
+
+    def livez(path="/livez"):
+        status, _, body = cluster.router.http_get(node_ip("node-b"), 10256, path)
+        return status, json.loads(body)
+
+    agent.stop()
+    agent.extra_args = ["--sync-period", "2s", "--fault-inject-file", fault]
+    try:
+        agent.restart_until_synced()
+        wait_until(lambda: cb.tcp_request("172.30.9.1", 80, timeout=0.5).pod == "b1", 5, what="h9 on node-b")
+        open(fault, "w").close()
+        k8s.apply(C.endpoint_slice("h9", [C.endpoint("b2")], ports))
+        t0 = time.monotonic()
+        wait_until(lambda: livez()[0] == 503, 10, what="/livez 503 while commits fail")
+        failed_after = time.monotonic() - t0
+        status, doc = livez("/healthz")
+        assert status == 503 and doc["healthy"] is False, doc
+        assert cb.tcp_request("172.30.9.1", 80).pod == "b1", "the old rules keep serving"
+        os.unlink(fault)
+        t1 = time.monotonic()
+        wait_until(lambda: livez()[0] == 200 and livez("/healthz")[0] == 200, 10, what="/livez back to 200")
+        wait_until(lambda: cb.tcp_request("172.30.9.1", 80, timeout=0.5).pod == "b2", 5, what="change applied")
+        timings(f"/livez 503 {failed_after:.1f}s after a change could not be committed (2x sync-period = 4s); "
+                f"200 again {time.monotonic() - t1:.1f}s after commits worked")
+        assert 3.5 <= failed_after <= 8, failed_after
+    finally:
+        if os.path.exists(fault):
+            os.unlink(fault)
+        agent.stop()
+        agent.extra_args = []
+        agent.restart_until_synced()

@@ -9,7 +9,10 @@ use kube::Client;
 use tokio::sync::mpsc;
 
 use crate::apply::netlink::NetlinkApplier;
-use crate::apply::Applier;
+use crate::apply::{Applier, FaultInjecting};
+
+/// The kernel applier with its test seam.
+type AgentApplier = FaultInjecting<NetlinkApplier>;
 use crate::config::{ProxyConfig, RunArgs};
 use crate::events::{Events, Warning};
 use crate::health::agent::AgentHealth;
@@ -173,7 +176,7 @@ struct AgentObserver {
     triggers: Arc<Mutex<Triggers>>,
     latest: Arc<Mutex<Option<Arc<ProxyState>>>>,
     conntrack: Box<dyn crate::conntrack::Conntrack>,
-    applier: Arc<Mutex<NetlinkApplier>>,
+    applier: Arc<Mutex<AgentApplier>>,
     /// This node's NodePort addresses when they are single addresses (None: CIDRs).
     nodeport_ips: Arc<Mutex<Option<Vec<IpAddr>>>>,
 }
@@ -323,7 +326,13 @@ pub async fn run(args: RunArgs) -> Result<(), AgentError> {
     let cfg = ProxyConfig::from_args(&args.proxy)?;
     tracing::info!(node = %cfg.node_name, "starting nftproxy");
     preflight()?;
-    let applier = NetlinkApplier::new()?;
+    let applier = FaultInjecting {
+        inner: NetlinkApplier::new()?,
+        path: args.fault_inject_file.clone(),
+    };
+    if let Some(p) = &args.fault_inject_file {
+        tracing::warn!(file = %p.display(), "fault injection enabled: commits fail while this file exists");
+    }
     let conntrack: Box<dyn crate::conntrack::Conntrack> =
         match crate::conntrack::NetlinkConntrack::new() {
             Ok(c) => Box::new(c),

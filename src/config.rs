@@ -84,6 +84,9 @@ pub struct RunArgs {
     /// Log format.
     #[arg(long, value_enum, default_value = "text")]
     pub log_format: LogFormat,
+    /// Testing only: while this file exists every commit fails (exercises retries and /livez).
+    #[arg(long, hide = true)]
+    pub fault_inject_file: Option<std::path::PathBuf>,
     /// Log verbosity: 0 warnings, 1 info (one line per sync), 2 debug, 3+ trace.
     #[arg(short = 'v', long, default_value_t = 1)]
     pub verbosity: u8,

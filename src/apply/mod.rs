@@ -72,3 +72,57 @@ pub trait Applier: Send {
     /// returned as (packets, bytes).
     fn list_elements(&mut self, family: Family, set: &str) -> Result<Vec<Counted>, ApplyError>;
 }
+
+/// A test seam on the real applier: while the file at `path` exists, every `apply` fails (and
+/// nothing is sent), so end-to-end tests can make commits fail on purpose (`--fault-inject-file`).
+pub struct FaultInjecting<A> {
+    pub inner: A,
+    pub path: Option<std::path::PathBuf>,
+}
+
+impl<A: Applier> Applier for FaultInjecting<A> {
+    fn apply(&mut self, tx: &Transaction) -> Result<(), ApplyError> {
+        if let Some(p) = self.path.as_ref().filter(|p| p.exists()) {
+            return Err(ApplyError::Io(format!(
+                "fault injected: {} exists",
+                p.display()
+            )));
+        }
+        self.inner.apply(tx)
+    }
+    fn generation(&mut self) -> Result<u32, ApplyError> {
+        self.inner.generation()
+    }
+    fn table_exists(&mut self, family: Family) -> Result<bool, ApplyError> {
+        self.inner.table_exists(family)
+    }
+    fn skeleton(&mut self, family: Family) -> Result<Skeleton, ApplyError> {
+        self.inner.skeleton(family)
+    }
+    fn list_elements(&mut self, family: Family, set: &str) -> Result<Vec<Counted>, ApplyError> {
+        self.inner.list_elements(family, set)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fault_file_fails_applies_while_it_exists() {
+        let path = std::env::temp_dir().join(format!("nftproxy-fault-{}", std::process::id()));
+        let mut a = FaultInjecting {
+            inner: fake::FakeApplier::new(),
+            path: Some(path.clone()),
+        };
+        let tx = Transaction {
+            ops: vec![crate::nft::tx::Op::AddTable(Family::Ip)],
+        };
+        a.apply(&tx).expect("no file: applies");
+        std::fs::write(&path, b"").expect("create");
+        assert!(matches!(a.apply(&tx), Err(ApplyError::Io(_))));
+        assert_eq!(a.inner.calls, 1, "nothing reached the applier");
+        std::fs::remove_file(&path).expect("remove");
+        a.apply(&tx).expect("applies again");
+    }
+}

@@ -84,6 +84,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 from nlpoll import ElementPoller, key_ip_proto_port, monitor_socket, parse_new_elements  # noqa: E402
+sys.path.insert(0, os.path.dirname(HERE))
+from cluster import in_netns  # noqa: E402  (the e2e harness's setns-in-a-thread helper)
 
 APISERVER = os.path.join(ROOT, "integration", "apiserver", "apiserver.py")
 TCPTOOL = os.path.join(HERE, "tcptool.py")
@@ -224,32 +226,6 @@ def run(argv: list[str], timeout: float, input: str | None = None, check: bool =
 
 _libc = ctypes.CDLL(None, use_errno=True)
 CLONE_NEWNET = 0x40000000
-
-
-def in_netns(ns: str, fn):
-    """Run fn() in a short-lived thread that joined namespace `ns` (this process never moves);
-    sockets created there stay in `ns`."""
-    box: dict = {}
-
-    def body():
-        try:
-            fd = os.open(os.path.join(NETNS_DIR, ns), os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                if _libc.setns(fd, CLONE_NEWNET) != 0:
-                    e = ctypes.get_errno()
-                    raise OSError(e, f"setns({ns}): {os.strerror(e)}")
-            finally:
-                os.close(fd)
-            box["v"] = fn()
-        except BaseException as e:  # noqa: BLE001 - re-raised in the caller
-            box["e"] = e
-
-    t = threading.Thread(target=body)
-    t.start()
-    t.join()
-    if "e" in box:
-        raise box["e"]
-    return box["v"]
 
 
 def wait_for(pred, timeout: float, interval: float, what: str):

@@ -363,6 +363,15 @@ impl FakeApplier {
         Ok(())
     }
 
+    fn committed_table(&self, family: Family) -> Result<&Table, ApplyError> {
+        self.state
+            .tables
+            .get(&family)
+            .ok_or_else(|| ApplyError::NotFound {
+                what: format!("table {}", family.keyword()),
+            })
+    }
+
     /// The committed state as nft text.
     pub fn dump(&self) -> String {
         crate::nft::render::ruleset(&self.state)
@@ -390,13 +399,7 @@ impl Applier for FakeApplier {
     }
 
     fn skeleton(&mut self, family: Family) -> Result<super::Skeleton, ApplyError> {
-        let t = self
-            .state
-            .tables
-            .get(&family)
-            .ok_or_else(|| ApplyError::NotFound {
-                what: format!("table {}", family.keyword()),
-            })?;
+        let t = self.committed_table(family)?;
         Ok(super::Skeleton::of(t))
     }
 
@@ -409,13 +412,7 @@ impl Applier for FakeApplier {
         family: Family,
         set: &str,
     ) -> Result<Vec<super::Counted>, ApplyError> {
-        let t = self
-            .state
-            .tables
-            .get(&family)
-            .ok_or_else(|| ApplyError::NotFound {
-                what: format!("table {}", family.keyword()),
-            })?;
+        let t = self.committed_table(family)?;
         let def = t.sets.get(set).ok_or_else(|| ApplyError::NotFound {
             what: format!("set {set}"),
         })?;

@@ -115,6 +115,14 @@ pub struct Endpoint {
 /// Endpoints of one Service in one family, merged over all its slices, per (port name, protocol).
 pub type PortEndpoints = BTreeMap<(String, Proto), Vec<Endpoint>>;
 
+/// Record that something in `object` was skipped, and why.
+fn bad(problems: &mut Vec<Problem>, object: &str, reason: impl Into<String>) {
+    problems.push(Problem {
+        object: object.to_string(),
+        reason: reason.into(),
+    });
+}
+
 fn svc_object(ns: &str, name: &str) -> String {
     format!("Service {ns}/{name}")
 }
@@ -188,10 +196,7 @@ pub fn service_ports(svc: &Service, problems: &mut Vec<Problem>) -> Vec<ServiceP
             Some(ip) => {
                 by_family.entry(Family::of(&ip)).or_insert(ip);
             }
-            None => problems.push(Problem {
-                object: object.clone(),
-                reason: format!("bad clusterIP {raw:?}"),
-            }),
+            None => bad(problems, &object, format!("bad clusterIP {raw:?}")),
         }
     }
     let ports = spec.ports.as_deref().unwrap_or_default();
@@ -211,10 +216,7 @@ pub fn service_ports(svc: &Service, problems: &mut Vec<Problem>) -> Vec<ServiceP
     for raw in spec.external_ips.iter().flatten() {
         match parse_ip(raw) {
             Some(ip) => external_ips.push(ip),
-            None => problems.push(Problem {
-                object: object.clone(),
-                reason: format!("bad externalIP {raw:?} skipped"),
-            }),
+            None => bad(problems, &object, format!("bad externalIP {raw:?} skipped")),
         }
     }
     let mut lb_ips = Vec::new();
@@ -233,10 +235,11 @@ pub fn service_ports(svc: &Service, problems: &mut Vec<Problem>) -> Vec<ServiceP
             }; // hostname-only ingress
             match parse_ip(raw) {
                 Some(ip) => lb_ips.push(ip),
-                None => problems.push(Problem {
-                    object: object.clone(),
-                    reason: format!("bad load balancer ingress IP {raw:?} skipped"),
-                }),
+                None => bad(
+                    problems,
+                    &object,
+                    format!("bad load balancer ingress IP {raw:?} skipped"),
+                ),
             }
         }
     }
@@ -245,10 +248,11 @@ pub fn service_ports(svc: &Service, problems: &mut Vec<Problem>) -> Vec<ServiceP
         for raw in spec.load_balancer_source_ranges.iter().flatten() {
             match raw.trim().parse::<IpNet>() {
                 Ok(net) => source_ranges.push(net.trunc()),
-                Err(_) => problems.push(Problem {
-                    object: object.clone(),
-                    reason: format!("bad loadBalancerSourceRange {raw:?} skipped"),
-                }),
+                Err(_) => bad(
+                    problems,
+                    &object,
+                    format!("bad loadBalancerSourceRange {raw:?} skipped"),
+                ),
             }
         }
     }
@@ -265,7 +269,7 @@ pub fn service_ports(svc: &Service, problems: &mut Vec<Problem>) -> Vec<ServiceP
         if (1..=86400).contains(&t) {
             Some(t as u32)
         } else {
-            problems.push(Problem { object: object.clone(), reason: format!("sessionAffinity timeout {t} out of range 1-86400; using {DEFAULT_AFFINITY_SECS}") });
+            bad(problems, &object, format!("sessionAffinity timeout {t} out of range 1-86400; using {DEFAULT_AFFINITY_SECS}"));
             Some(DEFAULT_AFFINITY_SECS)
         }
     } else {
@@ -289,41 +293,45 @@ pub fn service_ports(svc: &Service, problems: &mut Vec<Problem>) -> Vec<ServiceP
         let proto = match parse_proto(p.protocol.as_deref()) {
             Ok(proto) => proto,
             Err(e) => {
-                problems.push(Problem {
-                    object: object.clone(),
-                    reason: format!("port {port_name:?}: {e}; port skipped"),
-                });
+                bad(
+                    problems,
+                    &object,
+                    format!("port {port_name:?}: {e}; port skipped"),
+                );
                 continue;
             }
         };
         let port = match parse_port(p.port, "port") {
             Ok(port) => port,
             Err(e) => {
-                problems.push(Problem {
-                    object: object.clone(),
-                    reason: format!("port {port_name:?}: {e}; port skipped"),
-                });
+                bad(
+                    problems,
+                    &object,
+                    format!("port {port_name:?}: {e}; port skipped"),
+                );
                 continue;
             }
         };
         if !seen.insert((port_name.clone(), proto)) {
-            problems.push(Problem {
-                object: object.clone(),
-                reason: format!(
+            bad(
+                problems,
+                &object,
+                format!(
                     "duplicate port {port_name:?}/{}; later one skipped",
                     proto.keyword()
                 ),
-            });
+            );
             continue;
         }
         let node_port = match p.node_port {
             Some(np) if node_port_type && np != 0 => match parse_port(np, "nodePort") {
                 Ok(np) => Some(np),
                 Err(e) => {
-                    problems.push(Problem {
-                        object: object.clone(),
-                        reason: format!("port {port_name:?}: {e}; NodePort skipped"),
-                    });
+                    bad(
+                        problems,
+                        &object,
+                        format!("port {port_name:?}: {e}; NodePort skipped"),
+                    );
                     None
                 }
             },
@@ -407,20 +415,18 @@ pub fn slice_info(
     let mut eps = Vec::new();
     for ep in &slice.endpoints {
         let Some(raw) = ep.addresses.first() else {
-            problems.push(Problem {
-                object: object.clone(),
-                reason: "endpoint without addresses skipped".into(),
-            });
+            bad(problems, &object, "endpoint without addresses skipped");
             continue;
         };
         let Some(ip) = parse_ip(raw).filter(|ip| Family::of(ip) == family) else {
-            problems.push(Problem {
-                object: object.clone(),
-                reason: format!(
+            bad(
+                problems,
+                &object,
+                format!(
                     "bad {} endpoint address {raw:?} skipped",
                     slice.address_type
                 ),
-            });
+            );
             continue;
         };
         let cond = ep.conditions.as_ref();
@@ -450,27 +456,30 @@ pub fn slice_info(
         let proto = match parse_proto(p.protocol.as_deref()) {
             Ok(proto) => proto,
             Err(e) => {
-                problems.push(Problem {
-                    object: object.clone(),
-                    reason: format!("port {port_name:?}: {e}; port skipped"),
-                });
+                bad(
+                    problems,
+                    &object,
+                    format!("port {port_name:?}: {e}; port skipped"),
+                );
                 continue;
             }
         };
         let Some(port) = p.port else {
-            problems.push(Problem {
-                object: object.clone(),
-                reason: format!("port {port_name:?} without a number skipped"),
-            });
+            bad(
+                problems,
+                &object,
+                format!("port {port_name:?} without a number skipped"),
+            );
             continue;
         };
         let port = match parse_port(port, "port") {
             Ok(port) => port,
             Err(e) => {
-                problems.push(Problem {
-                    object: object.clone(),
-                    reason: format!("port {port_name:?}: {e}; port skipped"),
-                });
+                bad(
+                    problems,
+                    &object,
+                    format!("port {port_name:?}: {e}; port skipped"),
+                );
                 continue;
             }
         };

@@ -5,7 +5,7 @@
 //! one canonical text form (the one `nft list table` prints with nft 1.0.6), so the rendered text and
 //! the kernel's listing can be compared after normalisation.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 /// Address family of a table. nftproxy keeps one table per family (no `inet` table) because a
@@ -283,13 +283,19 @@ pub struct Chain {
     pub rules: Vec<Rule>,
 }
 
+/// The elements of one set. A persistent (structurally shared) set: a copy of a 250,000-element
+/// set costs nothing, and the diff of two versions that share structure only visits what
+/// changed, so the sync loop can keep the applied ruleset and diff it against the desired one
+/// in time proportional to the change.
+pub type Elements = imbl::OrdSet<Element>;
+
 /// One nftables table as nftproxy wants it: the skeleton (chains, set declarations) plus the
 /// elements of every set. `BTreeMap`s keep rendering and diffs deterministic.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Table {
     pub sets: BTreeMap<String, SetDef>,
     pub chains: BTreeMap<String, Chain>,
-    pub elements: BTreeMap<String, BTreeSet<Element>>,
+    pub elements: BTreeMap<String, Elements>,
 }
 
 /// The ruleset nftproxy owns: one table per family it serves.

@@ -153,7 +153,7 @@ fn set_block(
     f: Family,
     name: &str,
     def: &SetDef,
-    elements: Option<&std::collections::BTreeSet<Element>>,
+    elements: Option<&super::ir::Elements>,
 ) {
     let kind = if def.data.is_some() { "map" } else { "set" };
     let _ = writeln!(out, "\t{kind} {name} {{");

@@ -117,7 +117,9 @@ pub struct PortState {
 /// The proxy state of one family.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct FamilyState {
-    pub ports: BTreeMap<PortKey, PortState>,
+    /// Persistent map: a snapshot of the state is a cheap copy, and the diff of two snapshots
+    /// (what the observers act on after a sync) visits only what changed.
+    pub ports: imbl::OrdMap<PortKey, PortState>,
     /// Service CIDRs of this family (from ServiceCIDR objects); unallocated IPs in them are dropped.
     pub service_cidrs: Vec<IpNet>,
 }

@@ -7,7 +7,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::ir::{Element, Family, Ruleset, Table};
+use imbl::ordset::DiffItem;
+
+use super::ir::{Element, Elements, Family, Ruleset, Table};
 use super::tx::{Op, Transaction};
 
 /// Create a whole table from nothing (after `AddTable`).
@@ -109,7 +111,7 @@ pub fn partial(
                     }
                 }
                 // Element deletions, then additions (a changed map value is delete + add).
-                let empty = BTreeSet::new();
+                let empty = Elements::new();
                 let mut adds = Vec::new();
                 for (name, def) in &d.sets {
                     if def.runtime_owned() {
@@ -121,8 +123,15 @@ pub fn partial(
                         &empty
                     };
                     let want = d.elements.get(name).unwrap_or(&empty);
-                    let del: Vec<Element> = have.difference(want).cloned().collect();
-                    let add: Vec<Element> = want.difference(have).cloned().collect();
+                    // Structural diff: versions that share nodes are compared only where they
+                    // differ, so a routine change costs its own size, not the set's.
+                    let (mut del, mut add): (Vec<Element>, Vec<Element>) = (Vec::new(), Vec::new());
+                    for d in have.diff(want) {
+                        match d {
+                            DiffItem::Add(e) => add.push(e.clone()),
+                            DiffItem::Remove(e) => del.push(e.clone()),
+                        }
+                    }
                     if !del.is_empty() {
                         ops.push(Op::DeleteElements {
                             family: f,

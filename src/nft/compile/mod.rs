@@ -4,7 +4,7 @@
 //! elements. The only state-dependent skeleton parts are one set + one rule per endpoint count in
 //! use (`numgen random mod N` needs N in the rule) and per ClientIP affinity timeout in use.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::sync::OnceLock;
 
@@ -15,6 +15,7 @@ use super::ir::{
     Table, Value,
 };
 use super::template::{self, Template};
+use crate::model::{PortKey, ServiceName};
 use crate::proxy::{Backend, PortState, ProxyState};
 
 /// The node-level settings compile needs (from flags and the Node object).
@@ -132,44 +133,26 @@ fn plain_set(types: Vec<FieldType>) -> SetDef {
     SetDef::plain(Decl::Type(types))
 }
 
-/// Builds one family's table.
-struct Builder {
-    family: Family,
-    table: Table,
-    /// Endpoint counts in use per pick path.
-    counts: BTreeMap<Pick, BTreeSet<usize>>,
-    /// Affinity timeouts in use (address entries / NodePorts).
-    affinity: BTreeMap<bool, BTreeSet<u32>>,
-    /// Entry points already taken, and by whom: two Services claiming the same address:port
-    /// (or NodePort) is bad input; the first keeps it, the later one is reported and skipped
-    /// rather than turning into duplicate elements that would fail every commit.
-    claimed: BTreeMap<Vec<Value>, crate::model::PortKey>,
-    problems: Vec<crate::model::Problem>,
+/// What one service port puts into its family's table: elements, the pick rules and affinity
+/// timeouts it needs, and the entry points it owns. A pure function of the port's state, so
+/// removing a port recomputes its old contribution instead of remembering it.
+#[derive(Debug, Default)]
+struct Contribution {
+    elements: Vec<(String, Element)>,
+    counts: Vec<(Pick, usize)>,
+    affinity: Vec<(bool, u32)>,
+    claimed: Vec<Vec<Value>>,
 }
 
-impl Builder {
+impl Contribution {
     fn add(&mut self, set: &str, key: Vec<Value>, value: Option<Vec<Value>>) {
-        self.table
-            .elements
-            .entry(set.to_string())
-            .or_default()
-            .insert(Element { key, value });
-    }
-
-    fn entry_key(&self, addr: Option<IpAddr>, proto: Proto, port: u16) -> Vec<Value> {
-        let mut k = Vec::with_capacity(3);
-        if let Some(a) = addr {
-            k.push(Value::Addr(a));
-        }
-        k.push(Value::Proto(proto));
-        k.push(Value::Port(port));
-        k
+        self.elements.push((set.to_string(), Element { key, value }));
     }
 
     /// Put an entry on a pick path: its count set and its slots.
     fn pick(&mut self, pick: Pick, entry: &[Value], backends: &[Backend]) {
         let n = backends.len();
-        self.counts.entry(pick).or_default().insert(n);
+        self.counts.push((pick, n));
         self.add(&pick.count_set(n), entry.to_vec(), None);
         let map = pick.backends();
         for (slot, (ip, port)) in backends.iter().enumerate() {
@@ -178,141 +161,316 @@ impl Builder {
             self.add(&map, k, Some(vec![Value::Addr(*ip), Value::Port(*port)]));
         }
     }
+}
 
-    /// Take an entry point for `sp`; false (and a problem) when another port has it.
-    fn claim(&mut self, entry: &[Value], sp: &crate::model::ServicePort) -> bool {
-        match self.claimed.get(entry) {
-            Some(owner) if *owner != sp.key => {
-                let what = entry
-                    .iter()
-                    .map(super::render::value)
-                    .collect::<Vec<_>>()
-                    .join(" . ");
-                self.problems.push(crate::model::Problem {
-                    object: format!("Service {}", sp.key.service),
-                    reason: format!("entry {what} is already used by {owner}; skipped"),
-                });
-                false
-            }
-            _ => {
-                self.claimed.insert(entry.to_vec(), sp.key.clone());
-                true
+fn entry_key(addr: Option<IpAddr>, proto: Proto, port: u16) -> Vec<Value> {
+    let mut k = Vec::with_capacity(3);
+    if let Some(a) = addr {
+        k.push(Value::Addr(a));
+    }
+    k.push(Value::Proto(proto));
+    k.push(Value::Port(port));
+    k
+}
+
+/// The contribution of one service port. `claim` is asked for every entry point before it is
+/// used and answers whether this port may have it.
+fn contribute(
+    ps: &PortState,
+    cfg: &CompileConfig,
+    claim: &mut dyn FnMut(&[Value], &PortKey) -> bool,
+) -> Contribution {
+    let mut out = Contribution::default();
+    let sp = &ps.sp;
+    let c = &ps.chosen;
+    let proto = sp.key.proto;
+    let cip = entry_key(Some(sp.cluster_ip), proto, sp.port);
+    if !claim(&cip, &sp.key) {
+        return out;
+    }
+    out.claimed.push(cip.clone());
+    out.add("cluster-ips", vec![Value::Addr(sp.cluster_ip)], None);
+
+    // ClusterIP: internal traffic policy decides the endpoint set.
+    if sp.internal_local {
+        out.add("clusterip-local", cip.clone(), None);
+        if !c.local.is_empty() {
+            out.pick(Pick::IpLocal, &cip, &c.local);
+        } else if c.has_any {
+            out.add("no-endpoint-drop", cip.clone(), None);
+        } else {
+            out.add("no-endpoint-reject", cip.clone(), None);
+        }
+    } else {
+        out.add("clusterip", cip.clone(), None);
+        if !c.cluster.is_empty() {
+            out.pick(Pick::IpCluster, &cip, &c.cluster);
+        } else {
+            out.add("no-endpoint-reject", cip.clone(), None);
+        }
+    }
+
+    // External entries: externalIPs, LB IPs, NodePort.
+    let mut externals: Vec<(Vec<Value>, bool)> = sp
+        .external_ips
+        .iter()
+        .chain(sp.lb_ips.iter())
+        .map(|ip| (entry_key(Some(*ip), proto, sp.port), false))
+        .collect();
+    if let Some(np) = sp.node_port {
+        externals.push((entry_key(None, proto, np), true));
+    }
+    externals.retain(|(entry, _)| claim(entry, &sp.key));
+    for (entry, nodeport) in &externals {
+        out.claimed.push(entry.clone());
+        let (cluster_pick, local_pick) = if *nodeport {
+            (Pick::NpCluster, Pick::NpLocal)
+        } else {
+            (Pick::IpCluster, Pick::IpLocal)
+        };
+        let (reject, drop) = if *nodeport {
+            ("nodeport-no-endpoint-reject", "nodeport-no-endpoint-drop")
+        } else {
+            ("no-endpoint-reject", "no-endpoint-drop")
+        };
+        let class = match (*nodeport, sp.external_local) {
+            (false, false) => "external",
+            (false, true) => "external-local",
+            (true, false) => "nodeport",
+            (true, true) => "nodeport-local",
+        };
+        out.add(class, entry.clone(), None);
+        if c.cluster.is_empty() {
+            out.add(reject, entry.clone(), None);
+            continue;
+        }
+        out.pick(cluster_pick, entry, &c.cluster);
+        if sp.external_local {
+            if c.local.is_empty() {
+                out.add(drop, entry.clone(), None);
+            } else {
+                out.pick(local_pick, entry, &c.local);
             }
         }
     }
 
-    fn port(&mut self, ps: &PortState, cfg: &CompileConfig) {
-        let sp = &ps.sp;
-        let c = &ps.chosen;
-        let proto = sp.key.proto;
-        let cip = self.entry_key(Some(sp.cluster_ip), proto, sp.port);
-        if !self.claim(&cip, sp) {
+    // Source ranges guard LB IPs only.
+    if !sp.source_ranges.is_empty() {
+        let allow_node = sp
+            .source_ranges
+            .iter()
+            .any(|r| cfg.node_ips.iter().any(|ip| r.contains(ip)));
+        for lb in &sp.lb_ips {
+            let entry = entry_key(Some(*lb), proto, sp.port);
+            out.add("firewall", entry.clone(), None);
+            let mut ranges: Vec<IpNet> = sp.source_ranges.clone();
+            if allow_node {
+                ranges.push(IpNet::from(*lb));
+            }
+            for r in IpNet::aggregate(&ranges) {
+                let mut k = entry.clone();
+                k.push(Value::Prefix(r));
+                out.add("firewall-allow", k, None);
+            }
+        }
+    }
+
+    if let Some(t) = sp.affinity_secs {
+        out.affinity.push((false, t));
+        let set = format!("ip-affinity-t{t}");
+        out.add(&set, cip, None);
+        for (entry, nodeport) in externals {
+            if nodeport {
+                out.affinity.push((true, t));
+                out.add(&format!("np-affinity-t{t}"), entry, None);
+            } else {
+                out.add(&set, entry, None);
+            }
+        }
+    }
+
+    for ip in &ps.local_ips {
+        out.add("hairpin", vec![Value::Addr(*ip), Value::Addr(*ip)], None);
+    }
+    out
+}
+
+/// One family's table plus the bookkeeping that lets it change one Service at a time.
+#[derive(Debug, Clone)]
+struct FamilyTable {
+    family: Family,
+    table: Table,
+    /// Rules of the chains that get generated rules appended (pick paths, affinity updates).
+    base_rules: BTreeMap<String, Vec<Rule>>,
+    /// Users of each endpoint count per pick path (the presets hold one use forever).
+    counts: BTreeMap<(Pick, usize), usize>,
+    /// Users of each affinity timeout (address entries / NodePorts).
+    affinity: BTreeMap<(bool, u32), usize>,
+    /// Elements wanted more than once (one cluster IP for several ports, one endpoint IP in
+    /// several Services' hairpin lists): the uses beyond the first.
+    dups: HashMap<(String, Element), u32>,
+    /// Entry points and the port owning each: two Services claiming the same address:port
+    /// (or NodePort) is bad input; the first (in port order) keeps it, the later one is reported
+    /// and skipped rather than turning into duplicate elements that would fail every commit.
+    claims: HashMap<Vec<Value>, PortKey>,
+    /// Services involved in such a conflict: a change to one of them is compiled from scratch,
+    /// because who wins depends on every claimant.
+    contested: BTreeSet<ServiceName>,
+    problems: Vec<crate::model::Problem>,
+    /// Generated rules (count sets, affinity sets) must be rebuilt.
+    rules_dirty: bool,
+}
+
+impl FamilyTable {
+    fn new(f: Family, cfg: &CompileConfig, tpl: &Template, service_cidrs: &[IpNet]) -> Self {
+        let table = instantiate_skeleton(f, cfg, tpl);
+        let base_rules = Pick::ALL
+            .iter()
+            .map(|p| p.chain())
+            .chain(std::iter::once(AFFINITY_CHAIN.to_string()))
+            .filter_map(|c| table.chains.get(&c).map(|ch| (c, ch.rules.clone())))
+            .collect();
+        let mut ft = FamilyTable {
+            family: f,
+            table,
+            base_rules,
+            counts: BTreeMap::new(),
+            affinity: BTreeMap::new(),
+            dups: HashMap::new(),
+            claims: HashMap::new(),
+            contested: BTreeSet::new(),
+            problems: Vec::new(),
+            rules_dirty: true,
+        };
+        for n in PRESET_COUNTS {
+            for p in Pick::ALL {
+                ft.counts.insert((p, n), 1);
+            }
+        }
+        for net in family_nets(f, &cfg.cluster_cidrs) {
+            ft.insert("cluster-cidrs", vec![Value::Prefix(net)]);
+        }
+        for net in subtract(&family_nets(f, &cfg.nodeport_cidrs), &loopback(f)) {
+            ft.insert("nodeport-addrs", vec![Value::Prefix(net)]);
+        }
+        for net in family_nets(f, service_cidrs) {
+            ft.insert("service-cidrs", vec![Value::Prefix(net)]);
+        }
+        ft
+    }
+
+    fn insert(&mut self, set: &str, key: Vec<Value>) {
+        self.add_element(set.to_string(), Element { key, value: None });
+    }
+
+    fn add_element(&mut self, set: String, e: Element) {
+        let els = self.table.elements.entry(set.clone()).or_default();
+        if els.contains(&e) {
+            *self.dups.entry((set, e)).or_default() += 1;
+        } else {
+            els.insert(e);
+        }
+    }
+
+    fn remove_element(&mut self, set: String, e: Element) {
+        let key = (set, e);
+        if let Some(n) = self.dups.get_mut(&key) {
+            *n -= 1;
+            if *n == 0 {
+                self.dups.remove(&key);
+            }
             return;
         }
-        self.add("cluster-ips", vec![Value::Addr(sp.cluster_ip)], None);
-
-        // ClusterIP: internal traffic policy decides the endpoint set.
-        if sp.internal_local {
-            self.add("clusterip-local", cip.clone(), None);
-            if !c.local.is_empty() {
-                self.pick(Pick::IpLocal, &cip, &c.local);
-            } else if c.has_any {
-                self.add("no-endpoint-drop", cip.clone(), None);
-            } else {
-                self.add("no-endpoint-reject", cip.clone(), None);
+        let (set, e) = key;
+        if let Some(els) = self.table.elements.get_mut(&set) {
+            els.remove(&e);
+            // An emptied set has no entry, exactly as if it had never been filled.
+            if els.is_empty() {
+                self.table.elements.remove(&set);
             }
-        } else {
-            self.add("clusterip", cip.clone(), None);
-            if !c.cluster.is_empty() {
-                self.pick(Pick::IpCluster, &cip, &c.cluster);
-            } else {
-                self.add("no-endpoint-reject", cip.clone(), None);
-            }
-        }
-
-        // External entries: externalIPs, LB IPs, NodePort.
-        let mut externals: Vec<(Vec<Value>, bool)> = sp
-            .external_ips
-            .iter()
-            .chain(sp.lb_ips.iter())
-            .map(|ip| (self.entry_key(Some(*ip), proto, sp.port), false))
-            .collect();
-        if let Some(np) = sp.node_port {
-            externals.push((self.entry_key(None, proto, np), true));
-        }
-        externals.retain(|(entry, _)| self.claim(entry, sp));
-        for (entry, nodeport) in &externals {
-            let (cluster_pick, local_pick) = if *nodeport {
-                (Pick::NpCluster, Pick::NpLocal)
-            } else {
-                (Pick::IpCluster, Pick::IpLocal)
-            };
-            let (reject, drop) = if *nodeport {
-                ("nodeport-no-endpoint-reject", "nodeport-no-endpoint-drop")
-            } else {
-                ("no-endpoint-reject", "no-endpoint-drop")
-            };
-            let class = match (*nodeport, sp.external_local) {
-                (false, false) => "external",
-                (false, true) => "external-local",
-                (true, false) => "nodeport",
-                (true, true) => "nodeport-local",
-            };
-            self.add(class, entry.clone(), None);
-            if c.cluster.is_empty() {
-                self.add(reject, entry.clone(), None);
-                continue;
-            }
-            self.pick(cluster_pick, entry, &c.cluster);
-            if sp.external_local {
-                if c.local.is_empty() {
-                    self.add(drop, entry.clone(), None);
-                } else {
-                    self.pick(local_pick, entry, &c.local);
-                }
-            }
-        }
-
-        // Source ranges guard LB IPs only.
-        if !sp.source_ranges.is_empty() {
-            let allow_node = sp
-                .source_ranges
-                .iter()
-                .any(|r| cfg.node_ips.iter().any(|ip| r.contains(ip)));
-            for lb in &sp.lb_ips {
-                let entry = self.entry_key(Some(*lb), proto, sp.port);
-                self.add("firewall", entry.clone(), None);
-                let mut ranges: Vec<IpNet> = sp.source_ranges.clone();
-                if allow_node {
-                    ranges.push(IpNet::from(*lb));
-                }
-                for r in IpNet::aggregate(&ranges) {
-                    let mut k = entry.clone();
-                    k.push(Value::Prefix(r));
-                    self.add("firewall-allow", k, None);
-                }
-            }
-        }
-
-        if let Some(t) = sp.affinity_secs {
-            self.affinity.entry(false).or_default().insert(t);
-            let set = format!("ip-affinity-t{t}");
-            self.add(&set, cip, None);
-            for (entry, nodeport) in externals {
-                if nodeport {
-                    self.affinity.entry(true).or_default().insert(t);
-                    self.add(&format!("np-affinity-t{t}"), entry, None);
-                } else {
-                    self.add(&set, entry, None);
-                }
-            }
-        }
-
-        for ip in &ps.local_ips {
-            self.add("hairpin", vec![Value::Addr(*ip), Value::Addr(*ip)], None);
         }
     }
+
+    fn add(&mut self, c: Contribution, port: &PortKey) {
+        for entry in c.claimed {
+            self.claims.insert(entry, port.clone());
+        }
+        for (set, e) in c.elements {
+            self.add_element(set, e);
+        }
+        for k in c.counts {
+            let n = self.counts.entry(k).or_default();
+            *n += 1;
+            self.rules_dirty |= *n == 1;
+        }
+        for k in c.affinity {
+            let n = self.affinity.entry(k).or_default();
+            *n += 1;
+            self.rules_dirty |= *n == 1;
+        }
+    }
+
+    fn remove(&mut self, c: Contribution, port: &PortKey) {
+        for entry in c.claimed {
+            if self.claims.get(&entry) == Some(port) {
+                self.claims.remove(&entry);
+            }
+        }
+        for (set, e) in c.elements {
+            self.remove_element(set, e);
+        }
+        for k in c.counts {
+            if let Some(n) = self.counts.get_mut(&k) {
+                *n -= 1;
+                if *n == 0 {
+                    self.counts.remove(&k);
+                    self.rules_dirty = true;
+                }
+            }
+        }
+        for k in c.affinity {
+            if let Some(n) = self.affinity.get_mut(&k) {
+                *n -= 1;
+                if *n == 0 {
+                    self.affinity.remove(&k);
+                    self.rules_dirty = true;
+                }
+            }
+        }
+    }
+
+    /// Compile a port for the full fold: first claimant wins, conflicts are reported.
+    fn fold_port(&mut self, ps: &PortState, cfg: &CompileConfig) {
+        let (claims, problems, contested) =
+            (&mut self.claims, &mut self.problems, &mut self.contested);
+        let c = contribute(ps, cfg, &mut |entry, port| {
+            match claims.get(entry) {
+                Some(owner) if owner != port => {
+                    let what = entry
+                        .iter()
+                        .map(super::render::value)
+                        .collect::<Vec<_>>()
+                        .join(" . ");
+                    problems.push(crate::model::Problem {
+                        object: format!("Service {}", port.service),
+                        reason: format!("entry {what} is already used by {owner}; skipped"),
+                    });
+                    contested.insert(owner.service.clone());
+                    contested.insert(port.service.clone());
+                    false
+                }
+                _ => {
+                    // Taken at once: a later entry of this same port must see it.
+                    claims.insert(entry.to_vec(), port.clone());
+                    true
+                }
+            }
+        });
+        self.add(c, &ps.sp.key);
+    }
 }
+
+const AFFINITY_CHAIN: &str = "affinity-update";
 
 fn family_nets(f: Family, nets: &[IpNet]) -> Vec<IpNet> {
     let v: Vec<IpNet> = nets
@@ -476,141 +634,287 @@ pub fn compile_checked(
     state: &ProxyState,
     cfg: &CompileConfig,
 ) -> Result<(Ruleset, Vec<crate::model::Problem>), CompileError> {
-    let tpl = skeleton()?;
-    let mut rs = Ruleset::default();
-    let mut problems = Vec::new();
-    for &f in &cfg.families {
-        let mut b = Builder {
-            family: f,
-            table: instantiate_skeleton(f, cfg, tpl),
-            counts: BTreeMap::new(),
-            affinity: BTreeMap::new(),
-            claimed: BTreeMap::new(),
-            problems: Vec::new(),
-        };
-        for n in PRESET_COUNTS {
-            for p in Pick::ALL {
-                b.counts.entry(p).or_default().insert(n);
-            }
-        }
-        for net in family_nets(f, &cfg.cluster_cidrs) {
-            b.add("cluster-cidrs", vec![Value::Prefix(net)], None);
-        }
-        for net in subtract(&family_nets(f, &cfg.nodeport_cidrs), &loopback(f)) {
-            b.add("nodeport-addrs", vec![Value::Prefix(net)], None);
-        }
-        if let Some(fs) = state.families.get(&f) {
-            for net in family_nets(f, &fs.service_cidrs) {
-                b.add("service-cidrs", vec![Value::Prefix(net)], None);
-            }
-            for ps in fs.ports.values() {
-                b.port(ps, cfg);
-            }
-        }
-        b.finish();
-        problems.append(&mut b.problems);
-        rs.tables.insert(f, b.table);
-    }
-    Ok((rs, problems))
+    let c = Compiled::new(state, cfg)?;
+    let problems = c.problems();
+    Ok((c.ruleset, problems))
 }
 
-impl Builder {
-    /// Add the count sets and pick rules, and the affinity timeout sets and update rules.
-    fn finish(&mut self) {
-        let f = self.family;
-        for (pick, counts) in &self.counts {
-            let types = entry_types(f, pick.nodeport());
-            let chain = pick.chain();
-            for &n in counts {
-                if n == 0 {
-                    continue;
-                }
-                let set = pick.count_set(n);
-                self.table
-                    .sets
-                    .insert(set.clone(), plain_set(types.clone()));
-                let mut key = pick.entry_key();
-                key.push(Field::Numgen(n as u32));
-                let rule = Rule {
-                    matches: vec![
-                        Match::Lookup {
-                            key: pick.entry_key(),
-                            set,
-                            negate: false,
-                        },
-                        Match::Lookup {
-                            key: vec![Field::L4proto],
-                            set: "l4protos".into(),
-                            negate: false,
-                        },
-                    ],
-                    action: Action::DnatMap {
-                        key,
-                        map: pick.backends(),
-                    },
-                };
-                if let Some(c) = self.table.chains.get_mut(&chain) {
-                    c.rules.push(rule);
+/// A compiled ruleset that can be brought up to date one Service at a time. The result is
+/// always exactly what [`compile_checked`] gives for the same state (a property test holds it to
+/// that); a change is just cheaper: its cost is the size of the changed Services, not of the
+/// cluster.
+#[derive(Debug, Clone)]
+pub struct Compiled {
+    cfg: CompileConfig,
+    ruleset: Ruleset,
+    families: BTreeMap<Family, FamilyTable>,
+}
+
+/// The ports of one Service in a port map (keys sort by Service first).
+pub fn service_ports<'a>(
+    ports: &'a imbl::OrdMap<PortKey, PortState>,
+    svc: &'a ServiceName,
+) -> impl Iterator<Item = &'a PortState> + 'a {
+    let from = PortKey {
+        service: svc.clone(),
+        port_name: String::new(),
+        proto: Proto::Tcp,
+    };
+    ports
+        .range(from..)
+        .take_while(move |(k, _)| &k.service == svc)
+        .map(|(_, v)| v)
+}
+
+impl Compiled {
+    /// Compile everything.
+    pub fn new(state: &ProxyState, cfg: &CompileConfig) -> Result<Compiled, CompileError> {
+        let tpl = skeleton()?;
+        let mut families = BTreeMap::new();
+        for &f in &cfg.families {
+            let fs = state.families.get(&f);
+            let cidrs = fs.map(|s| s.service_cidrs.as_slice()).unwrap_or(&[]);
+            let mut ft = FamilyTable::new(f, cfg, tpl, cidrs);
+            for ps in fs.iter().flat_map(|s| s.ports.values()) {
+                ft.fold_port(ps, cfg);
+            }
+            ft.finish();
+            families.insert(f, ft);
+        }
+        let mut c = Compiled {
+            cfg: cfg.clone(),
+            ruleset: Ruleset::default(),
+            families,
+        };
+        c.publish();
+        Ok(c)
+    }
+
+    /// The compiled ruleset (a copy of it is cheap: elements are persistent sets).
+    pub fn ruleset(&self) -> &Ruleset {
+        &self.ruleset
+    }
+
+    pub fn config(&self) -> &CompileConfig {
+        &self.cfg
+    }
+
+    /// Entry points claimed by two Services, as problems.
+    pub fn problems(&self) -> Vec<crate::model::Problem> {
+        self.families
+            .values()
+            .flat_map(|f| f.problems.iter().cloned())
+            .collect()
+    }
+
+    fn publish(&mut self) {
+        self.ruleset.tables = self
+            .families
+            .iter()
+            .map(|(f, ft)| (*f, ft.table.clone()))
+            .collect();
+    }
+
+    /// Bring the ruleset from `old` to `new`, where only the Services in `changed` differ
+    /// (their ports are read from both states). Falls back to a full compile when a changed
+    /// Service is involved in an entry-point conflict. Returns whether it had to.
+    pub fn update(
+        &mut self,
+        old: &ProxyState,
+        new: &ProxyState,
+        changed: &BTreeSet<ServiceName>,
+    ) -> Result<bool, CompileError> {
+        if old.families.iter().any(|(f, o)| {
+            new.families
+                .get(f)
+                .is_none_or(|n| n.service_cidrs != o.service_cidrs)
+        }) || self.incremental(old, new, changed).is_none()
+        {
+            *self = Compiled::new(new, &self.cfg)?;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    fn incremental(
+        &mut self,
+        old: &ProxyState,
+        new: &ProxyState,
+        changed: &BTreeSet<ServiceName>,
+    ) -> Option<()> {
+        let cfg = self.cfg.clone();
+        let empty = imbl::OrdMap::new();
+        for (f, ft) in self.families.iter_mut() {
+            if changed.iter().any(|s| ft.contested.contains(s)) {
+                return None;
+            }
+            let old_ports = old.families.get(f).map(|s| &s.ports).unwrap_or(&empty);
+            let new_ports = new.families.get(f).map(|s| &s.ports).unwrap_or(&empty);
+            for svc in changed {
+                for ps in service_ports(old_ports, svc) {
+                    // Not contested, so every claim was won: the old contribution is exact.
+                    let c = contribute(ps, &cfg, &mut |_, _| true);
+                    ft.remove(c, &ps.sp.key);
                 }
             }
-        }
-        for (nodeport, timeouts) in &self.affinity {
-            for &t in timeouts {
-                let (set, map) = if *nodeport {
-                    (format!("np-affinity-t{t}"), "np-affinity")
-                } else {
-                    (format!("ip-affinity-t{t}"), "ip-affinity")
-                };
-                self.table
-                    .sets
-                    .insert(set.clone(), plain_set(entry_types(f, *nodeport)));
-                let (entry, key) = if *nodeport {
-                    (
-                        vec![Field::L4proto, Field::CtOrigProtoDst],
-                        vec![Field::CtOrigSaddr, Field::L4proto, Field::CtOrigProtoDst],
-                    )
-                } else {
-                    (
-                        vec![Field::CtOrigDaddr, Field::L4proto, Field::CtOrigProtoDst],
-                        vec![
-                            Field::CtOrigSaddr,
-                            Field::CtOrigDaddr,
-                            Field::L4proto,
-                            Field::CtOrigProtoDst,
-                        ],
-                    )
-                };
-                // One rule per protocol: `ct original proto-dst` only has a type once nft knows
-                // the protocol, and a named protocol set does not give it that.
-                let mut rules = Vec::new();
-                for proto in Proto::ALL {
-                    let mut matches = vec![Match::L4protoIs(proto)];
-                    if *nodeport {
-                        matches.push(Match::Lookup {
-                            key: vec![Field::CtOrigDaddr],
-                            set: "nodeport-addrs".into(),
-                            negate: false,
-                        });
+            for svc in changed {
+                for ps in service_ports(new_ports, svc) {
+                    let mut conflict = false;
+                    let claims = &mut ft.claims;
+                    let c = contribute(ps, &cfg, &mut |entry, port| {
+                        match claims.get(entry) {
+                            Some(owner) if owner != port => conflict = true,
+                            _ => {
+                                claims.insert(entry.to_vec(), port.clone());
+                            }
+                        }
+                        true
+                    });
+                    if conflict {
+                        return None;
                     }
+                    ft.add(c, &ps.sp.key);
+                }
+            }
+            ft.finish();
+        }
+        self.publish();
+        Some(())
+    }
+}
+
+impl FamilyTable {
+    /// Rebuild the generated parts of the skeleton from the counts and timeouts in use: one
+    /// count set + pick rule per endpoint count, one timeout set + update rules per affinity
+    /// timeout. Only when a count or timeout came or went.
+    fn finish(&mut self) {
+        if !self.rules_dirty {
+            return;
+        }
+        self.rules_dirty = false;
+        let f = self.family;
+        for (chain, rules) in &self.base_rules {
+            if let Some(c) = self.table.chains.get_mut(chain) {
+                c.rules = rules.clone();
+            }
+        }
+        // Generated sets: drop those no longer used (their elements are gone with their users).
+        let wanted: BTreeSet<String> = self
+            .counts
+            .keys()
+            .filter(|(_, n)| *n > 0)
+            .map(|(p, n)| p.count_set(*n))
+            .chain(self.affinity.keys().map(|(np, t)| affinity_set(*np, *t)))
+            .collect();
+        self.table
+            .sets
+            .retain(|name, _| !generated_set(name) || wanted.contains(name));
+        for &(pick, n) in self.counts.keys() {
+            if n == 0 {
+                continue;
+            }
+            let types = entry_types(f, pick.nodeport());
+            let set = pick.count_set(n);
+            self.table
+                .sets
+                .insert(set.clone(), plain_set(types.clone()));
+            let mut key = pick.entry_key();
+            key.push(Field::Numgen(n as u32));
+            let rule = Rule {
+                matches: vec![
+                    Match::Lookup {
+                        key: pick.entry_key(),
+                        set,
+                        negate: false,
+                    },
+                    Match::Lookup {
+                        key: vec![Field::L4proto],
+                        set: "l4protos".into(),
+                        negate: false,
+                    },
+                ],
+                action: Action::DnatMap {
+                    key,
+                    map: pick.backends(),
+                },
+            };
+            if let Some(c) = self.table.chains.get_mut(&pick.chain()) {
+                c.rules.push(rule);
+            }
+        }
+        for &(nodeport, t) in self.affinity.keys() {
+            let set = affinity_set(nodeport, t);
+            let map = if nodeport { "np-affinity" } else { "ip-affinity" };
+            self.table
+                .sets
+                .insert(set.clone(), plain_set(entry_types(f, nodeport)));
+            let (entry, key) = if nodeport {
+                (
+                    vec![Field::L4proto, Field::CtOrigProtoDst],
+                    vec![Field::CtOrigSaddr, Field::L4proto, Field::CtOrigProtoDst],
+                )
+            } else {
+                (
+                    vec![Field::CtOrigDaddr, Field::L4proto, Field::CtOrigProtoDst],
+                    vec![
+                        Field::CtOrigSaddr,
+                        Field::CtOrigDaddr,
+                        Field::L4proto,
+                        Field::CtOrigProtoDst,
+                    ],
+                )
+            };
+            // One rule per protocol: `ct original proto-dst` only has a type once nft knows
+            // the protocol, and a named protocol set does not give it that.
+            let mut rules = Vec::new();
+            for proto in Proto::ALL {
+                let mut matches = vec![Match::L4protoIs(proto)];
+                if nodeport {
                     matches.push(Match::Lookup {
-                        key: entry.clone(),
-                        set: set.clone(),
+                        key: vec![Field::CtOrigDaddr],
+                        set: "nodeport-addrs".into(),
                         negate: false,
                     });
-                    rules.push(Rule {
-                        matches,
-                        action: Action::UpdateTimeout {
-                            set: map.into(),
-                            key: key.clone(),
-                            timeout_secs: t,
-                            value: vec![Field::Daddr, Field::ThDport],
-                        },
-                    });
                 }
-                if let Some(c) = self.table.chains.get_mut("affinity-update") {
-                    c.rules.extend(rules);
-                }
+                matches.push(Match::Lookup {
+                    key: entry.clone(),
+                    set: set.clone(),
+                    negate: false,
+                });
+                rules.push(Rule {
+                    matches,
+                    action: Action::UpdateTimeout {
+                        set: map.into(),
+                        key: key.clone(),
+                        timeout_secs: t,
+                        value: vec![Field::Daddr, Field::ThDport],
+                    },
+                });
+            }
+            if let Some(c) = self.table.chains.get_mut(AFFINITY_CHAIN) {
+                c.rules.extend(rules);
             }
         }
     }
+}
+
+fn affinity_set(nodeport: bool, t: u32) -> String {
+    if nodeport {
+        format!("np-affinity-t{t}")
+    } else {
+        format!("ip-affinity-t{t}")
+    }
+}
+
+/// Sets that exist only while an endpoint count or affinity timeout is in use.
+fn generated_set(name: &str) -> bool {
+    let numbered = |prefix: &str| {
+        name.strip_prefix(prefix)
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+    };
+    Pick::ALL
+        .iter()
+        .any(|p| numbered(&format!("{}-n", p.stem())))
+        || numbered("ip-affinity-t")
+        || numbered("np-affinity-t")
 }

@@ -5,6 +5,7 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use imbl::ordmap::DiffItem;
 use kube::Client;
 use tokio::sync::mpsc;
 
@@ -14,13 +15,13 @@ use crate::apply::{Applier, FaultInjecting};
 /// The kernel applier with its test seam.
 type AgentApplier = FaultInjecting<NetlinkApplier>;
 use crate::config::{ProxyConfig, RunArgs};
+use crate::engine::Source;
 use crate::events::{Events, Warning};
 use crate::health::agent::AgentHealth;
 use crate::health::service::{Probe, Servers, TcpBinder, Wanted};
 use crate::k8s::{self, Stores};
 use crate::metrics::{self, Metrics};
 use crate::model::ServiceName;
-use crate::nft::compile;
 use crate::nft::ir::Family;
 use crate::proxy::ProxyState;
 use crate::snapshot::{self, NodeInfo};
@@ -184,30 +185,34 @@ struct AgentObserver {
 /// Whether an affinity service port lost an endpoint (its affinity entries may point to it).
 fn affinity_lost(previous: Option<&ProxyState>, current: &ProxyState) -> bool {
     let Some(prev) = previous else { return false };
+    let empty = imbl::OrdMap::new();
     prev.families.iter().any(|(f, fs)| {
-        fs.ports
-            .iter()
-            .filter(|(_, p)| p.sp.affinity_secs.is_some())
-            .any(|(k, p)| {
-                let now = current.families.get(f).and_then(|c| c.ports.get(k));
-                now.is_none_or(|n| {
-                    p.chosen
+        let now = current.families.get(f).map(|c| &c.ports).unwrap_or(&empty);
+        fs.ports.diff(now).any(|d| match d {
+            DiffItem::Remove(_, p) => p.sp.affinity_secs.is_some(),
+            DiffItem::Update {
+                old: (_, p),
+                new: (_, n),
+            } => {
+                p.sp.affinity_secs.is_some()
+                    && p.chosen
                         .cluster
                         .iter()
                         .chain(&p.chosen.local)
                         .any(|b| !n.chosen.cluster.contains(b) && !n.chosen.local.contains(b))
-                })
-            })
+            }
+            DiffItem::Add(..) => false,
+        })
     })
 }
 
-/// The health servers wanted by a state: one per Service with a healthCheckNodePort.
-pub fn wanted_health(state: &ProxyState) -> BTreeMap<ServiceName, Wanted> {
-    let mut out: BTreeMap<ServiceName, Wanted> = BTreeMap::new();
+/// The health server one Service wants: its healthCheckNodePort and local endpoint count.
+fn wanted_for(state: &ProxyState, svc: &ServiceName) -> Option<Wanted> {
+    let mut out: Option<Wanted> = None;
     for fs in state.families.values() {
-        for ps in fs.ports.values() {
+        for ps in crate::nft::compile::service_ports(&fs.ports, svc) {
             if let Some(port) = ps.sp.health_check_node_port {
-                let w = out.entry(ps.sp.key.service.clone()).or_insert(Wanted {
+                let w = out.get_or_insert(Wanted {
                     port,
                     local_endpoints: 0,
                 });
@@ -216,6 +221,57 @@ pub fn wanted_health(state: &ProxyState) -> BTreeMap<ServiceName, Wanted> {
         }
     }
     out
+}
+
+/// The health servers wanted by a state: one per Service with a healthCheckNodePort.
+pub fn wanted_health(state: &ProxyState) -> BTreeMap<ServiceName, Wanted> {
+    let mut out = BTreeMap::new();
+    update_wanted(&mut out, None, state);
+    out
+}
+
+/// Bring `wanted` from `previous` to `current`, looking only at the Services that changed.
+fn update_wanted(
+    wanted: &mut BTreeMap<ServiceName, Wanted>,
+    previous: Option<&ProxyState>,
+    current: &ProxyState,
+) {
+    let changed: BTreeSet<ServiceName> = match previous {
+        None => {
+            wanted.clear();
+            current
+                .families
+                .values()
+                .flat_map(|fs| fs.ports.keys().map(|k| k.service.clone()))
+                .collect()
+        }
+        Some(prev) => {
+            let empty = imbl::OrdMap::new();
+            let mut out = BTreeSet::new();
+            for f in [Family::Ip, Family::Ip6] {
+                let a = prev.families.get(&f).map(|s| &s.ports).unwrap_or(&empty);
+                let b = current.families.get(&f).map(|s| &s.ports).unwrap_or(&empty);
+                for d in a.diff(b) {
+                    let k = match d {
+                        DiffItem::Add(k, _) | DiffItem::Remove(k, _) => k,
+                        DiffItem::Update { new: (k, _), .. } => k,
+                    };
+                    out.insert(k.service.clone());
+                }
+            }
+            out
+        }
+    };
+    for svc in changed {
+        match wanted_for(current, &svc) {
+            Some(w) => {
+                wanted.insert(svc, w);
+            }
+            None => {
+                wanted.remove(&svc);
+            }
+        }
+    }
 }
 
 impl Observer for AgentObserver {
@@ -233,7 +289,7 @@ impl Observer for AgentObserver {
             }
         }
         if let Ok(mut h) = self.health.lock() {
-            h.wanted = wanted_health(&r.state);
+            update_wanted(&mut h.wanted, r.previous.as_deref(), &r.state);
             h.reconcile(&self.events);
         }
         if let Ok(mut l) = self.latest.lock() {
@@ -418,6 +474,8 @@ pub async fn run(args: RunArgs) -> Result<(), AgentError> {
         events: events.clone(),
         health_addrs: health_addrs_cell.clone(),
         nodeport_ips,
+        engine: crate::engine::Engine::default(),
+        first: true,
     };
     let desired = move || ctx.compute();
 
@@ -464,6 +522,9 @@ struct DesiredCtx {
     events: Events,
     health_addrs: Arc<Mutex<Vec<IpAddr>>>,
     nodeport_ips: Arc<Mutex<Option<Vec<IpAddr>>>>,
+    engine: crate::engine::Engine,
+    /// No computation yet: every slice's trigger time is new.
+    first: bool,
 }
 
 impl DesiredCtx {
@@ -488,11 +549,26 @@ impl DesiredCtx {
         if let Ok(mut e) = self.node_eligible.lock() {
             *e = !node.ineligible;
         }
-        let services = self.stores.services.state();
-        let slices = self.stores.slices.state();
+        let dirty = self
+            .stores
+            .dirty
+            .lock()
+            .map(|mut d| std::mem::take(&mut *d))
+            .unwrap_or_default();
         if let Ok(mut t) = self.triggers.lock() {
+            // Only the slices that changed: the rest were seen before.
+            let slices: Vec<_> = if dirty.all || self.first {
+                self.stores.slices.state()
+            } else {
+                dirty
+                    .slices
+                    .iter()
+                    .filter_map(|k| self.stores.slice(k))
+                    .collect()
+            };
             t.scan(&slices);
         }
+        self.first = false;
         let mut found = Vec::new();
         let cidr_objs: Vec<_> = self
             .stores
@@ -501,13 +577,6 @@ impl DesiredCtx {
             .map(|s| s.state().into_iter().map(|o| (*o).clone()).collect())
             .unwrap_or_default();
         let cidrs = snapshot::service_cidrs(&cidr_objs, &mut found);
-        let state = snapshot::proxy_state(
-            services.iter().map(|s| s.as_ref()),
-            slices.iter().map(|s| s.as_ref()),
-            &cidrs,
-            &node,
-            &mut found,
-        );
         if let Ok(mut a) = self.health_addrs.lock() {
             *a = health_addrs(&self.cfg, &node);
         }
@@ -518,13 +587,27 @@ impl DesiredCtx {
                 .all(|n| n.prefix_len() == n.max_prefix_len())
                 .then(|| nets.iter().map(|n| n.addr()).collect());
         }
-        match compile::compile_checked(&state, &self.cfg.compile_config(&node)) {
-            Ok((ruleset, conflicts)) => {
-                found.extend(conflicts);
+        let stores = &self.stores;
+        let all = || (stores.services.state(), stores.slices.state());
+        match self.engine.compute(
+            stores,
+            &dirty,
+            all,
+            &node,
+            &cidrs,
+            &self.cfg.compile_config(&node),
+        ) {
+            Ok(out) => {
+                tracing::debug!(
+                    rebuilt = out.rebuilt,
+                    services = out.changed,
+                    "desired state computed"
+                );
+                found.extend(out.problems);
                 self.problems.report(found, &self.metrics, &self.events);
                 Some(Desired {
-                    ruleset,
-                    state: Arc::new(state),
+                    ruleset: out.ruleset,
+                    state: out.state,
                 })
             }
             Err(e) => {
@@ -558,16 +641,25 @@ fn spawn_counter_reader<A: Applier + 'static>(
 ) {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(10));
+        // Entry owners of the last state seen: rebuilt only when a sync changed the state.
+        let mut cache: Option<(Arc<ProxyState>, Arc<metrics::Owners>)> = None;
         loop {
             tick.tick().await;
             let Some(state) = latest.lock().ok().and_then(|l| l.clone()) else {
                 continue;
             };
+            let owners = match &cache {
+                Some((s, o)) if Arc::ptr_eq(s, &state) => o.clone(),
+                _ => {
+                    let o = Arc::new(metrics::entry_owners(&state));
+                    cache = Some((state, o.clone()));
+                    o
+                }
+            };
             let (a, m) = (applier.clone(), metrics.clone());
             let _ = tokio::task::spawn_blocking(move || {
-                let owners = metrics::entry_owners(&state);
                 let mut a = a.lock().unwrap_or_else(|e| e.into_inner());
-                for (f, own) in &owners {
+                for (f, own) in owners.iter() {
                     for (set, drops) in [
                         ("no-endpoint-drop", true),
                         ("nodeport-no-endpoint-drop", true),
@@ -598,5 +690,41 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::objects::Objects;
+
+    fn state(objs: &Objects) -> ProxyState {
+        let node = crate::render_cmd::pick_node(objs, Some("node-a"));
+        let mut p = Vec::new();
+        crate::snapshot::proxy_state(&objs.services, &objs.slices, &[], &node, &mut p)
+    }
+
+    #[test]
+    fn health_wants_follow_changes_incrementally() {
+        let mut objs = Objects::parse(include_str!("../tests/flows/cluster.yaml")).unwrap();
+        let before = state(&objs);
+        let mut wanted = BTreeMap::new();
+        update_wanted(&mut wanted, None, &before);
+        assert_eq!(wanted, wanted_health(&before));
+        assert!(!wanted.is_empty(), "the scenario has Local LoadBalancers");
+        // Every slice loses its endpoints; some Service disappears.
+        for s in objs.slices.iter_mut() {
+            s.endpoints.clear();
+        }
+        let gone = wanted.keys().next().cloned().unwrap();
+        objs.services
+            .retain(|s| s.metadata.name.as_deref() != Some(gone.name.as_str()));
+        let after = state(&objs);
+        update_wanted(&mut wanted, Some(&before), &after);
+        assert_eq!(wanted, wanted_health(&after));
+        assert!(!wanted.contains_key(&gone));
+        assert!(wanted.values().all(|w| w.local_endpoints == 0));
+        assert!(affinity_lost(Some(&before), &after));
+        assert!(!affinity_lost(Some(&after), &after));
     }
 }

@@ -17,6 +17,8 @@ use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client, Resource, ResourceExt};
 use tokio::sync::mpsc;
 
+use crate::engine::{key_of, Dirty, ObjKey, Source};
+
 /// Upstream kube-proxy's selector: Services and slices handed to another proxy, and headless
 /// Services' slices, are not ours.
 pub const SERVICE_SELECTOR: &str = "!service.kubernetes.io/service-proxy-name";
@@ -36,6 +38,8 @@ pub struct Stores {
     pub ready: Arc<std::sync::atomic::AtomicBool>,
     /// True once every store (also the Node and ServiceCIDRs) holds its initial list.
     complete: tokio::sync::watch::Receiver<bool>,
+    /// Services and slices changed since the sync loop last took this.
+    pub dirty: SharedDirty,
 }
 
 impl Stores {
@@ -49,11 +53,33 @@ impl Stores {
     }
 }
 
-/// Drive a reflector and nudge `changes` on every event.
+/// Which objects changed since the sync loop last looked (the engine re-reads only those).
+pub type SharedDirty = Arc<std::sync::Mutex<Dirty>>;
+
+/// Record an event in `dirty` with `slot` choosing the kind's key set.
+fn mark<K: Resource>(
+    dirty: &SharedDirty,
+    ev: &watcher::Event<K>,
+    slot: fn(&mut Dirty) -> &mut std::collections::BTreeSet<ObjKey>,
+) {
+    let Ok(mut d) = dirty.lock() else { return };
+    match ev {
+        watcher::Event::Apply(o) | watcher::Event::Delete(o) => {
+            slot(&mut d).insert(key_of(o.meta()));
+        }
+        // The store was replaced by a relist: deletions in between have no event of their own.
+        watcher::Event::InitDone => d.all = true,
+        watcher::Event::Init | watcher::Event::InitApply(_) => {}
+    }
+}
+
+/// Drive a reflector and nudge `changes` on every event. The reflector has updated its store
+/// before the event reaches `on_event`.
 fn drive<K>(
     name: &'static str,
     stream: impl Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
     changes: mpsc::Sender<()>,
+    on_event: impl Fn(&watcher::Event<K>) + Send + 'static,
 ) -> tokio::task::JoinHandle<()>
 where
     K: Resource + Clone + Send + Sync + 'static,
@@ -61,6 +87,9 @@ where
     tokio::spawn(async move {
         let mut s = std::pin::pin!(stream);
         while let Some(ev) = s.next().await {
+            if let Ok(ev) = &ev {
+                on_event(ev);
+            }
             match ev {
                 Ok(watcher::Event::InitApply(_) | watcher::Event::Init) => {}
                 Ok(_) => {
@@ -150,6 +179,7 @@ fn reflect<K>(
     api: Api<K>,
     cfg: watcher::Config,
     changes: mpsc::Sender<()>,
+    on_event: impl Fn(&watcher::Event<K>) + Send + 'static,
 ) -> Store<K>
 where
     K: Resource
@@ -167,7 +197,7 @@ where
         writer,
         watcher(api, cfg).default_backoff().modify(Slim::slim),
     );
-    drive(name, stream, changes);
+    drive(name, stream, changes, on_event);
     reader
 }
 
@@ -191,6 +221,8 @@ async fn service_cidrs_served(client: &Client) -> bool {
 pub async fn start(client: Client, node_name: &str, changes: mpsc::Sender<()>) -> Stores {
     let ready_nudge = changes.clone();
     let page = 500;
+    let dirty: SharedDirty = Arc::default();
+    let (d1, d2) = (dirty.clone(), dirty.clone());
     let services = reflect(
         "services",
         Api::<Service>::all(client.clone()),
@@ -199,6 +231,7 @@ pub async fn start(client: Client, node_name: &str, changes: mpsc::Sender<()>) -
             .page_size(page)
             .any_semantic(),
         changes.clone(),
+        move |ev| mark(&d1, ev, |d| &mut d.services),
     );
     let slices = reflect(
         "endpointslices",
@@ -208,12 +241,15 @@ pub async fn start(client: Client, node_name: &str, changes: mpsc::Sender<()>) -
             .page_size(page)
             .any_semantic(),
         changes.clone(),
+        move |ev| mark(&d2, ev, |d| &mut d.slices),
     );
+    // The Node and ServiceCIDRs are compared whole on every sync (one object, a few objects).
     let node = reflect(
         "node",
         Api::<Node>::all(client.clone()),
         watcher::Config::default().fields(&format!("metadata.name={node_name}")),
         changes.clone(),
+        |_| {},
     );
     let service_cidrs = if service_cidrs_served(&client).await {
         Some(reflect(
@@ -221,6 +257,7 @@ pub async fn start(client: Client, node_name: &str, changes: mpsc::Sender<()>) -
             Api::<ServiceCIDR>::all(client.clone()),
             watcher::Config::default(),
             changes,
+            |_| {},
         ))
     } else {
         None
@@ -255,6 +292,18 @@ pub async fn start(client: Client, node_name: &str, changes: mpsc::Sender<()>) -
         service_cidrs,
         ready,
         complete,
+        dirty,
+    }
+}
+
+impl Source for Stores {
+    fn service(&self, key: &ObjKey) -> Option<Arc<Service>> {
+        self.services
+            .get(&reflector::ObjectRef::new(&key.1).within(&key.0))
+    }
+    fn slice(&self, key: &ObjKey) -> Option<Arc<EndpointSlice>> {
+        self.slices
+            .get(&reflector::ObjectRef::new(&key.1).within(&key.0))
     }
 }
 

@@ -246,7 +246,10 @@ impl Metrics {
 }
 
 /// Entry key (as in the no-endpoint sets) -> owning service, per family.
-pub fn entry_owners(state: &ProxyState) -> BTreeMap<IpFamily, BTreeMap<Vec<Value>, ServiceLabel>> {
+pub type Owners = BTreeMap<IpFamily, BTreeMap<Vec<Value>, ServiceLabel>>;
+
+/// The owners of every entry point of a state.
+pub fn entry_owners(state: &ProxyState) -> Owners {
     let mut out: BTreeMap<IpFamily, BTreeMap<Vec<Value>, ServiceLabel>> = BTreeMap::new();
     for (f, fs) in &state.families {
         let m = out.entry(*f).or_default();

@@ -1,7 +1,6 @@
 //! A consistent view of the watched objects, and the pure path from it to the proxy state.
 //! Used by the sync loop (from the reflector stores) and by `nftproxy render` (from a file).
 
-use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
@@ -9,9 +8,9 @@ use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::ServiceCIDR;
 
-use crate::model::{self, PortEndpoints, Problem, ServiceName, SliceInfo};
+use crate::model::{self, Problem};
 use crate::nft::ir::Family;
-use crate::proxy::{self, ProxyState};
+use crate::proxy::ProxyState;
 
 /// What the node tells us about itself.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -85,7 +84,7 @@ pub fn service_cidrs(objs: &[ServiceCIDR], problems: &mut Vec<Problem>) -> Vec<I
     out
 }
 
-/// Build the proxy state from whole object lists.
+/// Build the proxy state from whole object lists (the engine's from-scratch path).
 pub fn proxy_state<'a>(
     services: impl IntoIterator<Item = &'a Service>,
     slices: impl IntoIterator<Item = &'a EndpointSlice>,
@@ -93,28 +92,7 @@ pub fn proxy_state<'a>(
     node: &NodeInfo,
     problems: &mut Vec<Problem>,
 ) -> ProxyState {
-    let mut ports = Vec::new();
-    for s in services {
-        ports.extend(model::service_ports(s, problems));
-    }
-    let mut by_service: BTreeMap<(ServiceName, Family), Vec<SliceInfo>> = BTreeMap::new();
-    for s in slices {
-        if let Some(info) = model::slice_info(s, &node.name, problems) {
-            by_service
-                .entry((info.service.clone(), info.family))
-                .or_default()
-                .push(info);
-        }
-    }
-    let endpoints: BTreeMap<(ServiceName, Family), PortEndpoints> = by_service
-        .iter()
-        .map(|(k, v)| (k.clone(), model::merge_slices(v)))
-        .collect();
-    proxy::build(
-        ports.iter(),
-        &endpoints,
-        cidrs,
-        &node.name,
-        node.zone.as_deref(),
-    )
+    let m = crate::engine::Model::from_objects(services, slices, cidrs, node);
+    problems.extend(m.problems());
+    m.state().clone()
 }

@@ -37,13 +37,18 @@ pub fn stale_udp_flows(
         let Some(old_fs) = previous.families.get(f) else {
             continue;
         };
-        for (key, ps) in &fs.ports {
+        // Only ports that changed: the maps share everything else, and the diff skips it.
+        for d in old_fs.ports.diff(&fs.ports) {
+            let imbl::ordmap::DiffItem::Update {
+                old: (key, old),
+                new: (_, ps),
+            } = d
+            else {
+                continue;
+            };
             if key.proto != Proto::Udp {
                 continue;
             }
-            let Some(old) = old_fs.ports.get(key) else {
-                continue;
-            };
             let (before, now) = (serving(old), serving(ps));
             let lost = before.difference(&now).next().is_some();
             let gained_from_none = before.is_empty() && !now.is_empty();

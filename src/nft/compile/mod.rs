@@ -146,7 +146,8 @@ struct Contribution {
 
 impl Contribution {
     fn add(&mut self, set: &str, key: Vec<Value>, value: Option<Vec<Value>>) {
-        self.elements.push((set.to_string(), Element { key, value }));
+        self.elements
+            .push((set.to_string(), Element { key, value }));
     }
 
     /// Put an entry on a pick path: its count set and its slots.
@@ -364,11 +365,13 @@ impl FamilyTable {
     }
 
     fn add_element(&mut self, set: String, e: Element) {
-        let els = self.table.elements.entry(set.clone()).or_default();
-        if els.contains(&e) {
+        let els = match self.table.elements.get_mut(&set) {
+            Some(els) => els,
+            None => self.table.elements.entry(set.clone()).or_default(),
+        };
+        // One lookup: insert hands back the element it replaced (equal to `e`).
+        if let Some(e) = els.insert(e) {
             *self.dups.entry((set, e)).or_default() += 1;
-        } else {
-            els.insert(e);
         }
     }
 
@@ -844,7 +847,11 @@ impl FamilyTable {
         }
         for &(nodeport, t) in self.affinity.keys() {
             let set = affinity_set(nodeport, t);
-            let map = if nodeport { "np-affinity" } else { "ip-affinity" };
+            let map = if nodeport {
+                "np-affinity"
+            } else {
+                "ip-affinity"
+            };
             self.table
                 .sets
                 .insert(set.clone(), plain_set(entry_types(f, nodeport)));

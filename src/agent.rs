@@ -600,7 +600,10 @@ impl DesiredCtx {
             Ok(out) => {
                 tracing::debug!(
                     rebuilt = out.rebuilt,
+                    relist = dirty.all,
                     services = out.changed,
+                    dirty_services = dirty.services.len(),
+                    dirty_slices = dirty.slices.len(),
                     "desired state computed"
                 );
                 found.extend(out.problems);

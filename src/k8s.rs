@@ -193,10 +193,23 @@ where
     K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
 {
     let (reader, writer) = reflector::store::<K>();
-    let stream = reflector::reflector(
-        writer,
-        watcher(api, cfg).default_backoff().modify(Slim::slim),
-    );
+    // A 410 Gone (our resource version expired, e.g. after an API server restart) means "relist
+    // now", as client-go does: the first one in a row skips the backoff, which after an outage
+    // has grown to seconds. A second 410 without progress in between is backed off as usual.
+    let mut gone_before = false;
+    let stream = watcher(api, cfg)
+        .filter(move |ev| {
+            let gone = matches!(ev, Err(watcher::Error::WatchError(s)) if s.code == 410);
+            let relist_now = gone && !gone_before;
+            gone_before = gone || (gone_before && ev.is_err());
+            if relist_now {
+                tracing::info!(resource = name, "resource version expired; relisting now");
+            }
+            std::future::ready(!relist_now)
+        })
+        .default_backoff()
+        .modify(Slim::slim);
+    let stream = reflector::reflector(writer, stream);
     drive(name, stream, changes, on_event);
     reader
 }

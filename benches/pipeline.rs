@@ -2,15 +2,13 @@
 //! endpoints (pure stages only: model, endpoint choice, compile, plan, render). Prints figures;
 //! asserts nothing.
 
-use std::cell::RefCell;
-use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
+use std::collections::BTreeSet;
 use std::time::Instant;
 
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use nftproxy::config::{NodePortAddresses, ProxyConfig};
-use nftproxy::engine::{Dirty, Engine, ObjKey, Source};
+use nftproxy::engine::{key_of, Batch, Engine};
 use nftproxy::nft::{compile, plan, render};
 use nftproxy::snapshot::{self, NodeInfo};
 
@@ -38,19 +36,27 @@ fn objects(n: usize, e: usize) -> (Vec<Service>, Vec<EndpointSlice>) {
     (svcs, slices)
 }
 
-/// The changed objects, as the reflector stores would hold them.
-#[derive(Default)]
-struct Src {
-    slices: RefCell<BTreeMap<ObjKey, Arc<EndpointSlice>>>,
+/// Counts live heap bytes, to show what each structure costs.
+struct Counting;
+
+static LIVE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+unsafe impl std::alloc::GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: std::alloc::Layout) -> *mut u8 {
+        LIVE.fetch_add(l.size(), std::sync::atomic::Ordering::Relaxed);
+        unsafe { std::alloc::System.alloc(l) }
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: std::alloc::Layout) {
+        LIVE.fetch_sub(l.size(), std::sync::atomic::Ordering::Relaxed);
+        unsafe { std::alloc::System.dealloc(p, l) }
+    }
 }
 
-impl Source for Src {
-    fn service(&self, _: &ObjKey) -> Option<Arc<Service>> {
-        None
-    }
-    fn slice(&self, key: &ObjKey) -> Option<Arc<EndpointSlice>> {
-        self.slices.borrow().get(key).cloned()
-    }
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+fn mib() -> f64 {
+    LIVE.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1048576.0
 }
 
 fn ms(t: Instant) -> f64 {
@@ -66,7 +72,9 @@ fn main() {
         args.first().copied().unwrap_or(10_000),
         args.get(1).copied().unwrap_or(5),
     );
+    let m0 = mib();
     let (svcs, slices) = objects(n, e);
+    let m_objects = mib() - m0;
     let node = NodeInfo {
         name: "bench-node".into(),
         internal_ips: vec!["192.168.0.2".parse().expect("ip")],
@@ -97,56 +105,56 @@ fn main() {
     let t = Instant::now();
     let text = render::ruleset(&rs);
     let t_render = ms(t);
+    let m = mib();
+    drop(full);
+    let m_full_tx = m - mib();
+    let elements: usize = rs
+        .tables
+        .values()
+        .flat_map(|t| t.elements.values())
+        .map(|s| s.len())
+        .sum();
+    let m = mib();
+    drop(rs);
+    let m_ruleset = m - mib();
+    let m = mib();
+    drop(state);
+    let m_state = m - mib();
+    let text_kib = text.len() / 1024;
+    drop(text);
 
-    // One endpoint replaced, the way the agent does it: the engine re-reads the changed slice
-    // and recompiles its Service; plan diffs the persistent sets.
-    let svcs: Vec<Arc<Service>> = svcs.into_iter().map(Arc::new).collect();
-    let mut slices: Vec<Arc<EndpointSlice>> = slices.into_iter().map(Arc::new).collect();
+    // The agent's way: the engine models the lists (and drops the objects), then a change
+    // re-reads one slice and recompiles its Service; plan diffs the persistent sets.
     let cfg_c = cc.clone();
     let mut engine = Engine::default();
-    let src = Src::default();
+    let mut one_slice = slices[n / 2].clone();
+    // The objects are handed over and dropped once modelled.
+    let m_before_engine = mib() - m_objects;
+    let (all_svcs, all_slices) = (Batch::all(svcs), Batch::all(slices));
     let t = Instant::now();
     let first = engine
-        .compute(
-            &src,
-            &Dirty::default(),
-            || (svcs.clone(), slices.clone()),
-            &node,
-            &[],
-            &cfg_c,
-        )
+        .compute(all_svcs, all_slices, &node, &[], &cfg_c)
         .expect("engine");
     let t_engine_full = ms(t);
     let mut applied = first.ruleset;
+    drop(first.state);
+    let m_engine = mib() - m_before_engine;
     let mut samples = Vec::new();
     let mut last_ops = 0;
     for round in 0..20usize {
         let i = (n / 2 + round * 7919) % n;
-        let mut changed = (*slices[i]).clone();
-        changed.endpoints[0].addresses =
+        one_slice.metadata.name = Some(format!("s{i}-1"));
+        one_slice.metadata.labels =
+            Some([("kubernetes.io/service-name".to_string(), format!("s{i}"))].into());
+        one_slice.endpoints[0].addresses =
             vec![format!("10.250.{}.{}", round / 250, round % 250 + 1)];
-        slices[i] = Arc::new(changed);
-        let key = (
-            "bench".to_string(),
-            slices[i].metadata.name.clone().unwrap_or_default(),
-        );
-        src.slices
-            .borrow_mut()
-            .insert(key.clone(), slices[i].clone());
-        let dirty = Dirty {
-            slices: [key].into(),
-            ..Dirty::default()
-        };
+        let mut batch = Batch::default();
+        batch
+            .changed
+            .insert(key_of(&one_slice.metadata), Some(one_slice.clone()));
         let t = Instant::now();
         let out = engine
-            .compute(
-                &src,
-                &dirty,
-                || unreachable!("incremental"),
-                &node,
-                &[],
-                &cfg_c,
-            )
+            .compute(Batch::default(), batch, &node, &[], &cfg_c)
             .expect("engine");
         let t_compute = ms(t);
         let t = Instant::now();
@@ -161,13 +169,10 @@ fn main() {
     samples.sort_by(|a, b| (a.0 + a.1 + a.2).total_cmp(&(b.0 + b.1 + b.2)));
     let (t_compute, t_plan, t_after) = samples[samples.len() / 2];
 
-    let elements: usize = rs
-        .tables
-        .values()
-        .flat_map(|t| t.elements.values())
-        .map(|s| s.len())
-        .sum();
-    println!("pipeline at {n} Services x {e} endpoints ({elements} elements, {} ops in the full transaction, {} KiB of text)", full.ops.len(), text.len() / 1024);
+    println!(
+        "pipeline at {n} Services x {e} endpoints ({elements} elements, {text_kib} KiB of text)"
+    );
+    println!("live heap: objects {m_objects:.1} MiB, proxy state {m_state:.1} MiB, ruleset {m_ruleset:.1} MiB, full transaction {m_full_tx:.1} MiB, engine (model + compiled; objects dropped) {m_engine:.1} MiB");
     println!("  proxy state from objects   {t_state:9.1} ms");
     println!("  compile                    {t_compile:9.1} ms");
     println!("  full plan                  {t_full:9.1} ms");

@@ -1,11 +1,12 @@
 //! `nftproxy run`: wires the watchers, the sync loop, the kernel, the health servers and metrics.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use imbl::ordmap::DiffItem;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::Client;
 use tokio::sync::mpsc;
 
@@ -15,7 +16,6 @@ use crate::apply::{Applier, FaultInjecting};
 /// The kernel applier with its test seam.
 type AgentApplier = FaultInjecting<NetlinkApplier>;
 use crate::config::{ProxyConfig, RunArgs};
-use crate::engine::Source;
 use crate::events::{Events, Warning};
 use crate::health::agent::AgentHealth;
 use crate::health::service::{Probe, Servers, TcpBinder, Wanted};
@@ -85,17 +85,19 @@ impl ProblemLog {
     }
 }
 
-/// Remembers EndpointSlice change trigger times to measure network programming latency.
+/// EndpointSlice change trigger times waiting for the commit that programs them (network
+/// programming latency). Only slices that changed are looked at; a trigger time from before the
+/// last commit was already programmed (the slice changed in a way that did not move it).
 #[derive(Default)]
 struct Triggers {
-    seen: HashMap<String, SystemTime>,
     pending: Vec<SystemTime>,
+    last_commit: Option<SystemTime>,
 }
 
 const TRIGGER_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
 
 impl Triggers {
-    fn scan(&mut self, slices: &[Arc<k8s_openapi::api::discovery::v1::EndpointSlice>]) {
+    fn scan<'a>(&mut self, slices: impl IntoIterator<Item = &'a EndpointSlice>) {
         for s in slices {
             let Some(raw) = s
                 .metadata
@@ -108,16 +110,16 @@ impl Triggers {
             let Ok(t) = humantime::parse_rfc3339_weak(raw) else {
                 continue;
             };
-            let key = s
-                .metadata
-                .uid
-                .clone()
-                .unwrap_or_else(|| k8s::name(s.as_ref()));
-            if self.seen.get(&key) != Some(&t) {
-                self.seen.insert(key, t);
+            if self.last_commit.is_none_or(|c| t >= c) {
                 self.pending.push(t);
             }
         }
+    }
+
+    /// The pending trigger times, now programmed.
+    fn committed(&mut self, now: SystemTime) -> Vec<SystemTime> {
+        self.last_commit = Some(now);
+        std::mem::take(&mut self.pending)
     }
 }
 
@@ -277,11 +279,14 @@ fn update_wanted(
 impl Observer for AgentObserver {
     fn applied(&mut self, r: &Report) {
         self.metrics.record_sync(r);
+        if r.kind == SyncKind::Full {
+            release_free_memory();
+        }
         let now = SystemTime::now();
         for t in self
             .triggers
             .lock()
-            .map(|mut t| std::mem::take(&mut t.pending))
+            .map(|mut t| t.committed(now))
             .unwrap_or_default()
         {
             if let Ok(d) = now.duration_since(t) {
@@ -328,6 +333,18 @@ impl Observer for AgentObserver {
     }
     fn failed(&mut self, kind: SyncKind, _error: &str) {
         self.metrics.record_failure(kind);
+    }
+}
+
+/// Hand the heap pages freed by a full sync back to the kernel. A full sync is the agent's peak:
+/// the listed objects, the whole transaction and its netlink batch are all alive at once and
+/// freed right after; glibc keeps such pages mapped, so without this the resident size after a
+/// cold start stays near that peak for the life of the process.
+fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks glibc's own arenas; it takes no pointers from us.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 
@@ -475,7 +492,6 @@ pub async fn run(args: RunArgs) -> Result<(), AgentError> {
         health_addrs: health_addrs_cell.clone(),
         nodeport_ips,
         engine: crate::engine::Engine::default(),
-        first: true,
     };
     let desired = move || ctx.compute();
 
@@ -523,8 +539,6 @@ struct DesiredCtx {
     health_addrs: Arc<Mutex<Vec<IpAddr>>>,
     nodeport_ips: Arc<Mutex<Option<Vec<IpAddr>>>>,
     engine: crate::engine::Engine,
-    /// No computation yet: every slice's trigger time is new.
-    first: bool,
 }
 
 impl DesiredCtx {
@@ -549,26 +563,19 @@ impl DesiredCtx {
         if let Ok(mut e) = self.node_eligible.lock() {
             *e = !node.ineligible;
         }
-        let dirty = self
-            .stores
-            .dirty
-            .lock()
-            .map(|mut d| std::mem::take(&mut *d))
-            .unwrap_or_default();
+        let (services, slices) = match self.stores.inbox.lock() {
+            Ok(mut i) => (i.services.take(), i.slices.take()),
+            Err(_) => return None,
+        };
         if let Ok(mut t) = self.triggers.lock() {
-            // Only the slices that changed: the rest were seen before.
-            let slices: Vec<_> = if dirty.all || self.first {
-                self.stores.slices.state()
-            } else {
-                dirty
-                    .slices
-                    .iter()
-                    .filter_map(|k| self.stores.slice(k))
-                    .collect()
-            };
-            t.scan(&slices);
+            // Changes only: a relist's trigger times were programmed before (or by the start).
+            t.scan(slices.changed.values().flatten());
         }
-        self.first = false;
+        let (relist, changed_services, changed_slices) = (
+            services.replaced.is_some() || slices.replaced.is_some(),
+            services.changed.len(),
+            slices.changed.len(),
+        );
         let mut found = Vec::new();
         let cidr_objs: Vec<_> = self
             .stores
@@ -587,12 +594,9 @@ impl DesiredCtx {
                 .all(|n| n.prefix_len() == n.max_prefix_len())
                 .then(|| nets.iter().map(|n| n.addr()).collect());
         }
-        let stores = &self.stores;
-        let all = || (stores.services.state(), stores.slices.state());
         match self.engine.compute(
-            stores,
-            &dirty,
-            all,
+            services,
+            slices,
             &node,
             &cidrs,
             &self.cfg.compile_config(&node),
@@ -600,10 +604,10 @@ impl DesiredCtx {
             Ok(out) => {
                 tracing::debug!(
                     rebuilt = out.rebuilt,
-                    relist = dirty.all,
+                    relist,
                     services = out.changed,
-                    dirty_services = dirty.services.len(),
-                    dirty_slices = dirty.slices.len(),
+                    changed_services,
+                    changed_slices,
                     "desired state computed"
                 );
                 found.extend(out.problems);

@@ -22,24 +22,117 @@ use crate::snapshot::NodeInfo;
 /// Namespace and name of an object.
 pub type ObjKey = (String, String);
 
-/// Where the engine reads the current version of a changed object.
-pub trait Source {
-    fn service(&self, key: &ObjKey) -> Option<Arc<Service>>;
-    fn slice(&self, key: &ObjKey) -> Option<Arc<EndpointSlice>>;
+/// What a watch delivered for one kind since the engine last looked: the latest version of each
+/// changed object (None: deleted), or, after a relist, the whole new list. The engine keeps only
+/// its reduced model, so the objects are dropped once modelled: the agent holds no second copy
+/// of the cluster's Services and EndpointSlices.
+#[derive(Debug)]
+pub struct Pending<K> {
+    changed: HashMap<ObjKey, Option<K>>,
+    /// A relist being received (between Init and InitDone).
+    relisting: Option<HashMap<ObjKey, K>>,
+    /// A complete relist the engine has not taken yet (later events are folded into it).
+    replaced: Option<HashMap<ObjKey, K>>,
+    /// The first list has completed.
+    pub listed: bool,
 }
 
-/// The objects named by watch events since the last computation.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct Dirty {
-    /// A relist replaced a store: everything may have changed (also objects deleted meanwhile).
-    pub all: bool,
-    pub services: BTreeSet<ObjKey>,
-    pub slices: BTreeSet<ObjKey>,
+impl<K> Default for Pending<K> {
+    fn default() -> Self {
+        Pending {
+            changed: HashMap::new(),
+            relisting: None,
+            replaced: None,
+            listed: false,
+        }
+    }
 }
 
-impl Dirty {
+/// What the engine takes from a [`Pending`].
+#[derive(Debug)]
+pub struct Batch<K> {
+    /// Every object of the kind (a relist); `changed` is empty then.
+    pub replaced: Option<HashMap<ObjKey, K>>,
+    pub changed: HashMap<ObjKey, Option<K>>,
+}
+
+impl<K> Default for Batch<K> {
+    fn default() -> Self {
+        Batch {
+            replaced: None,
+            changed: HashMap::new(),
+        }
+    }
+}
+
+impl<K> Batch<K> {
     pub fn is_empty(&self) -> bool {
-        !self.all && self.services.is_empty() && self.slices.is_empty()
+        self.replaced.is_none() && self.changed.is_empty()
+    }
+
+    /// A complete list.
+    pub fn all(objects: impl IntoIterator<Item = K>) -> Batch<K>
+    where
+        K: kube::Resource,
+    {
+        Batch {
+            replaced: Some(objects.into_iter().map(|o| (key_of(o.meta()), o)).collect()),
+            changed: HashMap::new(),
+        }
+    }
+}
+
+impl<K: kube::Resource> Pending<K> {
+    /// Record one watch event.
+    pub fn event(&mut self, ev: kube::runtime::watcher::Event<K>) {
+        use kube::runtime::watcher::Event;
+        match ev {
+            Event::Apply(o) => {
+                let key = key_of(o.meta());
+                match &mut self.replaced {
+                    Some(all) => {
+                        all.insert(key, o);
+                    }
+                    None => {
+                        self.changed.insert(key, Some(o));
+                    }
+                }
+            }
+            Event::Delete(o) => {
+                let key = key_of(o.meta());
+                match &mut self.replaced {
+                    Some(all) => {
+                        all.remove(&key);
+                    }
+                    None => {
+                        self.changed.insert(key, None);
+                    }
+                }
+            }
+            Event::Init => self.relisting = Some(HashMap::new()),
+            Event::InitApply(o) => {
+                self.relisting
+                    .get_or_insert_with(HashMap::new)
+                    .insert(key_of(o.meta()), o);
+            }
+            Event::InitDone => {
+                // The new list supersedes every change before it.
+                self.replaced = Some(self.relisting.take().unwrap_or_default());
+                self.changed.clear();
+                self.listed = true;
+            }
+        }
+    }
+
+    pub fn take(&mut self) -> Batch<K> {
+        Batch {
+            replaced: self.replaced.take(),
+            changed: std::mem::take(&mut self.changed),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.replaced.is_none() && self.changed.is_empty()
     }
 }
 
@@ -71,6 +164,19 @@ pub struct Model {
     state: ProxyState,
 }
 
+fn family_cidrs(f: Family, cidrs: &[IpNet]) -> Vec<IpNet> {
+    cidrs
+        .iter()
+        .filter(|n| {
+            matches!(
+                (n, f),
+                (IpNet::V4(_), Family::Ip) | (IpNet::V6(_), Family::Ip6)
+            )
+        })
+        .copied()
+        .collect()
+}
+
 fn svc_name(key: &ObjKey) -> ServiceName {
     ServiceName {
         namespace: key.0.clone(),
@@ -82,16 +188,7 @@ impl Model {
     fn empty(node: &NodeInfo, cidrs: &[IpNet]) -> Model {
         let mut state = ProxyState::default();
         for f in [Family::Ip, Family::Ip6] {
-            state.families.entry(f).or_default().service_cidrs = cidrs
-                .iter()
-                .filter(|n| {
-                    matches!(
-                        (n, f),
-                        (IpNet::V4(_), Family::Ip) | (IpNet::V6(_), Family::Ip6)
-                    )
-                })
-                .copied()
-                .collect();
+            state.families.entry(f).or_default().service_cidrs = family_cidrs(f, cidrs);
         }
         Model {
             node: node.clone(),
@@ -222,23 +319,96 @@ impl Model {
         }
     }
 
-    /// Apply the changes named in `dirty` (read from `src`); returns the Services whose port
-    /// states may have changed.
-    pub fn update(&mut self, src: &dyn Source, dirty: &Dirty) -> BTreeSet<ServiceName> {
+    /// Apply what the watches delivered; returns the Services whose port states may have
+    /// changed (all of them after a relist).
+    pub fn apply(
+        &mut self,
+        services: Batch<Service>,
+        slices: Batch<EndpointSlice>,
+    ) -> BTreeSet<ServiceName> {
         let mut touched = BTreeSet::new();
-        for key in &dirty.slices {
-            let obj = src.slice(key);
-            touched.extend(self.read_slice(key, obj.as_deref()));
+        if let Some(all) = slices.replaced {
+            let gone: Vec<ObjKey> = self
+                .slice_keys()
+                .into_iter()
+                .filter(|k| !all.contains_key(k))
+                .collect();
+            for k in gone {
+                touched.extend(self.read_slice(&k, None));
+            }
+            for (k, o) in &all {
+                touched.extend(self.read_slice(k, Some(o)));
+            }
         }
-        for key in &dirty.services {
-            let obj = src.service(key);
-            self.read_service(key, obj.as_deref());
-            touched.insert(svc_name(key));
+        for (k, o) in &slices.changed {
+            touched.extend(self.read_slice(k, o.as_ref()));
+        }
+        if let Some(all) = services.replaced {
+            let gone: Vec<ObjKey> = self
+                .service_keys()
+                .into_iter()
+                .filter(|k| !all.contains_key(k))
+                .collect();
+            for k in gone {
+                self.read_service(&k, None);
+                touched.insert(svc_name(&k));
+            }
+            for (k, o) in &all {
+                self.read_service(k, Some(o));
+                touched.insert(svc_name(k));
+            }
+        }
+        for (k, o) in &services.changed {
+            self.read_service(k, o.as_ref());
+            touched.insert(svc_name(k));
         }
         for s in &touched {
             self.rebuild_service(s);
         }
         touched
+    }
+
+    /// Keys of every slice known (modelled or only reported as a problem).
+    fn slice_keys(&self) -> BTreeSet<ObjKey> {
+        self.slices
+            .keys()
+            .cloned()
+            .chain(
+                self.problems
+                    .keys()
+                    .filter(|(kind, _)| *kind == Kind::Slice)
+                    .map(|(_, k)| k.clone()),
+            )
+            .collect()
+    }
+
+    fn service_keys(&self) -> BTreeSet<ObjKey> {
+        self.services
+            .keys()
+            .map(|n| (n.namespace.clone(), n.name.clone()))
+            .chain(
+                self.problems
+                    .keys()
+                    .filter(|(kind, _)| *kind == Kind::Service)
+                    .map(|(_, k)| k.clone()),
+            )
+            .collect()
+    }
+
+    /// The Node changed (zone, addresses): every endpoint choice is redone, from the model alone.
+    fn set_node(&mut self, node: &NodeInfo) {
+        self.node = node.clone();
+        let all: Vec<ServiceName> = self.services.keys().cloned().collect();
+        for s in &all {
+            self.rebuild_service(s);
+        }
+    }
+
+    fn set_cidrs(&mut self, cidrs: &[IpNet]) {
+        self.cidrs = cidrs.to_vec();
+        for (f, fs) in self.state.families.iter_mut() {
+            fs.service_cidrs = family_cidrs(*f, cidrs);
+        }
     }
 }
 
@@ -257,53 +427,46 @@ pub struct Output {
 /// The model and the compiled ruleset, kept between syncs.
 #[derive(Debug, Default)]
 pub struct Engine {
-    current: Option<(Model, Compiled)>,
+    model: Option<Model>,
+    /// None until the first compile, and after a failed one (the next compiles everything).
+    compiled: Option<Compiled>,
 }
 
 impl Engine {
-    /// Forget everything: the next computation rebuilds from the full lists.
-    pub fn reset(&mut self) {
-        self.current = None;
-    }
-
-    /// Bring the desired state up to date. `all` lists every object and is only called when
-    /// a rebuild is needed (first run, relist, Node or ServiceCIDR change).
+    /// Bring the desired state up to date with what the watches delivered. The first call must
+    /// carry complete lists (`replaced`) of both kinds.
     pub fn compute(
         &mut self,
-        src: &dyn Source,
-        dirty: &Dirty,
-        all: impl FnOnce() -> (Vec<Arc<Service>>, Vec<Arc<EndpointSlice>>),
+        services: Batch<Service>,
+        slices: Batch<EndpointSlice>,
         node: &NodeInfo,
         cidrs: &[IpNet],
         cfg: &CompileConfig,
     ) -> Result<Output, CompileError> {
-        let reuse = self.current.take().filter(|(m, c)| {
-            !dirty.all && m.node() == node && m.cidrs() == cidrs && c.config() == cfg
-        });
-        let (model, compiled, rebuilt, changed) = match reuse {
-            Some((mut model, mut compiled)) => {
-                let old = model.state().clone();
-                let changed = model.update(src, dirty);
-                let rebuilt = match compiled.update(&old, model.state(), &changed) {
-                    Ok(r) => r,
-                    Err(e) => {
-                        self.current = None;
-                        return Err(e);
-                    }
-                };
-                (model, compiled, rebuilt, changed.len())
+        let model = self.model.get_or_insert_with(|| Model::empty(node, cidrs));
+        let compiled = self.compiled.take();
+        let old = model.state().clone();
+        let mut changed = model.apply(services, slices);
+        let mut everything = compiled.is_none();
+        if model.node() != node {
+            // The node's name never changes (the watch selects it by name); its zone and
+            // addresses may.
+            model.set_node(node);
+            everything = true;
+        }
+        if model.cidrs() != cidrs {
+            model.set_cidrs(cidrs);
+            everything = true;
+        }
+        // On error `self.compiled` stays None: the next computation compiles everything.
+        let (compiled, rebuilt) = match compiled {
+            Some(mut c) if !everything && c.config() == cfg => {
+                let rebuilt = c.update(&old, model.state(), &changed)?;
+                (c, rebuilt)
             }
-            None => {
-                let (services, slices) = all();
-                let model = Model::from_objects(
-                    services.iter().map(|s| s.as_ref()),
-                    slices.iter().map(|s| s.as_ref()),
-                    cidrs,
-                    node,
-                );
-                let compiled = Compiled::new(model.state(), cfg)?;
-                let n = model.services.len();
-                (model, compiled, true, n)
+            _ => {
+                changed = model.services.keys().cloned().collect();
+                (Compiled::new(model.state(), cfg)?, true)
             }
         };
         let mut problems = model.problems();
@@ -313,9 +476,9 @@ impl Engine {
             state: Arc::new(model.state().clone()),
             problems,
             rebuilt,
-            changed,
+            changed: changed.len(),
         };
-        self.current = Some((model, compiled));
+        self.compiled = Some(compiled);
         Ok(out)
     }
 }

@@ -17,7 +17,7 @@ use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client, Resource, ResourceExt};
 use tokio::sync::mpsc;
 
-use crate::engine::{key_of, Dirty, ObjKey, Source};
+use crate::engine::Pending;
 
 /// Upstream kube-proxy's selector: Services and slices handed to another proxy, and headless
 /// Services' slices, are not ours.
@@ -25,11 +25,11 @@ pub const SERVICE_SELECTOR: &str = "!service.kubernetes.io/service-proxy-name";
 pub const SLICE_SELECTOR: &str =
     "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless";
 
-/// The reflector stores the sync loop reads.
+/// What the sync loop reads: the Service and EndpointSlice changes, and the Node and
+/// ServiceCIDR stores.
 #[derive(Clone)]
 pub struct Stores {
-    pub services: Store<Service>,
-    pub slices: Store<EndpointSlice>,
+    pub inbox: SharedInbox,
     pub node: Store<Node>,
     /// None when the API does not serve networking.k8s.io/v1 ServiceCIDRs.
     pub service_cidrs: Option<Store<ServiceCIDR>>,
@@ -38,8 +38,6 @@ pub struct Stores {
     pub ready: Arc<std::sync::atomic::AtomicBool>,
     /// True once every store (also the Node and ServiceCIDRs) holds its initial list.
     complete: tokio::sync::watch::Receiver<bool>,
-    /// Services and slices changed since the sync loop last took this.
-    pub dirty: SharedDirty,
 }
 
 impl Stores {
@@ -53,25 +51,15 @@ impl Stores {
     }
 }
 
-/// Which objects changed since the sync loop last looked (the engine re-reads only those).
-pub type SharedDirty = Arc<std::sync::Mutex<Dirty>>;
-
-/// Record an event in `dirty` with `slot` choosing the kind's key set.
-fn mark<K: Resource>(
-    dirty: &SharedDirty,
-    ev: &watcher::Event<K>,
-    slot: fn(&mut Dirty) -> &mut std::collections::BTreeSet<ObjKey>,
-) {
-    let Ok(mut d) = dirty.lock() else { return };
-    match ev {
-        watcher::Event::Apply(o) | watcher::Event::Delete(o) => {
-            slot(&mut d).insert(key_of(o.meta()));
-        }
-        // The store was replaced by a relist: deletions in between have no event of their own.
-        watcher::Event::InitDone => d.all = true,
-        watcher::Event::Init | watcher::Event::InitApply(_) => {}
-    }
+/// Services and EndpointSlices as delivered by their watches, waiting for the engine (which
+/// keeps only its reduced model of them: there is no store of whole objects).
+#[derive(Debug, Default)]
+pub struct Inbox {
+    pub services: Pending<Service>,
+    pub slices: Pending<EndpointSlice>,
 }
+
+pub type SharedInbox = Arc<std::sync::Mutex<Inbox>>;
 
 /// Drive a reflector and nudge `changes` on every event. The reflector has updated its store
 /// before the event reaches `on_event`.
@@ -179,7 +167,6 @@ fn reflect<K>(
     api: Api<K>,
     cfg: watcher::Config,
     changes: mpsc::Sender<()>,
-    on_event: impl Fn(&watcher::Event<K>) + Send + 'static,
 ) -> Store<K>
 where
     K: Resource
@@ -193,11 +180,64 @@ where
     K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
 {
     let (reader, writer) = reflector::store::<K>();
+    let stream = reflector::reflector(writer, watch_stream(name, api, cfg));
+    drive(name, stream, changes, |_| {});
+    reader
+}
+
+/// Watch `api` into the inbox slot `slot`; `listed` turns true after the first complete list.
+fn watch_into<K>(
+    name: &'static str,
+    api: Api<K>,
+    cfg: watcher::Config,
+    changes: mpsc::Sender<()>,
+    inbox: SharedInbox,
+    slot: fn(&mut Inbox) -> &mut Pending<K>,
+    listed: tokio::sync::watch::Sender<bool>,
+) where
+    K: Resource
+        + Slim
+        + Clone
+        + Send
+        + Sync
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
+{
+    drive(name, watch_stream(name, api, cfg), changes, move |ev| {
+        let done = matches!(ev, watcher::Event::InitDone);
+        if let Ok(mut i) = inbox.lock() {
+            slot(&mut i).event(ev.clone());
+        }
+        if done {
+            listed.send_replace(true);
+        }
+    });
+}
+
+/// The watch of one kind: list+watch with relists, backoff, and slimmed objects.
+fn watch_stream<K>(
+    name: &'static str,
+    api: Api<K>,
+    cfg: watcher::Config,
+) -> impl Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static
+where
+    K: Resource
+        + Slim
+        + Clone
+        + Send
+        + Sync
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
+{
     // A 410 Gone (our resource version expired, e.g. after an API server restart) means "relist
     // now", as client-go does: the first one in a row skips the backoff, which after an outage
     // has grown to seconds. A second 410 without progress in between is backed off as usual.
     let mut gone_before = false;
-    let stream = watcher(api, cfg)
+    watcher(api, cfg)
         .filter(move |ev| {
             let gone = matches!(ev, Err(watcher::Error::WatchError(s)) if s.code == 410);
             let relist_now = gone && !gone_before;
@@ -208,10 +248,7 @@ where
             std::future::ready(!relist_now)
         })
         .default_backoff()
-        .modify(Slim::slim);
-    let stream = reflector::reflector(writer, stream);
-    drive(name, stream, changes, on_event);
-    reader
+        .modify(Slim::slim)
 }
 
 /// Whether the API serves ServiceCIDRs (a 404 turns the feature off instead of a watch error loop).
@@ -234,9 +271,10 @@ async fn service_cidrs_served(client: &Client) -> bool {
 pub async fn start(client: Client, node_name: &str, changes: mpsc::Sender<()>) -> Stores {
     let ready_nudge = changes.clone();
     let page = 500;
-    let dirty: SharedDirty = Arc::default();
-    let (d1, d2) = (dirty.clone(), dirty.clone());
-    let services = reflect(
+    let inbox: SharedInbox = Arc::default();
+    let (svc_listed_tx, mut svc_listed) = tokio::sync::watch::channel(false);
+    let (slice_listed_tx, mut slice_listed) = tokio::sync::watch::channel(false);
+    watch_into(
         "services",
         Api::<Service>::all(client.clone()),
         watcher::Config::default()
@@ -244,9 +282,11 @@ pub async fn start(client: Client, node_name: &str, changes: mpsc::Sender<()>) -
             .page_size(page)
             .any_semantic(),
         changes.clone(),
-        move |ev| mark(&d1, ev, |d| &mut d.services),
+        inbox.clone(),
+        |i| &mut i.services,
+        svc_listed_tx,
     );
-    let slices = reflect(
+    watch_into(
         "endpointslices",
         Api::<EndpointSlice>::all(client.clone()),
         watcher::Config::default()
@@ -254,15 +294,16 @@ pub async fn start(client: Client, node_name: &str, changes: mpsc::Sender<()>) -
             .page_size(page)
             .any_semantic(),
         changes.clone(),
-        move |ev| mark(&d2, ev, |d| &mut d.slices),
+        inbox.clone(),
+        |i| &mut i.slices,
+        slice_listed_tx,
     );
-    // The Node and ServiceCIDRs are compared whole on every sync (one object, a few objects).
+    // The Node and ServiceCIDRs are small: kept in stores and compared whole on every sync.
     let node = reflect(
         "node",
         Api::<Node>::all(client.clone()),
         watcher::Config::default().fields(&format!("metadata.name={node_name}")),
         changes.clone(),
-        |_| {},
     );
     let service_cidrs = if service_cidrs_served(&client).await {
         Some(reflect(
@@ -270,7 +311,6 @@ pub async fn start(client: Client, node_name: &str, changes: mpsc::Sender<()>) -
             Api::<ServiceCIDR>::all(client.clone()),
             watcher::Config::default(),
             changes,
-            |_| {},
         ))
     } else {
         None
@@ -279,15 +319,10 @@ pub async fn start(client: Client, node_name: &str, changes: mpsc::Sender<()>) -
     // that polled `wait_until_ready`, so two concurrent waiters can hang one of them.
     let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (complete_tx, complete) = tokio::sync::watch::channel(false);
-    let (r, s, e, n, c) = (
-        ready.clone(),
-        services.clone(),
-        slices.clone(),
-        node.clone(),
-        service_cidrs.clone(),
-    );
+    let (r, n, c) = (ready.clone(), node.clone(), service_cidrs.clone());
     tokio::spawn(async move {
-        if s.wait_until_ready().await.is_ok() && e.wait_until_ready().await.is_ok() {
+        if svc_listed.wait_for(|l| *l).await.is_ok() && slice_listed.wait_for(|l| *l).await.is_ok()
+        {
             r.store(true, std::sync::atomic::Ordering::SeqCst);
             // The watchers' own nudges may have come before the flag: sync now.
             let _ = ready_nudge.try_send(());
@@ -299,24 +334,11 @@ pub async fn start(client: Client, node_name: &str, changes: mpsc::Sender<()>) -
         let _ = complete_tx.send(true);
     });
     Stores {
-        services,
-        slices,
+        inbox,
         node,
         service_cidrs,
         ready,
         complete,
-        dirty,
-    }
-}
-
-impl Source for Stores {
-    fn service(&self, key: &ObjKey) -> Option<Arc<Service>> {
-        self.services
-            .get(&reflector::ObjectRef::new(&key.1).within(&key.0))
-    }
-    fn slice(&self, key: &ObjKey) -> Option<Arc<EndpointSlice>> {
-        self.slices
-            .get(&reflector::ObjectRef::new(&key.1).within(&key.0))
     }
 }
 

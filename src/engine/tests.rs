@@ -14,16 +14,23 @@ use crate::nft::{plan, render};
 
 #[derive(Default)]
 struct Objs {
-    services: BTreeMap<ObjKey, Arc<Service>>,
-    slices: BTreeMap<ObjKey, Arc<EndpointSlice>>,
+    services: BTreeMap<ObjKey, Service>,
+    slices: BTreeMap<ObjKey, EndpointSlice>,
 }
 
-impl Source for Objs {
-    fn service(&self, key: &ObjKey) -> Option<Arc<Service>> {
-        self.services.get(key).cloned()
-    }
-    fn slice(&self, key: &ObjKey) -> Option<Arc<EndpointSlice>> {
-        self.slices.get(key).cloned()
+/// What the watches deliver between two computations.
+#[derive(Default)]
+struct Delivered {
+    services: Batch<Service>,
+    slices: Batch<EndpointSlice>,
+}
+
+impl Objs {
+    fn lists(&self) -> (Batch<Service>, Batch<EndpointSlice>) {
+        (
+            Batch::all(self.services.values().cloned()),
+            Batch::all(self.slices.values().cloned()),
+        )
     }
 }
 
@@ -212,12 +219,7 @@ fn cfg() -> CompileConfig {
 }
 
 fn from_scratch(o: &Objs) -> (ProxyState, Ruleset, BTreeSet<(String, String)>) {
-    let m = Model::from_objects(
-        o.services.values().map(|s| s.as_ref()),
-        o.slices.values().map(|s| s.as_ref()),
-        &[],
-        &node(),
-    );
+    let m = Model::from_objects(o.services.values(), o.slices.values(), &[], &node());
     let c = Compiled::new(m.state(), &cfg()).expect("compile");
     let problems = m
         .problems()
@@ -235,53 +237,62 @@ proptest! {
     fn incremental_equals_from_scratch(
         initial in prop::collection::vec(op(), 0..12),
         steps in prop::collection::vec(prop::collection::vec(op(), 1..4), 1..14),
+        relist_at in prop::option::of(0usize..14),
     ) {
         let mut objs = Objs::default();
-        let apply = |objs: &mut Objs, op: &Op, dirty: &mut Dirty| match op {
+        let apply = |objs: &mut Objs, op: &Op, d: &mut Delivered| match op {
             Op::Service(i, s) => {
                 let key = (ns(*i), format!("s{i}"));
                 match s {
-                    Some(s) => { objs.services.insert(key.clone(), Arc::new(service(*i, s))); }
-                    None => { objs.services.remove(&key); }
+                    Some(s) => {
+                        let o = service(*i, s);
+                        objs.services.insert(key.clone(), o.clone());
+                        d.services.changed.insert(key, Some(o));
+                    }
+                    None => {
+                        objs.services.remove(&key);
+                        d.services.changed.insert(key, None);
+                    }
                 }
-                dirty.services.insert(key);
             }
             Op::Slice(i, s) => {
                 // A slice keeps its namespace: moving it means deleting it there.
                 let old_ns = objs.slices.keys().find(|k| k.1 == format!("e{i}")).cloned();
                 if let Some(k) = old_ns {
                     objs.slices.remove(&k);
-                    dirty.slices.insert(k);
+                    d.slices.changed.insert(k, None);
                 }
                 if let Some(s) = s {
                     let key = (ns(s.service), format!("e{i}"));
-                    objs.slices.insert(key.clone(), Arc::new(slice(*i, s)));
-                    dirty.slices.insert(key);
+                    let o = slice(*i, s);
+                    objs.slices.insert(key.clone(), o.clone());
+                    d.slices.changed.insert(key, Some(o));
                 }
             }
         };
-        let mut d = Dirty::default();
+        let mut d = Delivered::default();
         for op in &initial {
             apply(&mut objs, op, &mut d);
         }
         let mut engine = Engine::default();
-        let all = |o: &Objs| -> (Vec<Arc<Service>>, Vec<Arc<EndpointSlice>>) {
-            (o.services.values().cloned().collect(), o.slices.values().cloned().collect())
-        };
-        let first = engine
-            .compute(&objs, &Dirty::default(), || all(&objs), &node(), &[], &cfg())
-            .expect("first");
+        let (svcs, slices) = objs.lists();
+        let first = engine.compute(svcs, slices, &node(), &[], &cfg()).expect("first");
         prop_assert!(first.rebuilt);
         let mut fake = FakeApplier::new();
         fake.apply(&plan::full(&first.ruleset)).expect("full apply");
         let mut applied = first.ruleset;
-        for step in &steps {
-            let mut dirty = Dirty::default();
+        for (n, step) in steps.iter().enumerate() {
+            let mut d = Delivered::default();
             for op in step {
-                apply(&mut objs, op, &mut dirty);
+                apply(&mut objs, op, &mut d);
+            }
+            if relist_at == Some(n) {
+                // A relist delivers the whole list instead of the changes.
+                let (svcs, slices) = objs.lists();
+                d = Delivered { services: svcs, slices };
             }
             let out = engine
-                .compute(&objs, &dirty, || all(&objs), &node(), &[], &cfg())
+                .compute(d.services, d.slices, &node(), &[], &cfg())
                 .expect("compute");
             let (state, ruleset, problems) = from_scratch(&objs);
             prop_assert_eq!(out.state.as_ref(), &state);
@@ -315,16 +326,12 @@ fn a_change_recompiles_only_its_service() {
             ranges: false,
         };
         objs.services
-            .insert((ns(i), format!("s{i}")), Arc::new(service(i, &spec)));
+            .insert((ns(i), format!("s{i}")), service(i, &spec));
     }
     let mut engine = Engine::default();
-    let (s, e): (Vec<Arc<Service>>, Vec<Arc<EndpointSlice>>) = (
-        objs.services.values().cloned().collect(),
-        objs.slices.values().cloned().collect(),
-    );
-    let all = || (s.clone(), e.clone());
+    let (svcs, slices) = objs.lists();
     let first = engine
-        .compute(&objs, &Dirty::default(), all, &node(), &[], &cfg())
+        .compute(svcs, slices, &node(), &[], &cfg())
         .expect("first");
     assert!(first.rebuilt);
     let spec = SliceSpec {
@@ -334,20 +341,10 @@ fn a_change_recompiles_only_its_service() {
         udp: false,
     };
     let key = (ns(3), "e0".to_string());
-    objs.slices.insert(key.clone(), Arc::new(slice(0, &spec)));
-    let dirty = Dirty {
-        slices: [key].into(),
-        ..Dirty::default()
-    };
+    let mut d = Delivered::default();
+    d.slices.changed.insert(key, Some(slice(0, &spec)));
     let out = engine
-        .compute(
-            &objs,
-            &dirty,
-            || -> (Vec<Arc<Service>>, Vec<Arc<EndpointSlice>>) { panic!("no full listing") },
-            &node(),
-            &[],
-            &cfg(),
-        )
+        .compute(d.services, d.slices, &node(), &[], &cfg())
         .expect("update");
     assert!(!out.rebuilt);
     assert_eq!(out.changed, 1);
@@ -355,19 +352,53 @@ fn a_change_recompiles_only_its_service() {
     // reject entry out, count-set entry and one backend in.
     assert_eq!(p.tx.element_count(), 3, "{:?}", p.tx);
     assert_eq!(p.tx.skeleton_ops(), 0);
-    // A relist rebuilds.
+    // A new zone redoes every endpoint choice; new node addresses recompile everything.
+    let mut zoned = node();
+    zoned.zone = Some("z1".into());
     let out = engine
-        .compute(
-            &objs,
-            &Dirty {
-                all: true,
-                ..Dirty::default()
-            },
-            all,
-            &node(),
-            &[],
-            &cfg(),
-        )
-        .expect("relist");
+        .compute(Batch::default(), Batch::default(), &zoned, &[], &cfg())
+        .expect("zone");
     assert!(out.rebuilt);
+    assert_eq!(out.changed, 6);
+}
+
+#[test]
+fn pending_folds_events_and_relists() {
+    use kube::runtime::watcher::Event;
+    let spec = SvcSpec {
+        ip: 0,
+        ports: vec![(0, false)],
+        node_port: None,
+        lb: None,
+        local: false,
+        itp_local: false,
+        affinity: None,
+        v6: false,
+        ranges: false,
+    };
+    let (a, b) = (service(0, &spec), service(1, &spec));
+    let mut p: Pending<Service> = Pending::default();
+    p.event(Event::Apply(a.clone()));
+    p.event(Event::Delete(a.clone()));
+    let batch = p.take();
+    assert!(batch.replaced.is_none());
+    assert_eq!(batch.changed.len(), 1, "the latest version per object");
+    assert!(batch.changed.values().all(|o| o.is_none()));
+    assert!(p.take().is_empty());
+    // A relist replaces everything; events after it (before the engine looks) fold into it.
+    p.event(Event::Apply(b.clone()));
+    p.event(Event::Init);
+    p.event(Event::InitApply(a.clone()));
+    assert!(!p.listed);
+    p.event(Event::InitDone);
+    assert!(p.listed);
+    p.event(Event::Apply(b.clone()));
+    p.event(Event::Delete(a));
+    let batch = p.take();
+    assert!(batch.changed.is_empty());
+    let all = batch.replaced.expect("relist");
+    assert_eq!(
+        all.keys().cloned().collect::<Vec<_>>(),
+        vec![key_of(&b.metadata)]
+    );
 }

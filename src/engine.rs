@@ -155,11 +155,13 @@ enum Kind {
 pub struct Model {
     node: NodeInfo,
     cidrs: Vec<IpNet>,
-    services: HashMap<ServiceName, Vec<ServicePort>>,
+    // A Service's ports live only in `state` (each port state holds its service port).
     slices: HashMap<ObjKey, SliceInfo>,
-    /// The slices of each Service and family, in name order (merging is order-sensitive only
-    /// for duplicates, and then deterministic).
-    by_service: HashMap<(ServiceName, Family), BTreeSet<ObjKey>>,
+    /// The slices of each Service and family, sorted by name (merging is order-sensitive only
+    /// for duplicates, and then deterministic). A Vec: most Services have one slice.
+    by_service: HashMap<(ServiceName, Family), Vec<ObjKey>>,
+    /// Ports of Services re-read in this round, until their port states are rebuilt.
+    fresh: HashMap<ServiceName, Vec<ServicePort>>,
     problems: HashMap<(Kind, ObjKey), Vec<Problem>>,
     state: ProxyState,
 }
@@ -193,8 +195,8 @@ impl Model {
         Model {
             node: node.clone(),
             cidrs: cidrs.to_vec(),
-            services: HashMap::new(),
             slices: HashMap::new(),
+            fresh: HashMap::new(),
             by_service: HashMap::new(),
             problems: HashMap::new(),
             state,
@@ -215,7 +217,7 @@ impl Model {
         for s in slices {
             m.read_slice(&key_of(&s.metadata), Some(s));
         }
-        let all: Vec<ServiceName> = m.services.keys().cloned().collect();
+        let all: Vec<ServiceName> = m.fresh.keys().cloned().collect();
         for s in &all {
             m.rebuild_service(s);
         }
@@ -234,6 +236,15 @@ impl Model {
         &self.cidrs
     }
 
+    /// Every Service with ports.
+    fn service_names(&self) -> BTreeSet<ServiceName> {
+        self.state
+            .families
+            .values()
+            .flat_map(|fs| fs.ports.keys().map(|k| k.service.clone()))
+            .collect()
+    }
+
     /// Every problem of the current objects.
     pub fn problems(&self) -> Vec<Problem> {
         self.problems.values().flatten().cloned().collect()
@@ -243,17 +254,15 @@ impl Model {
     fn read_service(&mut self, key: &ObjKey, svc: Option<&Service>) {
         let name = svc_name(key);
         self.problems.remove(&(Kind::Service, key.clone()));
-        self.services.remove(&name);
+        let mut ports = Vec::new();
         if let Some(svc) = svc {
             let mut p = Vec::new();
-            let ports = model::service_ports(svc, &mut p);
-            if !ports.is_empty() {
-                self.services.insert(name, ports);
-            }
+            ports = model::service_ports(svc, &mut p);
             if !p.is_empty() {
                 self.problems.insert((Kind::Service, key.clone()), p);
             }
         }
+        self.fresh.insert(name, ports);
     }
 
     /// Re-read one EndpointSlice (None: deleted). Returns the Services it belonged to, before
@@ -264,7 +273,7 @@ impl Model {
         if let Some(old) = self.slices.remove(key) {
             let idx = (old.service.clone(), old.family);
             if let Some(set) = self.by_service.get_mut(&idx) {
-                set.remove(key);
+                set.retain(|k| k != key);
                 if set.is_empty() {
                     self.by_service.remove(&idx);
                 }
@@ -274,10 +283,13 @@ impl Model {
         if let Some(slice) = slice {
             let mut p = Vec::new();
             if let Some(info) = model::slice_info(slice, &self.node.name, &mut p) {
-                self.by_service
+                let set = self
+                    .by_service
                     .entry((info.service.clone(), info.family))
-                    .or_default()
-                    .insert(key.clone());
+                    .or_default();
+                if let Err(at) = set.binary_search(key) {
+                    set.insert(at, key.clone());
+                }
                 touched.push(info.service.clone());
                 self.slices.insert(key.clone(), info);
             }
@@ -288,21 +300,24 @@ impl Model {
         touched
     }
 
-    /// Recompute the port states of one Service from its ports and slices.
+    /// Recompute the port states of one Service from its ports (re-read, or else as they are)
+    /// and its slices.
     fn rebuild_service(&mut self, svc: &ServiceName) {
+        let fresh = self.fresh.remove(svc);
+        let mut kept = Vec::new();
         for fs in self.state.families.values_mut() {
-            let keys: Vec<PortKey> = compile::service_ports(&fs.ports, svc)
+            let old: Vec<PortKey> = compile::service_ports(&fs.ports, svc)
                 .map(|ps| ps.sp.key.clone())
                 .collect();
-            for k in keys {
-                fs.ports.remove(&k);
+            for k in old {
+                if let Some(ps) = fs.ports.remove(&k) {
+                    kept.push(ps.sp);
+                }
             }
         }
-        let Some(ports) = self.services.get(svc) else {
-            return;
-        };
+        let ports = fresh.unwrap_or(kept);
         let mut merged = BTreeMap::new();
-        for sp in ports {
+        for sp in &ports {
             let eps = merged.entry(sp.family).or_insert_with(|| {
                 self.by_service
                     .get(&(svc.clone(), sp.family))
@@ -383,9 +398,9 @@ impl Model {
     }
 
     fn service_keys(&self) -> BTreeSet<ObjKey> {
-        self.services
-            .keys()
-            .map(|n| (n.namespace.clone(), n.name.clone()))
+        self.service_names()
+            .into_iter()
+            .map(|n| (n.namespace, n.name))
             .chain(
                 self.problems
                     .keys()
@@ -398,8 +413,7 @@ impl Model {
     /// The Node changed (zone, addresses): every endpoint choice is redone, from the model alone.
     fn set_node(&mut self, node: &NodeInfo) {
         self.node = node.clone();
-        let all: Vec<ServiceName> = self.services.keys().cloned().collect();
-        for s in &all {
+        for s in &self.service_names() {
             self.rebuild_service(s);
         }
     }
@@ -465,7 +479,7 @@ impl Engine {
                 (c, rebuilt)
             }
             _ => {
-                changed = model.services.keys().cloned().collect();
+                changed = model.service_names();
                 (Compiled::new(model.state(), cfg)?, true)
             }
         };

@@ -248,12 +248,18 @@ impl Metrics {
 /// Entry key (as in the no-endpoint sets) -> owning service, per family.
 pub type Owners = BTreeMap<IpFamily, BTreeMap<Vec<Value>, ServiceLabel>>;
 
-/// The owners of every entry point of a state.
+/// The owners of the entry points of ports without (local) endpoints: the only ones the
+/// no-endpoint sets can hold.
 pub fn entry_owners(state: &ProxyState) -> Owners {
     let mut out: BTreeMap<IpFamily, BTreeMap<Vec<Value>, ServiceLabel>> = BTreeMap::new();
     for (f, fs) in &state.families {
         let m = out.entry(*f).or_default();
-        for ps in fs.ports.values() {
+        // Only ports that can be in a no-endpoint set: the scan stays cheap at any size.
+        for ps in fs.ports.values().filter(|ps| {
+            let c = &ps.chosen;
+            c.cluster.is_empty()
+                || ((ps.sp.internal_local || ps.sp.external_local) && c.local.is_empty())
+        }) {
             let sp = &ps.sp;
             let label = ServiceLabel {
                 namespace: sp.key.service.namespace.clone(),

@@ -376,7 +376,9 @@ pub fn service_ports(svc: &Service, problems: &mut Vec<Problem>) -> Vec<ServiceP
 pub struct SliceInfo {
     pub service: ServiceName,
     pub family: Family,
-    pub ports: PortEndpoints,
+    /// Endpoints per (port name, protocol). A Vec, not a map: a slice has a port or two, and
+    /// the agent keeps one of these per slice in the cluster.
+    pub ports: Vec<((String, Proto), Vec<Endpoint>)>,
 }
 
 /// Read one EndpointSlice. `node` is this node's name (endpoint locality).
@@ -503,7 +505,7 @@ pub fn slice_info(
             name: svc_name.clone(),
         },
         family,
-        ports,
+        ports: ports.into_iter().collect(),
     })
 }
 

@@ -182,7 +182,12 @@ fn slice_conditions_and_locality() {
     let info = slice_info(&s, "node-a", &mut p).expect("slice");
     assert_eq!(p.len(), 2, "{p:?}");
     assert_eq!(info.service.name, "web");
-    let eps = &info.ports[&("http".to_string(), Proto::Tcp)];
+    let eps = &info
+        .ports
+        .iter()
+        .find(|(k, _)| *k == ("http".to_string(), Proto::Tcp))
+        .expect("http/tcp")
+        .1;
     assert_eq!(eps.len(), 3);
     assert!(eps[0].ready && eps[0].serving && !eps[0].terminating && eps[0].local);
     assert!(!eps[1].ready && eps[1].serving && eps[1].terminating && !eps[1].local);

@@ -134,14 +134,13 @@ fn plain_set(types: Vec<FieldType>) -> SetDef {
 }
 
 /// What one service port puts into its family's table: elements, the pick rules and affinity
-/// timeouts it needs, and the entry points it owns. A pure function of the port's state, so
+/// timeouts it needs. A pure function of the port's state, so
 /// removing a port recomputes its old contribution instead of remembering it.
 #[derive(Debug, Default)]
 struct Contribution {
     elements: Vec<(String, Element)>,
     counts: Vec<(Pick, usize)>,
     affinity: Vec<(bool, u32)>,
-    claimed: Vec<Vec<Value>>,
 }
 
 impl Contribution {
@@ -189,7 +188,6 @@ fn contribute(
     if !claim(&cip, &sp.key) {
         return out;
     }
-    out.claimed.push(cip.clone());
     out.add("cluster-ips", vec![Value::Addr(sp.cluster_ip)], None);
 
     // ClusterIP: internal traffic policy decides the endpoint set.
@@ -223,7 +221,6 @@ fn contribute(
     }
     externals.retain(|(entry, _)| claim(entry, &sp.key));
     for (entry, nodeport) in &externals {
-        out.claimed.push(entry.clone());
         let (cluster_pick, local_pick) = if *nodeport {
             (Pick::NpCluster, Pick::NpLocal)
         } else {
@@ -310,9 +307,11 @@ struct FamilyTable {
     /// Elements wanted more than once (one cluster IP for several ports, one endpoint IP in
     /// several Services' hairpin lists): the uses beyond the first.
     dups: HashMap<(String, Element), u32>,
-    /// Entry points and the port owning each: two Services claiming the same address:port
-    /// (or NodePort) is bad input; the first (in port order) keeps it, the later one is reported
-    /// and skipped rather than turning into duplicate elements that would fail every commit.
+    /// While compiling everything: entry points and the port owning each. Two Services claiming
+    /// the same address:port (or NodePort) is bad input; the first (in port order) keeps it, the
+    /// later one is reported and skipped rather than turning into duplicate elements that would
+    /// fail every commit. Emptied afterwards: later changes find an entry's owner in the entry
+    /// class sets (`entry_taken`), so the map does not cost memory for the agent's lifetime.
     claims: HashMap<Vec<Value>, PortKey>,
     /// Services involved in such a conflict: a change to one of them is compiled from scratch,
     /// because who wins depends on every claimant.
@@ -394,10 +393,7 @@ impl FamilyTable {
         }
     }
 
-    fn add(&mut self, c: Contribution, port: &PortKey) {
-        for entry in c.claimed {
-            self.claims.insert(entry, port.clone());
-        }
+    fn add(&mut self, c: Contribution) {
         for (set, e) in c.elements {
             self.add_element(set, e);
         }
@@ -413,12 +409,7 @@ impl FamilyTable {
         }
     }
 
-    fn remove(&mut self, c: Contribution, port: &PortKey) {
-        for entry in c.claimed {
-            if self.claims.get(&entry) == Some(port) {
-                self.claims.remove(&entry);
-            }
-        }
+    fn remove(&mut self, c: Contribution) {
         for (set, e) in c.elements {
             self.remove_element(set, e);
         }
@@ -469,7 +460,27 @@ impl FamilyTable {
                 }
             }
         });
-        self.add(c, &ps.sp.key);
+        self.add(c);
+    }
+
+    /// Whether some port already uses this entry point: every claimed entry is in one of the
+    /// entry class sets.
+    fn entry_taken(&self, entry: &[Value]) -> bool {
+        let classes: &[&str] = if matches!(entry.first(), Some(Value::Addr(_))) {
+            &["clusterip", "clusterip-local", "external", "external-local"]
+        } else {
+            &["nodeport", "nodeport-local"]
+        };
+        let probe = Element {
+            key: entry.to_vec(),
+            value: None,
+        };
+        classes.iter().any(|c| {
+            self.table
+                .elements
+                .get(*c)
+                .is_some_and(|els| els.contains(&probe))
+        })
     }
 }
 
@@ -681,6 +692,7 @@ impl Compiled {
             for ps in fs.iter().flat_map(|s| s.ports.values()) {
                 ft.fold_port(ps, cfg);
             }
+            ft.claims = HashMap::new();
             ft.finish();
             families.insert(f, ft);
         }
@@ -757,26 +769,23 @@ impl Compiled {
                 for ps in service_ports(old_ports, svc) {
                     // Not contested, so every claim was won: the old contribution is exact.
                     let c = contribute(ps, &cfg, &mut |_, _| true);
-                    ft.remove(c, &ps.sp.key);
+                    ft.remove(c);
                 }
             }
             for svc in changed {
                 for ps in service_ports(new_ports, svc) {
+                    // An entry already in use means a conflict: who wins depends on every
+                    // claimant, so the caller compiles everything.
                     let mut conflict = false;
-                    let claims = &mut ft.claims;
-                    let c = contribute(ps, &cfg, &mut |entry, port| {
-                        match claims.get(entry) {
-                            Some(owner) if owner != port => conflict = true,
-                            _ => {
-                                claims.insert(entry.to_vec(), port.clone());
-                            }
-                        }
+                    let table: &FamilyTable = ft;
+                    let c = contribute(ps, &cfg, &mut |entry, _| {
+                        conflict |= table.entry_taken(entry);
                         true
                     });
                     if conflict {
                         return None;
                     }
-                    ft.add(c, &ps.sp.key);
+                    ft.add(c);
                 }
             }
             ft.finish();

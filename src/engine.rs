@@ -16,7 +16,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use crate::model::{self, PortKey, Problem, ServiceName, ServicePort, SliceInfo};
 use crate::nft::compile::{self, CompileConfig, CompileError, Compiled};
 use crate::nft::ir::{Family, Ruleset};
-use crate::proxy::{self, ProxyState};
+use crate::proxy::{self, Backend, ProxyState};
 use crate::snapshot::NodeInfo;
 
 /// Namespace and name of an object.
@@ -179,6 +179,29 @@ fn family_cidrs(f: Family, cidrs: &[IpNet]) -> Vec<IpNet> {
         .collect()
 }
 
+/// Order `new` (a port's chosen backends) so that backends it shares with `old` keep their
+/// positions: a backend's position is its numgen slot in the data path, so one endpoint replaced
+/// rewrites one slot instead of every slot after it in sorted order. Positions stay dense
+/// (`0..n`, as `numgen mod n` needs): survivors beyond the new end move into the freed holes.
+pub fn stable_slots(old: &[Backend], new: &[Backend]) -> Vec<Backend> {
+    let n = new.len();
+    let wanted: std::collections::HashSet<&Backend> = new.iter().collect();
+    let mut slots: Vec<Option<Backend>> = vec![None; n];
+    let mut placed = std::collections::HashSet::new();
+    for (i, b) in old.iter().enumerate().take(n) {
+        if wanted.contains(b) {
+            slots[i] = Some(*b);
+            placed.insert(*b);
+        }
+    }
+    let mut rest = new.iter().filter(|b| !placed.contains(*b));
+    slots
+        .into_iter()
+        .map(|s| s.or_else(|| rest.next().copied()))
+        .collect::<Option<Vec<_>>>()
+        .unwrap_or_else(|| new.to_vec())
+}
+
 fn svc_name(key: &ObjKey) -> ServiceName {
     ServiceName {
         namespace: key.0.clone(),
@@ -304,18 +327,18 @@ impl Model {
     /// and its slices.
     fn rebuild_service(&mut self, svc: &ServiceName) {
         let fresh = self.fresh.remove(svc);
-        let mut kept = Vec::new();
+        let mut previous = HashMap::new();
         for fs in self.state.families.values_mut() {
             let old: Vec<PortKey> = compile::service_ports(&fs.ports, svc)
                 .map(|ps| ps.sp.key.clone())
                 .collect();
             for k in old {
                 if let Some(ps) = fs.ports.remove(&k) {
-                    kept.push(ps.sp);
+                    previous.insert(k, ps);
                 }
             }
         }
-        let ports = fresh.unwrap_or(kept);
+        let ports = fresh.unwrap_or_else(|| previous.values().map(|ps| ps.sp.clone()).collect());
         let mut merged = BTreeMap::new();
         for sp in &ports {
             let eps = merged.entry(sp.family).or_insert_with(|| {
@@ -323,8 +346,12 @@ impl Model {
                     .get(&(svc.clone(), sp.family))
                     .map(|keys| model::merge_slices(keys.iter().filter_map(|k| self.slices.get(k))))
             });
-            let ps =
+            let mut ps =
                 proxy::port_state(sp, eps.as_ref(), &self.node.name, self.node.zone.as_deref());
+            if let Some(old) = previous.get(&sp.key) {
+                ps.chosen.cluster = stable_slots(&old.chosen.cluster, &ps.chosen.cluster);
+                ps.chosen.local = stable_slots(&old.chosen.local, &ps.chosen.local);
+            }
             self.state
                 .families
                 .entry(sp.family)

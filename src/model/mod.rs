@@ -513,17 +513,23 @@ pub fn slice_info(
 /// non-terminating copy (a pod moving between slices is briefly in both).
 pub fn merge_slices<'a>(slices: impl IntoIterator<Item = &'a SliceInfo>) -> PortEndpoints {
     let mut merged: PortEndpoints = BTreeMap::new();
+    // Position of each ip:port per port key: a Service may have 1,000s of endpoints.
+    let mut at: std::collections::HashMap<(&(String, Proto), IpAddr, u16), usize> =
+        std::collections::HashMap::new();
     for s in slices {
         for (k, eps) in &s.ports {
             let list = merged.entry(k.clone()).or_default();
             for ep in eps {
-                match list.iter_mut().find(|e| e.ip == ep.ip && e.port == ep.port) {
-                    Some(existing) => {
-                        if existing.terminating && !ep.terminating {
-                            *existing = ep.clone();
+                match at.get(&(k, ep.ip, ep.port)) {
+                    Some(&i) => {
+                        if list[i].terminating && !ep.terminating {
+                            list[i] = ep.clone();
                         }
                     }
-                    None => list.push(ep.clone()),
+                    None => {
+                        at.insert((k, ep.ip, ep.port), list.len());
+                        list.push(ep.clone());
+                    }
                 }
             }
         }

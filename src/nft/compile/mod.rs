@@ -765,10 +765,24 @@ impl Compiled {
             }
             let old_ports = old.families.get(f).map(|s| &s.ports).unwrap_or(&empty);
             let new_ports = new.families.get(f).map(|s| &s.ports).unwrap_or(&empty);
+            // Backend slots are applied as a net change: a Service with 1,000 endpoints of which
+            // one changed touches 2 elements of the (large, shared) backend maps, not 2,000.
+            let mut backends: HashMap<(String, Element), i64> = HashMap::new();
+            let mut split = |c: &mut Contribution, sign: i64| {
+                c.elements.retain(|(set, e)| {
+                    if set.ends_with("-backends") {
+                        *backends.entry((set.clone(), e.clone())).or_default() += sign;
+                        false
+                    } else {
+                        true
+                    }
+                });
+            };
             for svc in changed {
                 for ps in service_ports(old_ports, svc) {
                     // Not contested, so every claim was won: the old contribution is exact.
-                    let c = contribute(ps, &cfg, &mut |_, _| true);
+                    let mut c = contribute(ps, &cfg, &mut |_, _| true);
+                    split(&mut c, -1);
                     ft.remove(c);
                 }
             }
@@ -778,14 +792,24 @@ impl Compiled {
                     // claimant, so the caller compiles everything.
                     let mut conflict = false;
                     let table: &FamilyTable = ft;
-                    let c = contribute(ps, &cfg, &mut |entry, _| {
+                    let mut c = contribute(ps, &cfg, &mut |entry, _| {
                         conflict |= table.entry_taken(entry);
                         true
                     });
                     if conflict {
                         return None;
                     }
+                    split(&mut c, 1);
                     ft.add(c);
+                }
+            }
+            for ((set, e), n) in backends {
+                for _ in 0..n.unsigned_abs() {
+                    if n > 0 {
+                        ft.add_element(set.clone(), e.clone());
+                    } else {
+                        ft.remove_element(set.clone(), e.clone());
+                    }
                 }
             }
             ft.finish();

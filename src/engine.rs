@@ -185,9 +185,9 @@ fn family_cidrs(f: Family, cidrs: &[IpNet]) -> Vec<IpNet> {
 /// (`0..n`, as `numgen mod n` needs): survivors beyond the new end move into the freed holes.
 pub fn stable_slots(old: &[Backend], new: &[Backend]) -> Vec<Backend> {
     let n = new.len();
-    let wanted: std::collections::HashSet<&Backend> = new.iter().collect();
+    let wanted: rustc_hash::FxHashSet<&Backend> = new.iter().collect();
     let mut slots: Vec<Option<Backend>> = vec![None; n];
-    let mut placed = std::collections::HashSet::new();
+    let mut placed = rustc_hash::FxHashSet::default();
     for (i, b) in old.iter().enumerate().take(n) {
         if wanted.contains(b) {
             slots[i] = Some(*b);

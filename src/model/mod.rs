@@ -514,8 +514,8 @@ pub fn slice_info(
 pub fn merge_slices<'a>(slices: impl IntoIterator<Item = &'a SliceInfo>) -> PortEndpoints {
     let mut merged: PortEndpoints = BTreeMap::new();
     // Position of each ip:port per port key: a Service may have 1,000s of endpoints.
-    let mut at: std::collections::HashMap<(&(String, Proto), IpAddr, u16), usize> =
-        std::collections::HashMap::new();
+    let mut at: rustc_hash::FxHashMap<(&(String, Proto), IpAddr, u16), usize> =
+        rustc_hash::FxHashMap::default();
     for s in slices {
         for (k, eps) in &s.ports {
             let list = merged.entry(k.clone()).or_default();

@@ -8,6 +8,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::sync::OnceLock;
 
+use rustc_hash::FxHashMap;
+
 use ipnet::IpNet;
 
 use super::ir::{
@@ -106,8 +108,13 @@ impl Pick {
     fn count_set(self, n: usize) -> String {
         format!("{}-n{n}", self.stem())
     }
-    fn backends(self) -> String {
-        format!("{}-backends", self.stem())
+    fn backends(self) -> &'static str {
+        match self {
+            Pick::IpCluster => "ip-cluster-backends",
+            Pick::IpLocal => "ip-local-backends",
+            Pick::NpCluster => "np-cluster-backends",
+            Pick::NpLocal => "np-local-backends",
+        }
     }
     fn nodeport(self) -> bool {
         matches!(self, Pick::NpCluster | Pick::NpLocal)
@@ -133,32 +140,35 @@ fn plain_set(types: Vec<FieldType>) -> SetDef {
     SetDef::plain(Decl::Type(types))
 }
 
+/// A set's name: a constant for most sets, built for per-count and per-timeout ones.
+type SetName = std::borrow::Cow<'static, str>;
+
 /// What one service port puts into its family's table: elements, the pick rules and affinity
 /// timeouts it needs. A pure function of the port's state, so
 /// removing a port recomputes its old contribution instead of remembering it.
 #[derive(Debug, Default)]
 struct Contribution {
-    elements: Vec<(String, Element)>,
+    /// Set names are mostly constants: no allocation per element for those.
+    elements: Vec<(SetName, Element)>,
     counts: Vec<(Pick, usize)>,
     affinity: Vec<(bool, u32)>,
 }
 
 impl Contribution {
-    fn add(&mut self, set: &str, key: Vec<Value>, value: Option<Vec<Value>>) {
-        self.elements
-            .push((set.to_string(), Element { key, value }));
+    fn add(&mut self, set: impl Into<SetName>, key: Vec<Value>, value: Option<Vec<Value>>) {
+        self.elements.push((set.into(), Element { key, value }));
     }
 
     /// Put an entry on a pick path: its count set and its slots.
     fn pick(&mut self, pick: Pick, entry: &[Value], backends: &[Backend]) {
         let n = backends.len();
         self.counts.push((pick, n));
-        self.add(&pick.count_set(n), entry.to_vec(), None);
+        self.add(pick.count_set(n), entry.to_vec(), None);
         let map = pick.backends();
         for (slot, (ip, port)) in backends.iter().enumerate() {
             let mut k = entry.to_vec();
             k.push(Value::Slot(slot as u32));
-            self.add(&map, k, Some(vec![Value::Addr(*ip), Value::Port(*port)]));
+            self.add(map, k, Some(vec![Value::Addr(*ip), Value::Port(*port)]));
         }
     }
 }
@@ -276,13 +286,13 @@ fn contribute(
     if let Some(t) = sp.affinity_secs {
         out.affinity.push((false, t));
         let set = format!("ip-affinity-t{t}");
-        out.add(&set, cip, None);
+        out.add(set.clone(), cip, None);
         for (entry, nodeport) in externals {
             if nodeport {
                 out.affinity.push((true, t));
-                out.add(&format!("np-affinity-t{t}"), entry, None);
+                out.add(format!("np-affinity-t{t}"), entry, None);
             } else {
-                out.add(&set, entry, None);
+                out.add(set.clone(), entry, None);
             }
         }
     }
@@ -306,7 +316,7 @@ struct FamilyTable {
     affinity: BTreeMap<(bool, u32), usize>,
     /// Elements wanted more than once (one cluster IP for several ports, one endpoint IP in
     /// several Services' hairpin lists): the uses beyond the first.
-    dups: HashMap<(String, Element), u32>,
+    dups: FxHashMap<(SetName, Element), u32>,
     /// While compiling everything: entry points and the port owning each. Two Services claiming
     /// the same address:port (or NodePort) is bad input; the first (in port order) keeps it, the
     /// later one is reported and skipped rather than turning into duplicate elements that would
@@ -336,7 +346,7 @@ impl FamilyTable {
             base_rules,
             counts: BTreeMap::new(),
             affinity: BTreeMap::new(),
-            dups: HashMap::new(),
+            dups: FxHashMap::default(),
             claims: HashMap::new(),
             contested: BTreeSet::new(),
             problems: Vec::new(),
@@ -359,14 +369,14 @@ impl FamilyTable {
         ft
     }
 
-    fn insert(&mut self, set: &str, key: Vec<Value>) {
-        self.add_element(set.to_string(), Element { key, value: None });
+    fn insert(&mut self, set: &'static str, key: Vec<Value>) {
+        self.add_element(SetName::Borrowed(set), Element { key, value: None });
     }
 
-    fn add_element(&mut self, set: String, e: Element) {
-        let els = match self.table.elements.get_mut(&set) {
+    fn add_element(&mut self, set: SetName, e: Element) {
+        let els = match self.table.elements.get_mut(&*set) {
             Some(els) => els,
-            None => self.table.elements.entry(set.clone()).or_default(),
+            None => self.table.elements.entry(set.to_string()).or_default(),
         };
         // One lookup: insert hands back the element it replaced (equal to `e`).
         if let Some(e) = els.insert(e) {
@@ -374,7 +384,7 @@ impl FamilyTable {
         }
     }
 
-    fn remove_element(&mut self, set: String, e: Element) {
+    fn remove_element(&mut self, set: SetName, e: Element) {
         let key = (set, e);
         if let Some(n) = self.dups.get_mut(&key) {
             *n -= 1;
@@ -384,11 +394,11 @@ impl FamilyTable {
             return;
         }
         let (set, e) = key;
-        if let Some(els) = self.table.elements.get_mut(&set) {
+        if let Some(els) = self.table.elements.get_mut(&*set) {
             els.remove(&e);
             // An emptied set has no entry, exactly as if it had never been filled.
             if els.is_empty() {
-                self.table.elements.remove(&set);
+                self.table.elements.remove(&*set);
             }
         }
     }
@@ -767,16 +777,15 @@ impl Compiled {
             let new_ports = new.families.get(f).map(|s| &s.ports).unwrap_or(&empty);
             // Backend slots are applied as a net change: a Service with 1,000 endpoints of which
             // one changed touches 2 elements of the (large, shared) backend maps, not 2,000.
-            let mut backends: HashMap<(String, Element), i64> = HashMap::new();
+            let mut backends: FxHashMap<(SetName, Element), i64> = FxHashMap::default();
             let mut split = |c: &mut Contribution, sign: i64| {
-                c.elements.retain(|(set, e)| {
-                    if set.ends_with("-backends") {
-                        *backends.entry((set.clone(), e.clone())).or_default() += sign;
-                        false
-                    } else {
-                        true
-                    }
-                });
+                let (b, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut c.elements)
+                    .into_iter()
+                    .partition(|(set, _)| set.ends_with("-backends"));
+                c.elements = rest;
+                for k in b {
+                    *backends.entry(k).or_default() += sign;
+                }
             };
             for svc in changed {
                 for ps in service_ports(old_ports, svc) {
@@ -871,7 +880,7 @@ impl FamilyTable {
                 ],
                 action: Action::DnatMap {
                     key,
-                    map: pick.backends(),
+                    map: pick.backends().to_string(),
                 },
             };
             if let Some(c) = self.table.chains.get_mut(&pick.chain()) {

@@ -342,14 +342,6 @@ pub async fn start(client: Client, node_name: &str, changes: mpsc::Sender<()>) -
     }
 }
 
-/// Convenience for the snapshot: the objects of a store.
-pub fn objects<K: Resource + Clone>(s: &Store<K>) -> Vec<Arc<K>>
-where
-    K::DynamicType: Eq + std::hash::Hash + Clone,
-{
-    s.state()
-}
-
 /// Name of an object for logs.
 pub fn name<K: ResourceExt>(o: &K) -> String {
     format!("{}/{}", o.namespace().unwrap_or_default(), o.name_any())

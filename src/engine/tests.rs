@@ -542,3 +542,32 @@ fn stable_slots_keep_survivors_in_place() {
     assert_eq!(stable_slots(&[], &[b(2), b(1)]), vec![b(2), b(1)]);
     assert_eq!(stable_slots(&old, &[]), Vec::<Backend>::new());
 }
+
+#[test]
+fn service_cidrs_are_split_by_family() {
+    let cidrs: Vec<IpNet> = vec![
+        "172.30.0.0/16".parse().unwrap(),
+        "fd00:30::/112".parse().unwrap(),
+    ];
+    let m = Model::from_objects([], [], &cidrs, &node());
+    assert_eq!(
+        m.state().families[&Family::Ip].service_cidrs,
+        vec![cidrs[0]]
+    );
+    assert_eq!(
+        m.state().families[&Family::Ip6].service_cidrs,
+        vec![cidrs[1]]
+    );
+    // A change of them is a rebuild.
+    let mut engine = Engine::default();
+    let (s, e) = Objs::default().lists();
+    engine.compute(s, e, &node(), &[], &cfg()).expect("first");
+    let out = engine
+        .compute(Batch::default(), Batch::default(), &node(), &cidrs, &cfg())
+        .expect("cidrs");
+    assert!(out.rebuilt);
+    assert_eq!(
+        out.state.families[&Family::Ip6].service_cidrs,
+        vec![cidrs[1]]
+    );
+}

@@ -9,7 +9,7 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
-use crate::model::{Endpoint, PortEndpoints, PortKey, ServiceName, ServicePort};
+use crate::model::{Endpoint, PortEndpoints, PortKey, ServicePort};
 use crate::nft::ir::Family;
 
 /// An endpoint address chosen for the data path.
@@ -154,41 +154,6 @@ pub fn port_state(
         chosen,
         local_ips,
     }
-}
-
-/// Build the state for a whole snapshot.
-pub fn build<'a>(
-    service_ports: impl IntoIterator<Item = &'a ServicePort>,
-    endpoints: &BTreeMap<(ServiceName, Family), PortEndpoints>,
-    service_cidrs: &[IpNet],
-    node: &str,
-    zone: Option<&str>,
-) -> ProxyState {
-    let mut state = ProxyState::default();
-    for f in [Family::Ip, Family::Ip6] {
-        let fs = state.families.entry(f).or_default();
-        fs.service_cidrs = service_cidrs
-            .iter()
-            .filter(|n| {
-                matches!(
-                    (n, f),
-                    (IpNet::V4(_), Family::Ip) | (IpNet::V6(_), Family::Ip6)
-                )
-            })
-            .copied()
-            .collect();
-    }
-    for sp in service_ports {
-        let eps = endpoints.get(&(sp.key.service.clone(), sp.family));
-        let ps = port_state(sp, eps, node, zone);
-        state
-            .families
-            .entry(sp.family)
-            .or_default()
-            .ports
-            .insert(sp.key.clone(), ps);
-    }
-    state
 }
 
 #[cfg(test)]

@@ -297,21 +297,18 @@ fn endpoint_choice_table() {
 }
 
 #[test]
-fn build_groups_by_family_and_filters_cidrs() {
+fn port_state_takes_its_port_and_local_ips() {
     let s = sp(false, false, false);
-    let mut eps = BTreeMap::new();
     let mut pe: PortEndpoints = BTreeMap::new();
     pe.insert((String::new(), Proto::Tcp), vec![ep("1rl"), ep("2r.")]);
-    eps.insert((s.key.service.clone(), Family::Ip), pe);
-    let cidrs: Vec<IpNet> = vec![
-        "172.30.0.0/16".parse().unwrap(),
-        "fd00:30::/112".parse().unwrap(),
-    ];
-    let st = build([&s], &eps, &cidrs, "me", None);
-    let v4 = &st.families[&Family::Ip];
-    assert_eq!(v4.service_cidrs, vec![cidrs[0]]);
-    assert_eq!(st.families[&Family::Ip6].service_cidrs, vec![cidrs[1]]);
-    let ps = &v4.ports[&s.key];
+    let ps = port_state(&s, Some(&pe), "me", None);
     assert_eq!(ips(&ps.chosen.cluster), vec![1, 2]);
     assert_eq!(ps.local_ips, vec!["10.0.0.1".parse::<IpAddr>().unwrap()]);
+    // Another port name has no endpoints.
+    let mut other = s.clone();
+    other.key.port_name = "other".into();
+    assert!(port_state(&other, Some(&pe), "me", None)
+        .chosen
+        .cluster
+        .is_empty());
 }

@@ -705,11 +705,7 @@ mod tests {
     use super::*;
     use crate::objects::Objects;
 
-    fn state(objs: &Objects) -> ProxyState {
-        let node = crate::render_cmd::pick_node(objs, Some("node-a"));
-        let mut p = Vec::new();
-        crate::snapshot::proxy_state(&objs.services, &objs.slices, &[], &node, &mut p)
-    }
+    use crate::testutil::node_a_state as state;
 
     #[test]
     fn health_wants_follow_changes_incrementally() {

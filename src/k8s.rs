@@ -92,6 +92,32 @@ where
     })
 }
 
+/// What a watched kind must be: a typed API object (k8s-openapi's kinds have no dynamic type)
+/// that can be slimmed and decoded.
+pub trait Watched:
+    Resource<DynamicType = ()>
+    + Slim
+    + Clone
+    + Send
+    + Sync
+    + std::fmt::Debug
+    + serde::de::DeserializeOwned
+    + 'static
+{
+}
+
+impl<K> Watched for K where
+    K: Resource<DynamicType = ()>
+        + Slim
+        + Clone
+        + Send
+        + Sync
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + 'static
+{
+}
+
 /// Drop what nftproxy never reads before an object is stored: at 50,000 Services the stores are
 /// most of the agent's memory, and managed fields, pod references and node images are most of
 /// an object.
@@ -169,15 +195,7 @@ fn reflect<K>(
     changes: mpsc::Sender<()>,
 ) -> Store<K>
 where
-    K: Resource
-        + Slim
-        + Clone
-        + Send
-        + Sync
-        + std::fmt::Debug
-        + serde::de::DeserializeOwned
-        + 'static,
-    K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
+    K: Watched,
 {
     let (reader, writer) = reflector::store::<K>();
     let stream = reflector::reflector(writer, watch_stream(name, api, cfg));
@@ -195,15 +213,7 @@ fn watch_into<K>(
     slot: fn(&mut Inbox) -> &mut Pending<K>,
     listed: tokio::sync::watch::Sender<bool>,
 ) where
-    K: Resource
-        + Slim
-        + Clone
-        + Send
-        + Sync
-        + std::fmt::Debug
-        + serde::de::DeserializeOwned
-        + 'static,
-    K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
+    K: Watched,
 {
     drive(name, watch_stream(name, api, cfg), changes, move |ev| {
         let done = matches!(ev, watcher::Event::InitDone);
@@ -223,15 +233,7 @@ fn watch_stream<K>(
     cfg: watcher::Config,
 ) -> impl Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static
 where
-    K: Resource
-        + Slim
-        + Clone
-        + Send
-        + Sync
-        + std::fmt::Debug
-        + serde::de::DeserializeOwned
-        + 'static,
-    K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
+    K: Watched,
 {
     // A 410 Gone (our resource version expired, e.g. after an API server restart) means "relist
     // now", as client-go does: the first one in a row skips the backoff, which after an outage

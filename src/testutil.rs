@@ -30,3 +30,10 @@ pub fn in_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T 
     });
     h.join().unwrap_or_else(|e| std::panic::resume_unwind(e))
 }
+
+/// The proxy state of node-a for a scenario's objects (the scenario files name their nodes).
+pub fn node_a_state(objs: &crate::objects::Objects) -> crate::proxy::ProxyState {
+    let node = crate::render_cmd::pick_node(objs, Some("node-a"));
+    let mut p = Vec::new();
+    crate::snapshot::proxy_state(&objs.services, &objs.slices, &[], &node, &mut p)
+}

@@ -61,6 +61,21 @@ enum Op {
     Slice(u8, Option<SliceSpec>),
 }
 
+/// A one-port ClusterIP Service spec.
+fn plain(ip: u8) -> SvcSpec {
+    SvcSpec {
+        ip,
+        ports: vec![(0, false)],
+        node_port: None,
+        lb: None,
+        local: false,
+        itp_local: false,
+        affinity: None,
+        v6: false,
+        ranges: false,
+    }
+}
+
 fn svc_spec() -> impl Strategy<Value = SvcSpec> {
     (
         0u8..6,
@@ -366,17 +381,7 @@ proptest! {
 fn a_change_recompiles_only_its_service() {
     let mut objs = Objs::default();
     for i in 0..6u8 {
-        let spec = SvcSpec {
-            ip: i,
-            ports: vec![(0, false)],
-            node_port: None,
-            lb: None,
-            local: false,
-            itp_local: false,
-            affinity: None,
-            v6: false,
-            ranges: false,
-        };
+        let spec = plain(i);
         objs.services
             .insert((ns(i), format!("s{i}")), service(i, &spec));
     }
@@ -417,17 +422,7 @@ fn a_change_recompiles_only_its_service() {
 #[test]
 fn pending_folds_events_and_relists() {
     use kube::runtime::watcher::Event;
-    let spec = SvcSpec {
-        ip: 0,
-        ports: vec![(0, false)],
-        node_port: None,
-        lb: None,
-        local: false,
-        itp_local: false,
-        affinity: None,
-        v6: false,
-        ranges: false,
-    };
+    let spec = plain(0);
     let (a, b) = (service(0, &spec), service(1, &spec));
     let mut p: Pending<Service> = Pending::default();
     p.event(Event::Apply(a.clone()));
@@ -458,17 +453,7 @@ fn pending_folds_events_and_relists() {
 #[test]
 fn replacing_one_endpoint_rewrites_one_slot() {
     let mut objs = Objs::default();
-    let spec = SvcSpec {
-        ip: 0,
-        ports: vec![(0, false)],
-        node_port: None,
-        lb: None,
-        local: false,
-        itp_local: false,
-        affinity: None,
-        v6: false,
-        ranges: false,
-    };
+    let spec = plain(0);
     objs.services
         .insert((ns(0), "s0".into()), service(0, &spec));
     let mut eps: Vec<(u8, bool, bool, bool)> = (0..12).map(|a| (a, true, false, false)).collect();

@@ -357,7 +357,7 @@ impl Model {
                 .entry(sp.family)
                 .or_default()
                 .ports
-                .insert(sp.key.clone(), ps);
+                .insert(sp.key.clone(), Arc::new(ps));
         }
     }
 
@@ -486,8 +486,10 @@ impl Engine {
     ) -> Result<Output, CompileError> {
         let model = self.model.get_or_insert_with(|| Model::empty(node, cidrs));
         let compiled = self.compiled.take();
+        let started = std::time::Instant::now();
         let old = model.state().clone();
         let mut changed = model.apply(services, slices);
+        let modelled = started.elapsed();
         let mut everything = compiled.is_none();
         if model.node() != node {
             // The node's name never changes (the watch selects it by name); its zone and
@@ -510,6 +512,7 @@ impl Engine {
                 (Compiled::new(model.state(), cfg)?, true)
             }
         };
+        let compiled_at = started.elapsed();
         let mut problems = model.problems();
         problems.extend(compiled.problems());
         let out = Output {
@@ -520,6 +523,14 @@ impl Engine {
             changed: changed.len(),
         };
         self.compiled = Some(compiled);
+        tracing::debug!(
+            model_ms = modelled.as_secs_f64() * 1000.0,
+            compile_ms = (compiled_at - modelled).as_secs_f64() * 1000.0,
+            output_ms = (started.elapsed() - compiled_at).as_secs_f64() * 1000.0,
+            rebuilt,
+            services = out.changed,
+            "engine"
+        );
         Ok(out)
     }
 }

@@ -252,6 +252,7 @@ fn sorted_backends(s: &ProxyState) -> ProxyState {
         let keys: Vec<PortKey> = fs.ports.keys().cloned().collect();
         for k in keys {
             if let Some(ps) = fs.ports.get_mut(&k) {
+                let ps = Arc::make_mut(ps);
                 ps.chosen.cluster.sort();
                 ps.chosen.local.sort();
             }

@@ -119,7 +119,9 @@ pub struct PortState {
 pub struct FamilyState {
     /// Persistent map: a snapshot of the state is a cheap copy, and the diff of two snapshots
     /// (what the observers act on after a sync) visits only what changed.
-    pub ports: imbl::OrdMap<PortKey, PortState>,
+    /// Values are shared: copying a tree node on the first change after a snapshot then costs
+    /// reference counts, not deep copies of 64 port states.
+    pub ports: imbl::OrdMap<PortKey, std::sync::Arc<PortState>>,
     /// Service CIDRs of this family (from ServiceCIDR objects); unallocated IPs in them are dropped.
     pub service_cidrs: Vec<IpNet>,
 }

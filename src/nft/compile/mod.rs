@@ -676,7 +676,7 @@ pub struct Compiled {
 
 /// The ports of one Service in a port map (keys sort by Service first).
 pub fn service_ports<'a>(
-    ports: &'a imbl::OrdMap<PortKey, PortState>,
+    ports: &'a imbl::OrdMap<PortKey, std::sync::Arc<PortState>>,
     svc: &'a ServiceName,
 ) -> impl Iterator<Item = &'a PortState> + 'a {
     let from = PortKey {
@@ -687,7 +687,7 @@ pub fn service_ports<'a>(
     ports
         .range(from..)
         .take_while(move |(k, _)| &k.service == svc)
-        .map(|(_, v)| v)
+        .map(|(_, v)| v.as_ref())
 }
 
 impl Compiled {

@@ -279,9 +279,6 @@ fn update_wanted(
 impl Observer for AgentObserver {
     fn applied(&mut self, r: &Report) {
         self.metrics.record_sync(r);
-        if r.kind == SyncKind::Full {
-            release_free_memory();
-        }
         let now = SystemTime::now();
         for t in self
             .triggers
@@ -329,6 +326,11 @@ impl Observer for AgentObserver {
                 }
                 Err(e) => tracing::warn!(error = %e, "conntrack cleanup failed"),
             }
+        }
+        // Last, after this observer's own temporaries of a full sync are freed too: the heap is
+        // then compact when the next change is computed.
+        if r.kind == SyncKind::Full {
+            release_free_memory();
         }
     }
     fn failed(&mut self, kind: SyncKind, _error: &str) {

@@ -141,9 +141,8 @@ fn main() {
     let mut applied = first.ruleset;
     // Kept, as the agent keeps it (the sync loop's previous state): changes then copy shared
     // tree paths, as they do in the agent.
-    let keep_state = first.state;
+    let _previous_state = first.state;
     let m_engine = mib() - m_before_engine;
-    let _ = &keep_state;
     let mut samples = Vec::new();
     let mut last_ops = 0;
     for round in 0..20usize {

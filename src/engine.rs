@@ -327,14 +327,16 @@ impl Model {
     /// and its slices.
     fn rebuild_service(&mut self, svc: &ServiceName) {
         let fresh = self.fresh.remove(svc);
-        let mut previous = HashMap::new();
-        for fs in self.state.families.values_mut() {
+        // Keyed by family too: a dual-stack Service has one port state per family under the
+        // same PortKey, and a slice-only change must carry both sides over.
+        let mut previous: BTreeMap<(Family, PortKey), Arc<proxy::PortState>> = BTreeMap::new();
+        for (f, fs) in self.state.families.iter_mut() {
             let old: Vec<PortKey> = compile::service_ports(&fs.ports, svc)
                 .map(|ps| ps.sp.key.clone())
                 .collect();
             for k in old {
                 if let Some(ps) = fs.ports.remove(&k) {
-                    previous.insert(k, ps);
+                    previous.insert((*f, k), ps);
                 }
             }
         }
@@ -348,7 +350,7 @@ impl Model {
             });
             let mut ps =
                 proxy::port_state(sp, eps.as_ref(), &self.node.name, self.node.zone.as_deref());
-            if let Some(old) = previous.get(&sp.key) {
+            if let Some(old) = previous.get(&(sp.family, sp.key.clone())) {
                 ps.chosen.cluster = stable_slots(&old.chosen.cluster, &ps.chosen.cluster);
                 ps.chosen.local = stable_slots(&old.chosen.local, &ps.chosen.local);
             }

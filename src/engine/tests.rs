@@ -557,3 +557,62 @@ fn service_cidrs_are_split_by_family() {
         vec![cidrs[1]]
     );
 }
+
+/// Regression: a dual-stack Service kept only one family after a slice-only change (the previous
+/// port states were keyed without their family, so the IPv6 side overwrote the IPv4 side).
+#[test]
+fn dual_stack_survives_a_slice_change() {
+    let svc: Service = serde_json::from_value(serde_json::json!({
+        "metadata": {"namespace": "ns0", "name": "ds"},
+        "spec": {"type": "NodePort", "clusterIP": "10.96.0.9", "clusterIPs": ["10.96.0.9", "fd00:96::9"],
+            "ipFamilies": ["IPv4", "IPv6"], "ipFamilyPolicy": "RequireDualStack",
+            "ports": [{"name": "p0", "port": 80, "protocol": "TCP", "nodePort": 30080}]},
+    }))
+    .expect("service");
+    let slice = |v6: bool, last: u8| -> EndpointSlice {
+        let addr = if v6 {
+            format!("fd00:10::{last}")
+        } else {
+            format!("10.0.0.{last}")
+        };
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"namespace": "ns0", "name": if v6 { "ds-v6" } else { "ds-v4" },
+                "labels": {"kubernetes.io/service-name": "ds"}},
+            "addressType": if v6 { "IPv6" } else { "IPv4" },
+            "ports": [{"name": "p0", "port": 8080, "protocol": "TCP"}],
+            "endpoints": [{"addresses": [addr], "conditions": {"ready": true}, "nodeName": "node-b"}],
+        }))
+        .expect("slice")
+    };
+    for v6_changes in [false, true] {
+        let mut objs = Objs::default();
+        objs.services
+            .insert(("ns0".into(), "ds".into()), svc.clone());
+        objs.slices
+            .insert(("ns0".into(), "ds-v4".into()), slice(false, 1));
+        objs.slices
+            .insert(("ns0".into(), "ds-v6".into()), slice(true, 1));
+        let mut engine = Engine::default();
+        let (s, e) = objs.lists();
+        engine.compute(s, e, &node(), &[], &cfg()).expect("first");
+        let changed = slice(v6_changes, 2);
+        let key = key_of(&changed.metadata);
+        objs.slices.insert(key.clone(), changed.clone());
+        let mut d = Delivered::default();
+        d.slices.changed.insert(key, Some(changed));
+        let out = engine
+            .compute(d.services, d.slices, &node(), &[], &cfg())
+            .expect("update");
+        for f in [Family::Ip, Family::Ip6] {
+            assert_eq!(
+                out.state.families[&f].ports.len(),
+                1,
+                "{f:?} side kept after a change of the {} slice",
+                if v6_changes { "IPv6" } else { "IPv4" }
+            );
+        }
+        let (state, ruleset, _) = from_scratch(&objs);
+        assert_eq!(sorted_backends(&out.state), state);
+        assert_eq!(sorted_slots(&out.ruleset), ruleset);
+    }
+}

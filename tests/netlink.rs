@@ -145,3 +145,83 @@ fn fake_and_kernel_agree() {
         "{fake:?}"
     );
 }
+
+/// Reading our tables back from the kernel finds no drift right after a commit (rules compare
+/// in the kernel's encoding, elements decode to the IR), and finds and repairs each kind of
+/// change made with `nft` from outside: a flushed map, a deleted element, a foreign element, a
+/// flushed chain, a foreign rule. The repair is the plan from the kernel's view.
+#[test]
+fn kernel_read_back_sees_and_repairs_outside_changes() {
+    use nftproxy::sync::drift::kernel_view;
+    if !common::privileged() {
+        return;
+    }
+    for path in scenario_files() {
+        let rs = common::compile_file(&path, "");
+        let name = path.display().to_string();
+        common::in_netns(move || {
+            let mut a = NetlinkApplier::new().expect("netlink");
+            a.apply(&plan::full(&rs)).expect("apply");
+            let read = |a: &mut NetlinkApplier| {
+                rs.tables
+                    .iter()
+                    .map(|(f, t)| (*f, a.read_table(*f, t, None).expect("read back")))
+                    .collect()
+            };
+            let d = kernel_view(&rs, &read(&mut a), None, None);
+            assert!(
+                d.is_empty(),
+                "{name}: drift right after a commit: {:?}",
+                d.findings
+            );
+            let set_with = |min: usize| {
+                rs.tables[&Family::Ip]
+                    .elements
+                    .iter()
+                    .filter(|(n, e)| {
+                        e.len() >= min && !rs.tables[&Family::Ip].sets[*n].runtime_owned()
+                    })
+                    .map(|(n, e)| (n.clone(), e.iter().next().cloned().expect("element")))
+                    .next()
+            };
+            let mut changes: Vec<Vec<String>> = vec![
+                vec!["flush chain ip nftproxy services".into()],
+                vec!["add rule ip nftproxy services counter accept".into()],
+            ];
+            if let Some((set, e)) = set_with(2) {
+                changes.push(vec![format!("flush set ip nftproxy {set}")]);
+                let el = render::element(&e);
+                changes.push(vec![format!("delete element ip nftproxy {set} {{ {el} }}")]);
+            }
+            if rs.tables[&Family::Ip].sets.contains_key("cluster-ips") {
+                changes.push(vec![
+                    "add element ip nftproxy cluster-ips { 172.30.250.250 }".into(),
+                ]);
+            }
+            for cmd in changes {
+                let args: Vec<&str> = cmd[0].split(' ').collect();
+                common::nft(&args, None);
+                let d = kernel_view(&rs, &read(&mut a), None, None);
+                assert!(!d.is_empty(), "{name}: `nft {}` not seen", cmd[0]);
+                assert!(!d.needs_full);
+                let p = plan::partial(&d.view, &rs, &BTreeSet::new());
+                a.apply(&p.tx)
+                    .unwrap_or_else(|e| panic!("{name}: repair of `{}`: {e}", cmd[0]));
+                let d = kernel_view(&rs, &read(&mut a), None, None);
+                assert!(
+                    d.is_empty(),
+                    "{name}: after repairing `{}`: {:?}",
+                    cmd[0],
+                    d.findings
+                );
+                let listed = listing(&rs.tables.keys().copied().collect::<Vec<_>>());
+                assert!(
+                    render::normalise(&listed) == render::normalise(&render::ruleset(&rs)),
+                    "{name}: after repairing `{}`:\n{}",
+                    cmd[0],
+                    render::diff(&listed, &render::ruleset(&rs))
+                );
+            }
+        });
+    }
+}

@@ -426,4 +426,17 @@ impl Applier for FakeApplier {
             })
             .unwrap_or_default())
     }
+
+    fn read_table(
+        &mut self,
+        family: Family,
+        like: &Table,
+        sets: Option<&std::collections::BTreeSet<String>>,
+    ) -> Result<Option<super::KernelTable>, ApplyError> {
+        Ok(self
+            .state
+            .tables
+            .get(&family)
+            .map(|have| super::KernelTable::compare(have, like, sets)))
+    }
 }

@@ -5,7 +5,9 @@ pub mod fake;
 pub mod netlink;
 pub mod nl;
 
-use crate::nft::ir::{Element, Family};
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::nft::ir::{Element, Family, Table};
 use crate::nft::tx::Transaction;
 
 /// Kernel errno classes that decide what the sync loop does next.
@@ -54,6 +56,75 @@ impl Skeleton {
     }
 }
 
+/// What the kernel holds of one of our tables, read back against the table nftproxy means to
+/// have there (`like`). Set definitions and rules are compared where they are read (a rule by
+/// its kernel encoding, so two spellings of one rule are equal); elements are returned for the
+/// caller to diff, because only the caller knows what it believes it applied.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct KernelTable {
+    /// Elements of the sets read (those of `like` present with `like`'s definition, not runtime
+    /// owned, and asked for). Counters are dropped.
+    pub elements: BTreeMap<String, Vec<Element>>,
+    /// Sets of `like` present in the kernel with another definition.
+    pub changed_sets: BTreeSet<String>,
+    /// Sets of `like` missing from the kernel.
+    pub missing_sets: BTreeSet<String>,
+    /// Sets in the kernel that `like` does not have.
+    pub extra_sets: BTreeSet<String>,
+    /// Chains whose rules differ from `like`'s, with the number of rules the kernel holds
+    /// (0: flushed or deleted). Includes chains with rules that `like` does not have.
+    pub changed_chains: BTreeMap<String, usize>,
+}
+
+impl KernelTable {
+    /// Compare a table held as IR (the fake's committed state) with `like`.
+    pub fn compare(have: &Table, like: &Table, sets: Option<&BTreeSet<String>>) -> KernelTable {
+        let mut out = KernelTable::default();
+        for (name, def) in &like.sets {
+            match have.sets.get(name) {
+                None => {
+                    out.missing_sets.insert(name.clone());
+                }
+                Some(d) if d != def => {
+                    out.changed_sets.insert(name.clone());
+                }
+                Some(_) => {
+                    if def.runtime_owned() || sets.is_some_and(|s| !s.contains(name)) {
+                        continue;
+                    }
+                    let els = have
+                        .elements
+                        .get(name)
+                        .map(|e| e.iter().cloned().collect())
+                        .unwrap_or_default();
+                    out.elements.insert(name.clone(), els);
+                }
+            }
+        }
+        out.extra_sets = have
+            .sets
+            .keys()
+            .filter(|n| !like.sets.contains_key(*n))
+            .cloned()
+            .collect();
+        for (name, chain) in &have.chains {
+            let same = like
+                .chains
+                .get(name)
+                .is_some_and(|c| c.rules == chain.rules);
+            if !same && !chain.rules.is_empty() {
+                out.changed_chains.insert(name.clone(), chain.rules.len());
+            }
+        }
+        for (name, chain) in &like.chains {
+            if !chain.rules.is_empty() && have.chains.get(name).is_none_or(|c| c.rules.is_empty()) {
+                out.changed_chains.insert(name.clone(), 0);
+            }
+        }
+        out
+    }
+}
+
 /// A set element with its counter (packets, bytes) when the set counts.
 pub type Counted = (Element, Option<(u64, u64)>);
 
@@ -71,6 +142,15 @@ pub trait Applier: Send {
     /// Dump the elements of one set (targeted; never the whole table). Counters, if any, are
     /// returned as (packets, bytes).
     fn list_elements(&mut self, family: Family, set: &str) -> Result<Vec<Counted>, ApplyError>;
+    /// Read our table of `family` back against `like` (None: the table does not exist).
+    /// `sets` limits which sets' elements are read (None: all of `like`'s); rules and set
+    /// definitions are always compared.
+    fn read_table(
+        &mut self,
+        family: Family,
+        like: &Table,
+        sets: Option<&BTreeSet<String>>,
+    ) -> Result<Option<KernelTable>, ApplyError>;
 }
 
 /// A test seam on the real applier: while the file at `path` exists, every `apply` fails (and
@@ -101,6 +181,14 @@ impl<A: Applier> Applier for FaultInjecting<A> {
     }
     fn list_elements(&mut self, family: Family, set: &str) -> Result<Vec<Counted>, ApplyError> {
         self.inner.list_elements(family, set)
+    }
+    fn read_table(
+        &mut self,
+        family: Family,
+        like: &Table,
+        sets: Option<&BTreeSet<String>>,
+    ) -> Result<Option<KernelTable>, ApplyError> {
+        self.inner.read_table(family, like, sets)
     }
 }
 

@@ -32,7 +32,7 @@ use super::nl::{self, consts::*, flags::*, Batch, Cmd, Expr, KernelError, NlErro
 use super::{Applier, ApplyError};
 use crate::nft::ir::{
     Action, BaseChain, ChainType, Decl, Element, Family, Field, FieldType, Hook, Match, Proto,
-    Rule, SetDef, Value,
+    Rule, SetDef, Table, Value,
 };
 use crate::nft::tx::{Op, Transaction};
 
@@ -321,6 +321,159 @@ impl Applier for NetlinkApplier {
             .decode(&elems, counters)
             .map_err(|detail| ApplyError::Invalid { what, detail })
     }
+    fn read_table(
+        &mut self,
+        family: Family,
+        like: &Table,
+        sets: Option<&std::collections::BTreeSet<String>>,
+    ) -> Result<Option<super::KernelTable>, ApplyError> {
+        let what = format!("read back table {} {}", family.keyword(), self.table);
+        if !self.table_exists(family)? {
+            return Ok(None);
+        }
+        let fam = nfproto(family);
+        let infos = self
+            .sock
+            .dump_sets(fam, &self.table)
+            .map_err(|e| nl_error(&what, e))?;
+        let mut out = super::KernelTable::default();
+        let by_name: HashMap<&str, &nl::SetInfo> = infos
+            .iter()
+            .filter(|i| !i.name.starts_with("__"))
+            .map(|i| (i.name.as_str(), i))
+            .collect();
+        for (name, def) in &like.sets {
+            let Some(info) = by_name.get(name.as_str()) else {
+                out.missing_sets.insert(name.clone());
+                continue;
+            };
+            let layout =
+                SetLayout::from_kernel(family, info).map_err(|detail| ApplyError::Invalid {
+                    what: format!("{what}: set {name}"),
+                    detail,
+                })?;
+            let counters = info.expr_names.iter().any(|n| n == "counter");
+            let same = SetLayout::from_def(family, def).is_ok_and(|l| l == layout)
+                && (info.flags & NFT_SET_TIMEOUT != 0) == def.flags.timeout
+                && counters == def.flags.counter;
+            if !same {
+                out.changed_sets.insert(name.clone());
+                continue;
+            }
+            if def.runtime_owned() || sets.is_some_and(|s| !s.contains(name)) {
+                continue;
+            }
+            let elems = self
+                .sock
+                .dump_elems(fam, &self.table, name)
+                .map_err(|e| nl_error(&what, e))?;
+            let listed = layout
+                .decode(&elems, counters)
+                .map_err(|detail| ApplyError::Invalid {
+                    what: format!("{what}: set {name}"),
+                    detail,
+                })?;
+            out.elements
+                .insert(name.clone(), listed.into_iter().map(|(e, _)| e).collect());
+        }
+        out.extra_sets = by_name
+            .keys()
+            .filter(|n| !like.sets.contains_key(**n))
+            .map(|n| n.to_string())
+            .collect();
+        // Rules are compared in the kernel's encoding: ours are lowered exactly as a commit would
+        // lower them, then printed by libnftnl like the dumped ones.
+        let mut kernel_rules: std::collections::BTreeMap<String, Vec<Vec<String>>> =
+            std::collections::BTreeMap::new();
+        for (chain, exprs) in self
+            .sock
+            .dump_rules(fam, &self.table)
+            .map_err(|e| nl_error(&what, e))?
+        {
+            kernel_rules
+                .entry(chain)
+                .or_default()
+                .push(exprs.iter().map(|e| canonical_expr(e)).collect());
+        }
+        let lookup = |set: &str| SetRef {
+            id: None,
+            interval: like.sets.get(set).is_some_and(|d| d.flags.interval),
+        };
+        for (name, chain) in &like.chains {
+            let have = kernel_rules.remove(name).unwrap_or_default();
+            let mut want: Vec<Vec<String>> = Vec::with_capacity(chain.rules.len());
+            for r in &chain.rules {
+                let lowered =
+                    lower_rule(family, &self.table, name, r, &lookup).map_err(|detail| {
+                        ApplyError::Invalid {
+                            what: format!("{what}: chain {name}"),
+                            detail,
+                        }
+                    })?;
+                want.push(
+                    lowered
+                        .expr_texts()
+                        .iter()
+                        .map(|e| canonical_expr(e))
+                        .collect(),
+                );
+            }
+            if have != want {
+                out.changed_chains.insert(name.clone(), have.len());
+            }
+        }
+        for (name, rules) in kernel_rules {
+            out.changed_chains.insert(name, rules.len());
+        }
+        Ok(Some(out))
+    }
+}
+
+/// An expression's text with what the kernel adds on a dump removed: a lookup dumps its
+/// (zero) flags attribute, which a rule being built does not carry yet (kernel 6.x).
+/// The same for nat: the kernel fills in a range's upper ends (equal to the lower ones) and the
+/// range flags those ends imply (`NF_NAT_RANGE_MAP_IPS` | `NF_NAT_RANGE_PROTO_SPECIFIED`) when
+/// it stores the rule (nft_nat_init, kernel 5.x/6.x).
+fn canonical_expr(text: &str) -> String {
+    if text.starts_with("[ lookup ") {
+        if let Some(head) = text.strip_suffix(" 0x0 ]") {
+            return format!("{head} ]");
+        }
+    }
+    if !text.starts_with("[ nat ") {
+        return text.to_string();
+    }
+    let toks: Vec<&str> = text.split(' ').collect();
+    let reg_after = |key: &str| {
+        toks.windows(3)
+            .find(|w| w[0] == key && w[1] == "reg")
+            .map(|w| w[2])
+    };
+    let (addr, proto) = (reg_after("addr_min"), reg_after("proto_min"));
+    let implied = u32::from(addr.is_some()) | (u32::from(proto.is_some()) << 1);
+    let mut out = Vec::with_capacity(toks.len());
+    let mut i = 0;
+    while i < toks.len() {
+        let t = toks[i];
+        let same_as = match t {
+            "addr_max" => Some(addr),
+            "proto_max" => Some(proto),
+            _ => None,
+        };
+        if let Some(min) = same_as {
+            if toks.get(i + 1) == Some(&"reg") && toks.get(i + 2).copied() == min {
+                i += 3;
+                continue;
+            }
+        }
+        if t == "flags" && toks.get(i + 1) == Some(&format!("0x{implied:x}").as_str()) {
+            i += 2;
+            continue;
+        }
+        out.push(t);
+        i += 1;
+    }
+    out.join(" ")
 }
 
 /// Delete whole tables (what `nftproxy cleanup` does), each in its own batch so that a missing

@@ -4,6 +4,8 @@
 //! dropped (so the next sync rebuilds everything), and the sync is retried with backoff. It never
 //! exits on a sync error. All timing uses tokio time, so tests run on paused time.
 
+pub mod drift;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

@@ -2514,3 +2514,31 @@ fn cleanup_deletes_both_families_and_is_idempotent() {
         assert_eq!(nft_ok(&["list", "tables"], None).trim(), "");
     });
 }
+
+#[test]
+fn dumped_expressions_compare_with_built_ones() {
+    assert_eq!(
+        canonical_expr("[ lookup reg 1 set clusterip 0x0 ]"),
+        "[ lookup reg 1 set clusterip ]"
+    );
+    assert_eq!(
+        canonical_expr("[ lookup reg 1 set clusterip 0x1 ]"),
+        "[ lookup reg 1 set clusterip 0x1 ]",
+        "an inverted lookup stays distinct"
+    );
+    assert_eq!(
+        canonical_expr(
+            "[ nat dnat ip addr_min reg 1 addr_max reg 1 proto_min reg 9 proto_max reg 9 flags 0x3 ]"
+        ),
+        "[ nat dnat ip addr_min reg 1 proto_min reg 9 ]"
+    );
+    // A real range or other flags are kept.
+    assert_eq!(
+        canonical_expr("[ nat dnat ip addr_min reg 1 addr_max reg 2 flags 0x1 ]"),
+        "[ nat dnat ip addr_min reg 1 addr_max reg 2 ]"
+    );
+    assert_eq!(
+        canonical_expr("[ nat dnat ip addr_min reg 1 flags 0x5 ]"),
+        "[ nat dnat ip addr_min reg 1 flags 0x5 ]"
+    );
+}

@@ -182,6 +182,7 @@ struct AgentObserver {
     applier: Arc<Mutex<AgentApplier>>,
     /// This node's NodePort addresses when they are single addresses (None: CIDRs).
     nodeport_ips: Arc<Mutex<Option<Vec<IpAddr>>>>,
+    node: String,
 }
 
 /// Whether an affinity service port lost an endpoint (its affinity entries may point to it).
@@ -336,6 +337,34 @@ impl Observer for AgentObserver {
     fn failed(&mut self, kind: SyncKind, _error: &str) {
         self.metrics.record_failure(kind);
     }
+    fn drifted(&mut self, findings: &[crate::sync::drift::Finding]) {
+        self.metrics.ruleset_drift.inc();
+        let mut note = findings
+            .iter()
+            .take(3)
+            .map(|f| f.to_string())
+            .collect::<Vec<_>>()
+            .join("; ");
+        if findings.len() > 3 {
+            note.push_str(&format!(" (and {} more)", findings.len() - 3));
+        }
+        // The API caps an event note at 1 kB.
+        if note.len() > 900 {
+            let mut cut = 900;
+            while !note.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            note.truncate(cut);
+            note.push_str(" ...");
+        }
+        self.events.warn(Warning {
+            kind: "Node".into(),
+            namespace: String::new(),
+            name: self.node.clone(),
+            reason: "NftproxyRulesetDrift".into(),
+            note: format!("nftables ruleset changed from outside nftproxy, repairing: {note}"),
+        });
+    }
 }
 
 /// Hand the heap pages freed by a full sync back to the kernel. A full sync is the agent's peak:
@@ -469,7 +498,14 @@ pub async fn run(args: RunArgs) -> Result<(), AgentError> {
         sync_period: args.sync_period,
         ..SyncConfig::default()
     };
-    let syncer = Syncer::new(sync_cfg, applier, status);
+    let portid = applier.inner.portid();
+    let mut syncer = Syncer::new(sync_cfg, applier, status);
+    match spawn_monitor(portid) {
+        Ok(rx) => syncer = syncer.with_monitor(rx),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot subscribe to nftables change notifications; outside changes are found by the periodic check only")
+        }
+    }
     let mut observer = AgentObserver {
         metrics: metrics.clone(),
         health: health_servers,
@@ -479,6 +515,7 @@ pub async fn run(args: RunArgs) -> Result<(), AgentError> {
         conntrack,
         applier: syncer.applier(),
         nodeport_ips: nodeport_ips.clone(),
+        node: cfg.node_name.clone(),
     };
     spawn_counter_reader(syncer.applier(), latest, metrics.clone());
 
@@ -625,6 +662,35 @@ impl DesiredCtx {
             }
         }
     }
+}
+
+/// Watch the kernel's nftables notifications on a thread of its own (the socket blocks) and
+/// pass foreign changes of our tables to the sync loop.
+fn spawn_monitor(
+    own_portid: u32,
+) -> Result<mpsc::Receiver<crate::apply::nl::monitor::Notice>, crate::apply::nl::NlError> {
+    let mut m = crate::apply::nl::monitor::Monitor::open(crate::nft::ir::TABLE_NAME, own_portid)?;
+    let (tx, rx) = mpsc::channel(64);
+    std::thread::Builder::new()
+        .name("nft-monitor".into())
+        .spawn(move || loop {
+            match m.next() {
+                Ok(n) => {
+                    if tx.blocking_send(n).is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "nftables change monitor failed");
+                    return;
+                }
+            }
+        })
+        .map_err(|source| crate::apply::nl::NlError::Io {
+            op: "spawn monitor thread",
+            source,
+        })?;
+    Ok(rx)
 }
 
 /// Retry health ports that could not be bound, every 5 s, without waiting for a sync.

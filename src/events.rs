@@ -9,7 +9,7 @@ use tokio::sync::mpsc;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Warning {
-    /// "Service" or "EndpointSlice".
+    /// "Service", "EndpointSlice" or "Node" (namespace empty).
     pub kind: String,
     pub namespace: String,
     pub name: String,
@@ -74,7 +74,8 @@ impl Events {
                 let reference = ObjectReference {
                     api_version: Some(api_version.into()),
                     kind: Some(w.kind.clone()),
-                    namespace: Some(w.namespace.clone()),
+                    // Nodes are cluster-scoped.
+                    namespace: (!w.namespace.is_empty()).then(|| w.namespace.clone()),
                     name: Some(w.name.clone()),
                     ..Default::default()
                 };

@@ -55,6 +55,8 @@ pub struct Metrics {
     pub no_endpoint_rejects: Family<ServiceLabel, Counter>,
     pub conntrack_deleted: Counter,
     pub bad_objects: Counter,
+    /// Times the kernel was found to differ from what was applied (each then repaired).
+    pub ruleset_drift: Counter,
     /// Last counter value seen per (set, element): nft counters restart when an element is re-added.
     seen: Mutex<BTreeMap<(IpFamily, String, Element), u64>>,
 }
@@ -89,6 +91,7 @@ impl Metrics {
             no_endpoint_rejects: Family::default(),
             conntrack_deleted: Counter::default(),
             bad_objects: Counter::default(),
+            ruleset_drift: Counter::default(),
             seen: Mutex::new(BTreeMap::new()),
         };
         registry.register(
@@ -110,6 +113,11 @@ impl Metrics {
             "network_programming_duration_seconds",
             "From an EndpointSlice change (endpoints.kubernetes.io/last-change-trigger-time) to its commit",
             m.programming_latency.clone(),
+        );
+        registry.register(
+            "ruleset_drift",
+            "Times nftproxy's tables in the kernel were found to differ from what it applied (changed from outside, or a lost commit); each is repaired",
+            m.ruleset_drift.clone(),
         );
         registry.register(
             "services",

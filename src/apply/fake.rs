@@ -113,6 +113,32 @@ impl FakeApplier {
         self.generation += 1;
     }
 
+    /// Someone flushed one of our sets.
+    pub fn external_flush_set(&mut self, f: Family, set: &str) {
+        if let Some(e) = self
+            .state
+            .tables
+            .get_mut(&f)
+            .and_then(|t| t.elements.get_mut(set))
+        {
+            e.clear();
+        }
+        self.generation += 1;
+    }
+
+    /// Someone deleted one element of one of our sets.
+    pub fn external_delete_element(&mut self, f: Family, set: &str, e: &Element) {
+        if let Some(els) = self
+            .state
+            .tables
+            .get_mut(&f)
+            .and_then(|t| t.elements.get_mut(set))
+        {
+            els.remove(e);
+        }
+        self.generation += 1;
+    }
+
     /// Some other component committed something in this network namespace.
     pub fn external_commit(&mut self) {
         self.generation += 1;

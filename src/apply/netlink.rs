@@ -137,6 +137,12 @@ impl NetlinkApplier {
         &self.table
     }
 
+    /// The netlink port id of this applier's socket: the kernel's change notifications carry
+    /// it, which tells the echoes of our own commits from other writers' changes.
+    pub fn portid(&self) -> u32 {
+        self.sock.portid()
+    }
+
     /// Size and timing of the last batch that reached the kernel (successful or not).
     pub fn last_stats(&self) -> Option<BatchStats> {
         self.last_stats

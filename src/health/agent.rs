@@ -24,6 +24,8 @@ pub struct Inputs {
     pub pending_since: Option<Instant>,
     pub sync_period: Duration,
     pub node_eligible: bool,
+    /// Drift found in the kernel and not (yet) shown repaired.
+    pub drift: Option<String>,
 }
 
 fn rfc3339(now_i: Instant, now_w: SystemTime, at: Option<Instant>) -> String {
@@ -59,14 +61,19 @@ pub fn livez(i: &Inputs) -> (StatusCode, String) {
 
 /// `/healthz`: (status, JSON body).
 pub fn healthz(i: &Inputs) -> (StatusCode, String) {
-    let healthy = proxy_healthy(i) && i.last_success.is_some();
+    // A kernel that differs from the API in a way the agent could not repair is not healthy:
+    // traffic to this node may go where no Service says.
+    let healthy = proxy_healthy(i) && i.last_success.is_some() && i.drift.is_none();
     let ok = healthy && i.node_eligible;
-    let body = serde_json::json!({
+    let mut body = serde_json::json!({
         "lastUpdated": rfc3339(i.now, i.wall_now, i.last_success),
         "currentTime": humantime::format_rfc3339_millis(i.wall_now).to_string(),
         "healthy": healthy,
         "nodeEligible": i.node_eligible,
     });
+    if let Some(d) = &i.drift {
+        body["unrepairedDrift"] = d.clone().into();
+    }
     (
         if ok {
             StatusCode::OK
@@ -95,6 +102,7 @@ impl AgentHealth {
             pending_since: st.pending_since,
             sync_period: self.sync_period,
             node_eligible: self.node_eligible.lock().map(|e| *e).unwrap_or(true),
+            drift: st.drift,
         }
     }
 
@@ -167,6 +175,7 @@ mod tests {
             pending_since: pending.map(|s| now - Duration::from_secs(s)),
             sync_period: Duration::from_secs(30),
             node_eligible: eligible,
+            drift: None,
         }
     }
 

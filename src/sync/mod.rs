@@ -13,7 +13,8 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use crate::apply::{Applier, ApplyError, Skeleton};
+use crate::apply::nl::monitor::{self, Notice, Touched};
+use crate::apply::{Applier, ApplyError, KernelTable};
 use crate::nft::ir::{Family, Ruleset};
 use crate::nft::plan;
 use crate::nft::tx::Transaction;
@@ -132,7 +133,12 @@ pub struct Report {
 pub trait Observer: Send {
     fn applied(&mut self, report: &Report);
     fn failed(&mut self, kind: SyncKind, error: &str);
+    /// The kernel was found to differ from what was applied (already logged); a repair follows.
+    fn drifted(&mut self, _findings: &[drift::Finding]) {}
 }
+
+/// Findings logged one by one; the rest are summed up in one line.
+const LOGGED_FINDINGS: usize = 20;
 
 /// Shared status read by the agent health server.
 #[derive(Debug, Clone, Default)]
@@ -141,6 +147,8 @@ pub struct Status {
     pub last_success: Option<Instant>,
     /// The oldest change accepted but not yet applied.
     pub pending_since: Option<Instant>,
+    /// Drift found in the kernel that no verification has shown repaired yet.
+    pub drift: Option<String>,
 }
 
 pub type SharedStatus = Arc<Mutex<Status>>;
@@ -156,6 +164,12 @@ pub struct Syncer<A: Applier + 'static> {
     failures: u32,
     /// Time the last desired-state computation took (snapshot, model, compile), for the log.
     compute_time: Duration,
+    /// Foreign changes to our tables announced by the kernel (None: no monitor).
+    outside: Option<mpsc::Receiver<Notice>>,
+    /// The first sync may adopt the tables a previous agent left (instead of recreating them).
+    adopt: bool,
+    /// A repair was committed for drift in this scope: verify it once more after the sync.
+    repairing: Option<Option<Touched>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -175,7 +189,108 @@ impl<A: Applier + 'static> Syncer<A> {
             status,
             failures: 0,
             compute_time: Duration::ZERO,
+            outside: None,
+            adopt: true,
+            repairing: None,
         }
+    }
+
+    /// Listen to foreign changes of our tables (see [`monitor`]): each is verified and repaired
+    /// at once instead of at the next periodic check.
+    pub fn with_monitor(mut self, notices: mpsc::Receiver<Notice>) -> Self {
+        self.outside = Some(notices);
+        self
+    }
+
+    /// Read our tables back, for the families in `scope` (None: all; a family mapped to a set
+    /// list: only those sets' elements), against `reference`.
+    async fn read_kernel(
+        &self,
+        reference: &Ruleset,
+        scope: Option<&Touched>,
+    ) -> Result<BTreeMap<Family, Option<KernelTable>>, ApplyError> {
+        let mut wanted = Vec::new();
+        for (f, t) in &reference.tables {
+            let sets = match scope.map(|s| s.get(f)) {
+                Some(None) => continue,
+                Some(Some(Some(sets))) => Some(sets.clone()),
+                Some(Some(None)) | None => None,
+            };
+            wanted.push((*f, t.clone(), sets));
+        }
+        self.call(
+            move |a| -> Result<BTreeMap<Family, Option<KernelTable>>, ApplyError> {
+                let mut out = BTreeMap::new();
+                for (f, t, sets) in wanted {
+                    out.insert(f, a.read_table(f, &t, sets.as_ref())?);
+                }
+                Ok(out)
+            },
+        )
+        .await?
+    }
+
+    /// Compare the kernel with what was applied (within `scope`); on a difference, log and
+    /// report it and make the kernel's view the new belief, so that the next sync's plan is the
+    /// repair. Returns whether drift was found (a sync is then due). A failed read drops the
+    /// belief (the next sync rebuilds everything).
+    async fn verify(
+        &mut self,
+        scope: Option<Touched>,
+        state: Option<Arc<ProxyState>>,
+        observer: &mut dyn Observer,
+    ) -> bool {
+        let Some(applied) = self.applied.clone() else {
+            return false;
+        };
+        let started = Instant::now();
+        let kernel = match self.read_kernel(&applied, scope.as_ref()).await {
+            Ok(k) => k,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not read the ruleset back; rebuilding");
+                self.applied = None;
+                return true;
+            }
+        };
+        let read: Option<BTreeMap<Family, BTreeSet<String>>> = scope.as_ref().map(|s| {
+            s.iter()
+                .filter_map(|(f, sets)| sets.clone().map(|sets| (*f, sets)))
+                .collect()
+        });
+        let d = drift::kernel_view(&applied, &kernel, read.as_ref(), state.as_deref());
+        tracing::debug!(
+            ms = started.elapsed().as_secs_f64() * 1000.0,
+            families = kernel.len(),
+            drift = !d.is_empty(),
+            "verified the kernel ruleset"
+        );
+        if d.is_empty() {
+            if self.repairing.is_none() {
+                lock(&self.status).drift = None;
+            }
+            return false;
+        }
+        for f in d.findings.iter().take(LOGGED_FINDINGS) {
+            tracing::warn!(finding = %f, "ruleset drift: the kernel differs from what nftproxy applied; repairing");
+        }
+        if d.findings.len() > LOGGED_FINDINGS {
+            tracing::warn!(
+                more = d.findings.len() - LOGGED_FINDINGS,
+                "ruleset drift: further differences"
+            );
+        }
+        observer.drifted(&d.findings);
+        let summary = d
+            .findings
+            .iter()
+            .take(3)
+            .map(|f| f.to_string())
+            .collect::<Vec<_>>()
+            .join("; ");
+        lock(&self.status).drift = Some(summary);
+        self.applied = if d.needs_full { None } else { Some(d.view) };
+        self.repairing = Some(scope);
+        true
     }
 
     /// Access the applier (tests inspect the fake).
@@ -197,48 +312,71 @@ impl<A: Applier + 'static> Syncer<A> {
         }
     }
 
-    /// Whether the kernel still holds what we applied. Cheap: the generation id, and only when it
-    /// moved without us, a look at whether our tables exist.
-    async fn kernel_intact(&mut self) -> bool {
+    /// Whether a commit by anyone else may have changed the kernel since ours: the ruleset
+    /// generation id moved without us. One netlink round trip.
+    async fn generation_moved(&mut self) -> bool {
         let Some(ours) = self.our_generation else {
-            return false;
+            return true;
         };
-        let Some(applied) = self.applied.as_ref() else {
-            return false;
-        };
-        let expected: Vec<(Family, Skeleton)> = applied
-            .tables
-            .iter()
-            .map(|(f, t)| (*f, Skeleton::of(t)))
-            .collect();
-        let result = self
-            .call(move |a| -> Result<bool, ApplyError> {
-                if a.generation()? == ours {
-                    return Ok(true);
-                }
-                // Someone committed something in this namespace: was it our table?
-                for (f, want) in expected {
-                    if !a.table_exists(f)? || a.skeleton(f)? != want {
-                        return Ok(false);
-                    }
-                }
-                Ok(true)
-            })
-            .await;
-        match result {
-            Ok(Ok(intact)) => {
-                if !intact {
-                    tracing::warn!(
-                        "nftproxy tables were changed or deleted from outside; rebuilding"
-                    );
-                }
-                intact
-            }
+        match self.call(|a| a.generation()).await {
+            Ok(Ok(g)) => g != ours,
             Ok(Err(e)) | Err(e) => {
-                tracing::warn!(error = %e, "could not check the kernel ruleset; rebuilding");
-                false
+                tracing::warn!(error = %e, "could not read the ruleset generation; verifying");
+                true
             }
         }
+    }
+
+    /// The periodic self-heal check: when anyone committed since our last commit, compare every
+    /// element, rule and set definition of our tables with what was applied (this also catches
+    /// changes whose notification was lost). Returns whether a sync is due.
+    async fn periodic_check(&mut self, observer: &mut dyn Observer) -> bool {
+        if self.applied.is_none() {
+            return true;
+        }
+        if !self.generation_moved().await {
+            return false;
+        }
+        let found = self
+            .verify(None, self.previous_state.clone(), observer)
+            .await;
+        if !found {
+            // Someone else's commit, not to our tables: nothing to do until the next one.
+            if let Ok(Ok(g)) = self.call(|a| a.generation()).await {
+                self.our_generation = Some(g);
+            }
+        }
+        found
+    }
+
+    /// Take over the tables a previous agent left: read them back against the desired ruleset
+    /// and believe what they hold, so the first sync commits only the difference instead of
+    /// deleting and recreating them (no moment without rules, a small commit). Anything that
+    /// cannot be taken over (a set definition that changed) leaves the belief empty: full sync.
+    async fn adopt(&mut self, desired: &Ruleset) {
+        self.adopt = false;
+        let kernel = match self.read_kernel(desired, None).await {
+            Ok(k) => k,
+            Err(e) => {
+                tracing::info!(error = %e, "cannot read the existing ruleset back; rebuilding it");
+                return;
+            }
+        };
+        if kernel.values().all(|t| t.is_none()) {
+            return;
+        }
+        let d = drift::kernel_view(desired, &kernel, None, None);
+        if d.needs_full {
+            tracing::info!("the existing tables differ in their set definitions; rebuilding them");
+            return;
+        }
+        tracing::info!(
+            missing_elements = d.missing_elements,
+            stale_elements = d.extra_elements,
+            differences = d.findings.len(),
+            "adopting the tables left by the previous agent; committing only the difference"
+        );
+        self.applied = Some(d.view);
     }
 
     /// One sync. `check_kernel` asks for the self-heal check (periodic syncs).
@@ -249,8 +387,11 @@ impl<A: Applier + 'static> Syncer<A> {
         observer: &mut dyn Observer,
     ) -> Result<Report, String> {
         let start = Instant::now();
-        if check_kernel && self.applied.is_some() && !self.kernel_intact().await {
-            self.applied = None;
+        if check_kernel && self.applied.is_some() {
+            self.periodic_check(observer).await;
+        }
+        if self.applied.is_none() && self.adopt {
+            self.adopt(&desired.ruleset).await;
         }
         let now = Instant::now();
         let due: BTreeSet<(Family, String)> = self
@@ -353,6 +494,16 @@ impl<A: Applier + 'static> Syncer<A> {
             "synced"
         );
         observer.applied(&report);
+        if let Some(scope) = self.repairing.take() {
+            // Show the repair worked (or find the next round of it).
+            if !self
+                .verify(scope, self.previous_state.clone(), observer)
+                .await
+            {
+                tracing::info!("ruleset drift repaired");
+                lock(&self.status).drift = None;
+            }
+        }
         Ok(report)
     }
 
@@ -387,6 +538,7 @@ impl<A: Applier + 'static> Syncer<A> {
         let mut bucket = TokenBucket::new(SYNC_BURST, self.cfg.min_sync_period);
         let mut last_check = Instant::now();
         let mut need_sync = true; // the first sync runs at once
+        let mut outside = self.outside.take();
         loop {
             if need_sync {
                 // Coalesce: an idle agent syncs at once (after a breath that lets a Service and its
@@ -420,13 +572,43 @@ impl<A: Applier + 'static> Syncer<A> {
                 _ = tokio::time::sleep_until(retry_or_gc), if retry_or_gc < check => { need_sync = true; }
                 _ = tokio::time::sleep_until(check) => {
                     last_check = Instant::now();
-                    need_sync = self.applied.is_none() || !self.kernel_intact().await;
-                    if need_sync {
-                        self.applied = None;
+                    need_sync = self.periodic_check(observer).await;
+                }
+                notice = next_notice(&mut outside) => {
+                    let Some(notice) = notice else {
+                        tracing::warn!("the nftables change monitor stopped; drift is found by the periodic check only");
+                        outside = None;
+                        continue;
+                    };
+                    // Everything announced meanwhile is verified in one read.
+                    let mut scope = match notice {
+                        Notice::Foreign(t) => Some(t),
+                        Notice::Lost => None,
+                    };
+                    while let Some(more) = outside.as_mut().and_then(|r| r.try_recv().ok()) {
+                        match (&mut scope, more) {
+                            (Some(s), Notice::Foreign(t)) => monitor::merge(s, t),
+                            (s, _) => *s = None,
+                        }
                     }
+                    if scope.is_none() {
+                        tracing::info!("nftables notifications were lost; verifying the whole ruleset");
+                    }
+                    need_sync = self.verify(scope, self.previous_state.clone(), observer).await;
                 }
             }
+            if self.repairing.is_some() {
+                need_sync = true;
+            }
         }
+    }
+}
+
+/// The next notice of the monitor, or never without one.
+async fn next_notice(rx: &mut Option<mpsc::Receiver<Notice>>) -> Option<Notice> {
+    match rx {
+        Some(r) => r.recv().await,
+        None => std::future::pending().await,
     }
 }
 

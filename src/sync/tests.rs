@@ -1,6 +1,7 @@
 use super::*;
 use crate::apply::fake::FakeApplier;
 use crate::config::{NodePortAddresses, ProxyConfig};
+use crate::nft::tx::Op;
 use crate::objects::Objects;
 
 fn objects() -> Objects {
@@ -30,6 +31,7 @@ fn desired_of(objs: &Objects) -> Desired {
 struct Recorder {
     applied: Vec<(SyncKind, usize, usize)>,
     failed: Vec<String>,
+    drifts: Vec<Vec<String>>,
 }
 
 impl Observer for Recorder {
@@ -65,9 +67,17 @@ type Running = (
 
 /// Start the loop on the current (paused-time) runtime.
 fn start(fake: FakeApplier) -> Running {
+    start_with(fake, None)
+}
+
+/// The same, with a stand-in for the kernel's change notifications.
+fn start_with(fake: FakeApplier, notices: Option<mpsc::Receiver<Notice>>) -> Running {
     let objs: Shared = Arc::new(Mutex::new(objects()));
     let status: SharedStatus = Arc::default();
-    let syncer = Syncer::new(cfg(), fake, status.clone());
+    let mut syncer = Syncer::new(cfg(), fake, status.clone());
+    if let Some(n) = notices {
+        syncer = syncer.with_monitor(n);
+    }
     let applier = syncer.applier();
     let (tx, rx) = mpsc::channel(1024);
     let rec = Arc::new(Mutex::new(Recorder::default()));
@@ -81,6 +91,11 @@ fn start(fake: FakeApplier) -> Running {
             }
             fn failed(&mut self, k: SyncKind, e: &str) {
                 lock(&self.0).failed(k, e)
+            }
+            fn drifted(&mut self, f: &[drift::Finding]) {
+                lock(&self.0)
+                    .drifts
+                    .push(f.iter().map(|f| f.to_string()).collect());
             }
         }
         let mut fwd = Fwd(r);
@@ -200,19 +215,142 @@ async fn idle_agent_does_no_work_and_self_heals() {
     settle(Duration::from_secs(95)).await;
     assert_eq!(*lock(&computed), 1, "no recompute while nothing changes");
     assert_eq!(lock(&rec).applied.len(), 1);
-    // Someone deletes our table: the next periodic check rebuilds it.
+    // Someone deletes our table: the next periodic check recreates it (only it).
     lock(&applier).external_delete_table(Family::Ip);
     settle(Duration::from_secs(31)).await;
     assert_eq!(lock(&rec).applied.len(), 2);
-    assert_eq!(lock(&rec).applied[1].0, SyncKind::Full);
+    assert_eq!(lock(&rec).drifts.len(), 1);
     assert!(lock(&applier).state.tables.contains_key(&Family::Ip));
-    // Someone flushes one of our chains: rebuilt at the next check too.
+    assert!(
+        lock(&applier).committed[1]
+            .ops
+            .iter()
+            .all(|op| !matches!(op, Op::DeleteTable(_))),
+        "the ip6 table is left alone"
+    );
+    // Someone flushes one of our chains: refilled at the next check, nothing else touched.
     lock(&applier).external_flush_chain(Family::Ip, "services");
     settle(Duration::from_secs(31)).await;
     assert_eq!(lock(&rec).applied.len(), 3);
     assert!(!lock(&applier).state.tables[&Family::Ip].chains["services"]
         .rules
         .is_empty());
+    let last = lock(&applier).committed.last().cloned().expect("repair");
+    assert!(last
+        .ops
+        .iter()
+        .all(|op| matches!(op, Op::AddRule { chain, .. } | Op::AddChain { name: chain, .. } if chain == "services")));
+    // Someone deletes one element: the repair adds it back, and only it.
+    let (set, one) = busiest(&lock(&applier));
+    lock(&applier).external_delete_element(Family::Ip, &set, &one);
+    settle(Duration::from_secs(31)).await;
+    assert_eq!(lock(&rec).applied.len(), 4);
+    let last = lock(&applier).committed.last().cloned().expect("repair");
+    assert_eq!(last.element_count(), 1, "{last:?}");
+    assert_eq!(lock(&rec).drifts.len(), 3);
+}
+
+/// The ip set with the most elements, and one of them.
+fn busiest(fake: &FakeApplier) -> (String, crate::nft::ir::Element) {
+    let t = &fake.state.tables[&Family::Ip];
+    t.elements
+        .iter()
+        .filter(|(n, _)| !t.sets[*n].runtime_owned())
+        .max_by_key(|(_, e)| e.len())
+        .and_then(|(n, e)| e.iter().next().map(|x| (n.clone(), x.clone())))
+        .expect("an element")
+}
+
+#[tokio::test(start_paused = true)]
+async fn announced_outside_changes_are_repaired_at_once() {
+    let (ntx, nrx) = mpsc::channel(16);
+    let (_, _tx, applier, rec, status, _) = start_with(FakeApplier::new(), Some(nrx));
+    settle(Duration::from_millis(10)).await;
+    let (set, one) = busiest(&lock(&applier));
+    lock(&applier).external_flush_set(Family::Ip, &set);
+    let touched: Touched = [(Family::Ip, Some(BTreeSet::from([set.clone()])))].into();
+    ntx.send(Notice::Foreign(touched)).await.unwrap();
+    settle(Duration::from_millis(10)).await;
+    assert_eq!(
+        lock(&rec).applied.len(),
+        2,
+        "repaired without waiting for the periodic check"
+    );
+    assert!(lock(&applier).state.tables[&Family::Ip].elements[&set].contains(&one));
+    assert_eq!(lock(&rec).drifts.len(), 1);
+    assert!(
+        lock(&rec).drifts[0][0].contains(&set),
+        "{:?}",
+        lock(&rec).drifts
+    );
+    assert!(lock(&status).drift.is_none(), "shown repaired");
+    // A lost notification: everything is verified.
+    lock(&applier).external_delete_element(Family::Ip, &set, &one);
+    ntx.send(Notice::Lost).await.unwrap();
+    settle(Duration::from_millis(10)).await;
+    assert_eq!(lock(&rec).applied.len(), 3);
+    assert!(lock(&applier).state.tables[&Family::Ip].elements[&set].contains(&one));
+    // A notice for a change that is not drift (someone re-added what we had): no sync.
+    ntx.send(Notice::Lost).await.unwrap();
+    settle(Duration::from_millis(10)).await;
+    assert_eq!(lock(&rec).applied.len(), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn unrepairable_drift_is_reported_unhealthy() {
+    let (ntx, nrx) = mpsc::channel(16);
+    let (_, _tx, applier, rec, status, _) = start_with(FakeApplier::new(), Some(nrx));
+    settle(Duration::from_millis(10)).await;
+    let (set, _) = busiest(&lock(&applier));
+    lock(&applier).external_flush_set(Family::Ip, &set);
+    // Every repair commit fails.
+    for _ in 0..50 {
+        lock(&applier)
+            .fail
+            .push_back(ApplyError::Io("injected".into()));
+    }
+    ntx.send(Notice::Lost).await.unwrap();
+    settle(Duration::from_secs(5)).await;
+    assert!(
+        lock(&status).drift.is_some(),
+        "drift stays reported while not repaired"
+    );
+    assert!(!lock(&rec).failed.is_empty());
+    lock(&applier).fail.clear();
+    settle(Duration::from_secs(40)).await;
+    assert!(
+        lock(&status).drift.is_none(),
+        "repaired once commits work again"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_restarted_agent_adopts_the_tables_it_finds() {
+    let objs = objects();
+    let desired = desired_of(&objs);
+    // What a previous agent left, with one endpoint since gone from the API.
+    let mut fake = FakeApplier::new();
+    fake.apply(&crate::nft::plan::full(&desired.ruleset))
+        .unwrap();
+    let (set, one) = busiest(&fake);
+    fake.external_delete_element(Family::Ip, &set, &one);
+    let before = fake.committed.len();
+    let (_, _tx, applier, rec, _, _) = start(fake);
+    settle(Duration::from_millis(10)).await;
+    let r = lock(&rec);
+    assert_eq!(r.applied.len(), 1);
+    assert_eq!(r.applied[0].0, SyncKind::Partial, "adopted, not recreated");
+    let a = lock(&applier);
+    assert_eq!(a.committed.len(), before + 1);
+    assert_eq!(
+        a.committed[before].element_count(),
+        1,
+        "only the difference"
+    );
+    assert_eq!(
+        crate::nft::render::normalise(&a.dump()),
+        crate::nft::render::normalise(&crate::nft::render::ruleset(&desired.ruleset))
+    );
 }
 
 #[tokio::test(start_paused = true)]

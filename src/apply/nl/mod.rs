@@ -26,6 +26,7 @@
 
 #![allow(unsafe_code)]
 
+pub mod monitor;
 pub mod udata;
 
 use std::ffi::{CStr, CString};
@@ -205,7 +206,7 @@ pub enum NlError {
 }
 
 impl NlError {
-    fn io(op: &'static str) -> NlError {
+    pub(crate) fn io(op: &'static str) -> NlError {
         NlError::Io {
             op,
             source: std::io::Error::last_os_error(),

@@ -1,0 +1,359 @@
+//! nf_tables change notifications (the `NFNLGRP_NFTABLES` multicast group, what `nft monitor`
+//! reads): tells the sync loop, within milliseconds, that someone else changed our tables.
+//!
+//! Every commit in the namespace is announced as its objects' NEW/DEL messages followed by one
+//! NEWGEN message, each carrying the netlink port id of the committing socket in its header.
+//! Messages are gathered per commit and dropped when NEWGEN carries the port id of the agent's
+//! own socket (the echo of its own commits; the process id in NEWGEN is no use for that inside a
+//! container, where the kernel reports the host's pid); otherwise the
+//! commit is reported with the sets it touched in our tables (or "the whole table" when it
+//! touched chains, rules, set definitions or the table itself).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use super::NlError;
+use crate::nft::ir::Family;
+
+/// `NFNLGRP_NFTABLES` (linux/netfilter/nfnetlink.h).
+const NFNLGRP_NFTABLES: u32 = 7;
+const NFNL_SUBSYS_NFTABLES: u16 = 10;
+const NFT_MSG_NEWSETELEM: u16 = 12;
+const NFT_MSG_DELSETELEM: u16 = 14;
+const NFT_MSG_NEWGEN: u16 = 15;
+/// NFTA_TABLE_NAME, NFTA_CHAIN_TABLE, NFTA_RULE_TABLE, NFTA_SET_TABLE, NFTA_SET_ELEM_LIST_TABLE
+/// are all attribute 1.
+const ATTR_TABLE: u16 = 1;
+const NFTA_SET_ELEM_LIST_SET: u16 = 2;
+const NLMSG_HDRLEN: usize = 16;
+const NFGENMSG_LEN: usize = 4;
+/// Large enough that a burst of foreign element changes fits; an overflow is reported as a
+/// lost notification (and answered by reading everything back).
+const RCVBUF: libc::c_int = 8 << 20;
+
+/// What a foreign commit touched in our tables: per family, the sets whose elements changed, or
+/// None when more than elements changed (rules, chains, set definitions, the table).
+pub type Touched = BTreeMap<Family, Option<BTreeSet<String>>>;
+
+/// What one `recv` delivered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Notice {
+    /// Another process committed changes to our tables.
+    Foreign(Touched),
+    /// The socket overflowed: notifications were lost; anything may have changed.
+    Lost,
+}
+
+/// Gathers the messages of one commit until its NEWGEN.
+#[derive(Debug, Default)]
+pub struct Gatherer {
+    table: String,
+    own_portid: u32,
+    pending: Touched,
+}
+
+fn family_of(nfgen_family: u8) -> Option<Family> {
+    match u16::from(nfgen_family) {
+        super::consts::NFPROTO_IPV4 => Some(Family::Ip),
+        super::consts::NFPROTO_IPV6 => Some(Family::Ip6),
+        _ => None,
+    }
+}
+
+fn attr_str(a: &[u8]) -> &str {
+    let end = a.iter().position(|&b| b == 0).unwrap_or(a.len());
+    std::str::from_utf8(&a[..end]).unwrap_or("")
+}
+
+impl Gatherer {
+    pub fn new(table: &str, own_portid: u32) -> Gatherer {
+        Gatherer {
+            table: table.to_string(),
+            own_portid,
+            pending: Touched::new(),
+        }
+    }
+
+    /// Feed one datagram (several netlink messages); returns the foreign commits it completed.
+    pub fn feed(&mut self, buf: &[u8]) -> Vec<Touched> {
+        let mut out = Vec::new();
+        let mut pos = 0;
+        while pos + NLMSG_HDRLEN <= buf.len() {
+            let len =
+                u32::from_ne_bytes([buf[pos], buf[pos + 1], buf[pos + 2], buf[pos + 3]]) as usize;
+            if len < NLMSG_HDRLEN || pos + len > buf.len() {
+                break;
+            }
+            let msg = &buf[pos..pos + len];
+            if let Some(done) = self.message(msg) {
+                out.push(done);
+            }
+            pos += (len + 3) & !3;
+        }
+        out
+    }
+
+    fn message(&mut self, msg: &[u8]) -> Option<Touched> {
+        let ty = u16::from_ne_bytes([msg[4], msg[5]]);
+        if ty >> 8 != NFNL_SUBSYS_NFTABLES || msg.len() < NLMSG_HDRLEN + NFGENMSG_LEN {
+            return None;
+        }
+        let kind = ty & 0xff;
+        let attrs = super::message_attrs(msg);
+        if kind == NFT_MSG_NEWGEN {
+            let portid = u32::from_ne_bytes([msg[12], msg[13], msg[14], msg[15]]);
+            let touched = std::mem::take(&mut self.pending);
+            return (portid != self.own_portid && !touched.is_empty()).then_some(touched);
+        }
+        let Some(family) = family_of(msg[NLMSG_HDRLEN]) else {
+            return None;
+        };
+        let table = attrs
+            .iter()
+            .find(|(t, _, _)| *t == ATTR_TABLE)
+            .map(|(_, _, a)| attr_str(a));
+        if table != Some(self.table.as_str()) {
+            return None;
+        }
+        let entry = self
+            .pending
+            .entry(family)
+            .or_insert_with(|| Some(BTreeSet::new()));
+        if kind == NFT_MSG_NEWSETELEM || kind == NFT_MSG_DELSETELEM {
+            if let (Some(sets), Some((_, _, a))) = (
+                entry.as_mut(),
+                attrs.iter().find(|(t, _, _)| *t == NFTA_SET_ELEM_LIST_SET),
+            ) {
+                sets.insert(attr_str(a).to_string());
+            }
+        } else {
+            *entry = None;
+        }
+        None
+    }
+}
+
+/// A netlink socket subscribed to nf_tables notifications. `recv` blocks: run it on a thread
+/// of its own.
+pub struct Monitor {
+    fd: libc::c_int,
+    buf: Vec<u8>,
+    gatherer: Gatherer,
+}
+
+impl Drop for Monitor {
+    fn drop(&mut self) {
+        // SAFETY: our own descriptor, closed once.
+        unsafe {
+            libc::close(self.fd);
+        }
+    }
+}
+
+impl Monitor {
+    /// Subscribe (in the caller's network namespace) to changes of tables named `table` made by
+    /// any socket but the one with port id `own_portid` (the agent's applier).
+    pub fn open(table: &str, own_portid: u32) -> Result<Monitor, NlError> {
+        // SAFETY: plain socket calls on a descriptor we own; every result is checked.
+        unsafe {
+            let fd = libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                libc::NETLINK_NETFILTER,
+            );
+            if fd < 0 {
+                return Err(NlError::io("monitor socket"));
+            }
+            let m = Monitor {
+                fd,
+                buf: vec![0u8; 1 << 20],
+                gatherer: Gatherer::new(table, own_portid),
+            };
+            let mut addr: libc::sockaddr_nl = std::mem::zeroed();
+            addr.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+            addr.nl_groups = 1 << (NFNLGRP_NFTABLES - 1);
+            if libc::bind(
+                fd,
+                (&addr as *const libc::sockaddr_nl).cast(),
+                std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+            ) < 0
+            {
+                return Err(NlError::io("monitor bind"));
+            }
+            // Best effort: SO_RCVBUFFORCE needs CAP_NET_ADMIN, which the agent has.
+            for opt in [libc::SO_RCVBUFFORCE, libc::SO_RCVBUF] {
+                if libc::setsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    opt,
+                    (&RCVBUF as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                ) == 0
+                {
+                    break;
+                }
+            }
+            Ok(m)
+        }
+    }
+
+    /// Wait for the next foreign change (or a loss of notifications).
+    pub fn next(&mut self) -> Result<Notice, NlError> {
+        loop {
+            // SAFETY: receiving into our own buffer of `len()` bytes.
+            let n = unsafe {
+                libc::recv(
+                    self.fd,
+                    self.buf.as_mut_ptr().cast(),
+                    self.buf.len(),
+                    libc::MSG_TRUNC,
+                )
+            };
+            if n < 0 {
+                let err = std::io::Error::last_os_error();
+                match err.raw_os_error() {
+                    Some(libc::EINTR) => continue,
+                    // The kernel dropped notifications because the queue was full.
+                    Some(libc::ENOBUFS) => {
+                        self.gatherer.pending.clear();
+                        return Ok(Notice::Lost);
+                    }
+                    _ => {
+                        return Err(NlError::Io {
+                            op: "monitor recv",
+                            source: err,
+                        })
+                    }
+                }
+            }
+            let n = n as usize;
+            if n > self.buf.len() {
+                self.gatherer.pending.clear();
+                return Ok(Notice::Lost);
+            }
+            let mut done = self.gatherer.feed(&self.buf[..n]);
+            if let Some(mut all) = done.pop() {
+                for t in done {
+                    merge(&mut all, t);
+                }
+                return Ok(Notice::Foreign(all));
+            }
+        }
+    }
+}
+
+/// Fold `b` into `a` (None, the whole table, wins).
+pub fn merge(a: &mut Touched, b: Touched) {
+    for (f, sets) in b {
+        match (a.entry(f).or_insert_with(|| Some(BTreeSet::new())), sets) {
+            (Some(x), Some(y)) => x.extend(y),
+            (slot, None) => *slot = None,
+            (None, Some(_)) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn attr(ty: u16, payload: &[u8]) -> Vec<u8> {
+        let mut v = Vec::new();
+        v.extend_from_slice(&((4 + payload.len()) as u16).to_ne_bytes());
+        v.extend_from_slice(&ty.to_ne_bytes());
+        v.extend_from_slice(payload);
+        while v.len() % 4 != 0 {
+            v.push(0);
+        }
+        v
+    }
+
+    fn msg(kind: u16, family: u8, attrs: &[Vec<u8>]) -> Vec<u8> {
+        msg_from(0, kind, family, attrs)
+    }
+
+    fn msg_from(portid: u32, kind: u16, family: u8, attrs: &[Vec<u8>]) -> Vec<u8> {
+        let body: Vec<u8> = attrs.concat();
+        let len = NLMSG_HDRLEN + NFGENMSG_LEN + body.len();
+        let mut v = Vec::new();
+        v.extend_from_slice(&(len as u32).to_ne_bytes());
+        v.extend_from_slice(&((NFNL_SUBSYS_NFTABLES << 8) | kind).to_ne_bytes());
+        v.extend_from_slice(&[0; 6]);
+        v.extend_from_slice(&portid.to_ne_bytes());
+        v.extend_from_slice(&[family, 0, 0, 0]);
+        v.extend_from_slice(&body);
+        v
+    }
+
+    fn elem(table: &str, set: &str, family: u8) -> Vec<u8> {
+        msg(
+            NFT_MSG_NEWSETELEM,
+            family,
+            &[
+                attr(ATTR_TABLE, format!("{table}\0").as_bytes()),
+                attr(NFTA_SET_ELEM_LIST_SET, format!("{set}\0").as_bytes()),
+            ],
+        )
+    }
+
+    fn gen(portid: u32) -> Vec<u8> {
+        msg_from(
+            portid,
+            NFT_MSG_NEWGEN,
+            0,
+            &[
+                attr(1, &7u32.to_be_bytes()),
+                attr(2, &1234u32.to_be_bytes()),
+            ],
+        )
+    }
+
+    #[test]
+    fn foreign_commits_are_reported_with_their_sets_and_echoes_dropped() {
+        let mut g = Gatherer::new("nftproxy", 42);
+        // Our own commit: dropped.
+        let own = [elem("nftproxy", "clusterip", 2), gen(42)].concat();
+        assert!(g.feed(&own).is_empty());
+        // Someone else's commit, to our table and to another one.
+        let theirs = [
+            elem("nftproxy", "clusterip", 2),
+            elem("nftproxy", "ip-cluster-backends", 2),
+            elem("filter", "blocklist", 2),
+            gen(7),
+        ]
+        .concat();
+        let got = g.feed(&theirs);
+        assert_eq!(got.len(), 1);
+        assert_eq!(
+            got[0],
+            Touched::from([(
+                Family::Ip,
+                Some(BTreeSet::from([
+                    "clusterip".to_string(),
+                    "ip-cluster-backends".to_string()
+                ]))
+            )])
+        );
+        // A rule change (not an element change) in the ip6 table: the whole table.
+        let rule = msg(6, 10, &[attr(ATTR_TABLE, b"nftproxy\0")]);
+        let got = g.feed(&[rule, gen(7)].concat());
+        assert_eq!(got, vec![Touched::from([(Family::Ip6, None)])]);
+        // Only other tables: nothing to report.
+        assert!(g
+            .feed(&[elem("filter", "x", 2), gen(7)].concat())
+            .is_empty());
+    }
+
+    #[test]
+    fn merging_keeps_the_widest() {
+        let mut a = Touched::from([(Family::Ip, Some(BTreeSet::from(["a".to_string()])))]);
+        merge(
+            &mut a,
+            Touched::from([
+                (Family::Ip, Some(BTreeSet::from(["b".to_string()]))),
+                (Family::Ip6, None),
+            ]),
+        );
+        assert_eq!(a[&Family::Ip].as_ref().map(|s| s.len()), Some(2));
+        assert_eq!(a[&Family::Ip6], None);
+    }
+}

@@ -674,7 +674,7 @@ fn spawn_monitor(
     std::thread::Builder::new()
         .name("nft-monitor".into())
         .spawn(move || loop {
-            match m.next() {
+            match m.wait() {
                 Ok(n) => {
                     if tx.blocking_send(n).is_err() {
                         return;

@@ -104,9 +104,7 @@ impl Gatherer {
             let touched = std::mem::take(&mut self.pending);
             return (portid != self.own_portid && !touched.is_empty()).then_some(touched);
         }
-        let Some(family) = family_of(msg[NLMSG_HDRLEN]) else {
-            return None;
-        };
+        let family = family_of(msg[NLMSG_HDRLEN])?;
         let table = attrs
             .iter()
             .find(|(t, _, _)| *t == ATTR_TABLE)
@@ -197,7 +195,7 @@ impl Monitor {
     }
 
     /// Wait for the next foreign change (or a loss of notifications).
-    pub fn next(&mut self) -> Result<Notice, NlError> {
+    pub fn wait(&mut self) -> Result<Notice, NlError> {
         loop {
             // SAFETY: receiving into our own buffer of `len()` bytes.
             let n = unsafe {

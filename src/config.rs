@@ -29,6 +29,10 @@ pub enum Command {
     Render(RenderArgs),
     /// Delete nftproxy's nftables tables (ip and ip6). Idempotent.
     Cleanup(CleanupArgs),
+    /// Compare the live nftables tables on this node with what `run` would program now, and
+    /// print per Service port what is missing or extra. Reads the kernel, changes nothing.
+    /// Exit status: 0 equal, 1 different, 2 error.
+    Diff(DiffArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -100,6 +104,19 @@ pub struct RenderArgs {
     /// a List, or a JSON array. `-` reads standard input.
     #[arg(short = 'f', long = "filename")]
     pub file: String,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DiffArgs {
+    #[command(flatten)]
+    pub proxy: ProxyArgs,
+    /// Objects to compare with, like `render -f` (instead of listing them from the API).
+    #[arg(short = 'f', long = "filename")]
+    pub file: Option<String>,
+    /// Kubeconfig file (when listing from the API). Default: in-cluster config, else
+    /// $KUBECONFIG, else ~/.kube/config.
+    #[arg(long)]
+    pub kubeconfig: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Clone, Args)]

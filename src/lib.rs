@@ -8,6 +8,7 @@ pub mod agent;
 pub mod apply;
 pub mod config;
 pub mod conntrack;
+pub mod diff_cmd;
 pub mod engine;
 pub mod events;
 pub mod health;

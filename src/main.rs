@@ -12,26 +12,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Render(args) => {
-            let text = if args.file == "-" {
-                let mut s = String::new();
-                if let Err(e) = std::io::stdin().read_to_string(&mut s) {
-                    eprintln!("nftproxy render: reading stdin: {e}");
-                    return ExitCode::FAILURE;
-                }
-                s
-            } else {
-                match std::fs::read_to_string(&args.file) {
-                    Ok(s) => s,
-                    Err(e) => {
-                        eprintln!("nftproxy render: {}: {e}", args.file);
-                        return ExitCode::FAILURE;
-                    }
-                }
-            };
-            let objs = match Objects::parse(&text) {
+            let objs = match read_objects(&args.file) {
                 Ok(o) => o,
                 Err(e) => {
-                    eprintln!("nftproxy render: {}: {e}", args.file);
+                    eprintln!("nftproxy render: {e}");
                     return ExitCode::FAILURE;
                 }
             };
@@ -82,6 +66,7 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Diff(args) => diff(args),
         Command::Cleanup(args) => {
             let mut tables = vec![(Family::Ip, "nftproxy"), (Family::Ip6, "nftproxy")];
             if args.kube_proxy {
@@ -98,6 +83,89 @@ fn main() -> ExitCode {
                 }
             }
         }
+    }
+}
+
+/// Read objects from a file or standard input (`-`).
+fn read_objects(file: &str) -> Result<Objects, String> {
+    let text = if file == "-" {
+        let mut s = String::new();
+        std::io::stdin()
+            .read_to_string(&mut s)
+            .map_err(|e| format!("reading stdin: {e}"))?;
+        s
+    } else {
+        std::fs::read_to_string(file).map_err(|e| format!("{file}: {e}"))?
+    };
+    Objects::parse(&text).map_err(|e| format!("{file}: {e}"))
+}
+
+/// `nftproxy diff`: exit 0 when the kernel holds what `run` would program, 1 when not, 2 when
+/// the comparison could not be made.
+fn diff(args: nftproxy::config::DiffArgs) -> ExitCode {
+    let fail = |e: String| {
+        eprintln!("nftproxy diff: {e}");
+        ExitCode::from(2)
+    };
+    let mut cfg = match ProxyConfig::from_args(&args.proxy) {
+        Ok(c) => c,
+        Err(e) => return fail(e.to_string()),
+    };
+    let objs = match &args.file {
+        Some(f) => match read_objects(f) {
+            Ok(o) => o,
+            Err(e) => return fail(e),
+        },
+        None => {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => return fail(format!("cannot start the runtime: {e}")),
+            };
+            let listed = rt.block_on(async {
+                let client = nftproxy::agent::client(args.kubeconfig.as_deref())
+                    .await
+                    .map_err(|e| e.to_string())?;
+                nftproxy::diff_cmd::list_objects(client, &cfg.node_name)
+                    .await
+                    .map_err(|e| format!("listing from the API: {e}"))
+            });
+            match listed {
+                Ok(o) => o,
+                Err(e) => return fail(e),
+            }
+        }
+    };
+    // From a file, like `render`: the named node, else the file's only Node.
+    let node = match &args.file {
+        Some(_) => render_cmd::pick_node(&objs, args.proxy.hostname_override.as_deref()),
+        None => render_cmd::pick_node(&objs, Some(&cfg.node_name)),
+    };
+    cfg.node_name = node.name.clone();
+    let (desired, state, problems) = match render_cmd::desired_of(&objs, &cfg, &node) {
+        Ok(x) => x,
+        Err(e) => return fail(e.to_string()),
+    };
+    for p in problems {
+        eprintln!("skipped: {}: {}", p.object, p.reason);
+    }
+    let mut applier = match nftproxy::apply::netlink::NetlinkApplier::new() {
+        Ok(a) => a,
+        Err(e) => return fail(e.to_string()),
+    };
+    let (kernel, extra) = match nftproxy::diff_cmd::read_kernel(&mut applier, &desired) {
+        Ok(k) => k,
+        Err(e) => return fail(e.to_string()),
+    };
+    let report = nftproxy::diff_cmd::compare(&desired, &kernel, &extra, &state);
+    if report.is_empty() {
+        println!("no differences: the kernel holds what nftproxy would program");
+        ExitCode::SUCCESS
+    } else {
+        print!("{}", report.text());
+        ExitCode::from(1)
     }
 }
 

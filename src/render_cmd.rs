@@ -5,6 +5,7 @@ use crate::model::Problem;
 use crate::nft::compile::{self, CompileError};
 use crate::nft::ir::Ruleset;
 use crate::objects::Objects;
+use crate::proxy::ProxyState;
 use crate::snapshot::{self, NodeInfo};
 
 /// The node `render` works for: the named one, else the only Node in the file.
@@ -32,10 +33,19 @@ pub fn compile_objects(
     cfg: &ProxyConfig,
     node: &NodeInfo,
 ) -> Result<(Ruleset, Vec<Problem>), CompileError> {
+    desired_of(objs, cfg, node).map(|(rs, _, problems)| (rs, problems))
+}
+
+/// The ruleset and the proxy state it was compiled from.
+pub fn desired_of(
+    objs: &Objects,
+    cfg: &ProxyConfig,
+    node: &NodeInfo,
+) -> Result<(Ruleset, ProxyState, Vec<Problem>), CompileError> {
     let mut problems = Vec::new();
     let cidrs = snapshot::service_cidrs(&objs.service_cidrs, &mut problems);
     let state = snapshot::proxy_state(&objs.services, &objs.slices, &cidrs, node, &mut problems);
     let (rs, mut conflicts) = compile::compile_checked(&state, &cfg.compile_config(node))?;
     problems.append(&mut conflicts);
-    Ok((rs, problems))
+    Ok((rs, state, problems))
 }

@@ -47,11 +47,23 @@ impl std::fmt::Display for Finding {
     }
 }
 
+/// One element in the kernel and not in the reference, or the other way round.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ElementDiff {
+    pub family: Family,
+    pub set: String,
+    pub element: Element,
+    /// In the reference, not in the kernel (else: in the kernel only).
+    pub missing: bool,
+}
+
 /// The kernel as the planner should see it, and what differs from what was applied.
 #[derive(Debug, Clone, Default)]
 pub struct Drift {
     pub view: Ruleset,
     pub findings: Vec<Finding>,
+    /// Every element that differs.
+    pub elements: Vec<ElementDiff>,
     /// A set definition was changed from outside: only a full rebuild repairs it.
     pub needs_full: bool,
     pub missing_elements: usize,
@@ -66,10 +78,10 @@ impl Drift {
 
 /// Which Service port an element's key belongs to: entries are keyed by address . protocol .
 /// port (ClusterIP, external IPs, LB IPs, backends), NodePorts by protocol . port.
-struct Owners(HashMap<(Family, Vec<Value>), PortKey>);
+pub struct Owners(HashMap<(Family, Vec<Value>), PortKey>);
 
 impl Owners {
-    fn of(state: &ProxyState) -> Owners {
+    pub fn of(state: &ProxyState) -> Owners {
         let mut m = HashMap::new();
         for (f, fs) in &state.families {
             for ps in fs.ports.values() {
@@ -95,7 +107,7 @@ impl Owners {
         Owners(m)
     }
 
-    fn owner(&self, f: Family, key: &[Value]) -> Option<&PortKey> {
+    pub fn owner(&self, f: Family, key: &[Value]) -> Option<&PortKey> {
         for n in [3usize, 2] {
             if key.len() >= n {
                 if let Some(k) = self.0.get(&(f, key[..n].to_vec())) {
@@ -183,6 +195,14 @@ pub fn kernel_view(
                 let extra: Vec<&Element> = have.iter().filter(|e| !believed.contains(*e)).collect();
                 d.missing_elements += missing.len();
                 d.extra_elements += extra.len();
+                for (els, is_missing) in [(&missing, true), (&extra, false)] {
+                    d.elements.extend(els.iter().map(|e| ElementDiff {
+                        family: *f,
+                        set: name.clone(),
+                        element: (*e).clone(),
+                        missing: is_missing,
+                    }));
+                }
                 let owners = owners.get_or_init(|| state.map(Owners::of));
                 let mut services = BTreeSet::new();
                 if let Some(o) = owners {
@@ -208,7 +228,7 @@ pub fn kernel_view(
                     ));
                 }
                 if !extra.is_empty() {
-                    parts.push(format!("{} not ours ({})", extra.len(), examples(&extra)));
+                    parts.push(format!("{} extra ({})", extra.len(), examples(&extra)));
                 }
                 d.findings.push(Finding {
                     family: *f,

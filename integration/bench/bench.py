@@ -957,6 +957,8 @@ class Run:
             if a.big_services:
                 self.step("big services", lambda: self.big_check(world, node))
             self.step("connect latency", lambda: self.connect_compare(node))
+            self.step("drift repair", lambda: self.drift_repair(world, node, mon))
+            self.step("restart", lambda: self.restart(world, node))
             node.log.poll()
             self.r["agent_warnings"] = node.log.errors[:20]
             node.check_agent()
@@ -1076,6 +1078,85 @@ class Run:
         self.r["idle_syncs"] = len(node.log.synced) - n0
         say(f"  idle: {ms:.0f} ms CPU in {t1 - t0:.1f}s ({self.r['idle_cpu_pct']:.2f}% of a core), "
             f"{self.r['idle_syncs']} syncs")
+
+    def nft_in(self, node: Node, *args: str) -> None:
+        run(["nsenter", f"--net={NETNS_DIR}/{node.ns}", "nft", *args], 60 * self.scale)
+
+    def log_lines_since(self, node: Node, off: int, word: str) -> list[str]:
+        with open(node.log.path, "rb") as f:
+            f.seek(off)
+            return [ANSI.sub("", ln) for ln in f.read().decode(errors="replace").splitlines()
+                    if word in ln]
+
+    def drift_repair(self, world: World, node: Node, mon: Monitor) -> None:
+        """Outside changes to the agent's table, as an operator's `nft` would make them: one
+        element deleted (repaired from the notification naming its set), then a foreign rule
+        (the whole table is read back and compared: the cost of a full verification, which is
+        also what the periodic check pays when someone else committed)."""
+        cip = ip(SVC_BASE + 1)
+        off = os.path.getsize(node.log.path)
+        t0 = time.monotonic()
+        self.nft_in(node, "delete", "element", "ip", "nftproxy", "clusterip",
+                    "{ " + cip + " . tcp . 80 }")
+        got = mon.wait_all([("clusterip", "k", cip)], t0, 10)
+        if got is None:
+            raise Functional(f"deleted clusterip element {cip} was not repaired within 10 s")
+        self.r["drift_element_repair_ms"] = (got[("clusterip", "k", cip)] - t0) * 1000
+        n0 = len(node.log.synced)
+        t0 = time.monotonic()
+        self.nft_in(node, "add", "rule", "ip", "nftproxy", "services", "counter")
+        wait_for(lambda: bool(self.log_lines_since(node, off, "ruleset drift repaired")[1:]),
+                 60 * self.scale, 0.01, "the foreign rule repaired")
+        self.r["drift_rule_repair_ms"] = (time.monotonic() - t0) * 1000
+        verified = [float(m.group(1)) for ln in self.log_lines_since(node, off, "verified the kernel ruleset")
+                    if (m := re.search(r"\bms=([0-9.]+)", ln))]
+        elements = [int(m.group(1)) for ln in self.log_lines_since(node, off, "verified the kernel ruleset")
+                    if (m := re.search(r"\belements=([0-9]+)", ln))]
+        if verified:
+            self.r["verify_full_ms"] = max(verified)
+            self.r["verify_elements"] = max(elements) if elements else None
+        repairs = self.sync_records_since(node, n0)
+        self.r["drift_repair_commits"] = [{k: r.get(k) for k in ("kind", "ops", "elements")}
+                                          for r in repairs]
+        out = self.nft_listing_rules(node)
+        if "counter" in out:
+            raise Functional("the foreign rule is still in chain services after the repair")
+        say(f"  drift: element repaired in {self.r['drift_element_repair_ms']:.1f} ms; foreign rule "
+            f"repaired in {self.r['drift_rule_repair_ms']:.1f} ms; full verification "
+            f"{self.r.get('verify_full_ms', float('nan')):.1f} ms over "
+            f"{self.r.get('verify_elements')} elements; repair commits {self.r['drift_repair_commits']}")
+
+    def nft_listing_rules(self, node: Node) -> str:
+        p = run(["nsenter", f"--net={NETNS_DIR}/{node.ns}", "nft", "list", "chain", "ip", "nftproxy",
+                 "services"], 60)
+        return p.stdout
+
+    def restart(self, world: World, node: Node) -> None:
+        """Stop the agent and start it again over the tables it left: the new agent adopts them
+        and commits only the difference (none here), so restart-to-synced is lists + compute +
+        a read-back, and the rules stay in place throughout."""
+        REG.stop_proc(node.agent)
+        if not node.has_clusterip(world.last_cip):
+            raise Functional("the rules did not stay in place when the agent stopped")
+        n0 = len(node.log.synced)
+        node.log.starting_ts = None
+        wall = time.time()
+        t0 = node.start_agent()
+        recs = node.wait_synced(n0 + 1, 90 + 2 * self.scale)
+        first = recs[n0]
+        if first.get("ts"):
+            self.r["restart_to_synced_s"] = first["ts"] - wall
+        else:
+            self.r["restart_to_synced_s"] = time.monotonic() - t0
+        self.r["restart_commit"] = {k: first.get(k) for k in
+                                    ("kind", "ops", "elements", "skeleton_ops", "duration_ms", "apply_ms")
+                                    if k in first}
+        adopted = self.log_lines_since(node, 0, "adopting the tables")
+        self.r["restart_adopted"] = bool(adopted)
+        if not node.has_backend(world.last_cip, world.e - 1):
+            raise Functional("backends missing after the restart")
+        say(f"  restart: synced {self.r['restart_to_synced_s']:.2f}s after exec; first commit "
+            f"{self.r['restart_commit']}; adopted={self.r['restart_adopted']}")
 
     def monitor_ready(self, node: Node, mon: Monitor) -> None:
         """A probe element in a table of our own: when the monitor prints it, it is listening."""
@@ -1448,6 +1529,20 @@ def rows_for(runs: list[dict]) -> list[tuple]:
         if be is not None:
             rows.append(("  one of its endpoints replaced (API -> commit)", size,
                          f"{be:.1f} ms, {med(runs, 'big_ep_elements'):.0f} element ops", "-", "info"))
+    row("outside `nft delete element` -> repaired", med(runs, "drift_element_repair_ms"), "{:.1f} ms",
+        None, "")
+    row("outside `nft add rule` -> repaired (whole-table check)", med(runs, "drift_rule_repair_ms"),
+        "{:.1f} ms", None, "")
+    ve = med(runs, "verify_elements")
+    row(f"  full verification (read back {int(ve) if ve else '?'} elements, rules, sets)",
+        med(runs, "verify_full_ms"), "{:.1f} ms", None, "")
+    row("restart: exec -> first commit (adopting the tables)", med(runs, "restart_to_synced_s"),
+        "{:.3f} s", None, "")
+    rc = [r.get("restart_commit") or {} for r in runs]
+    if any(rc):
+        rows.append(("  restart commit (kind, ops, elements)", size,
+                     ", ".join(f"{c.get('kind')}/{c.get('ops')}/{c.get('elements')}" for c in rc),
+                     "-", "info"))
     fails = sum(len(r["failures"]) for r in runs)
     rows.append(("functional failures", size, str(fails), "0", "PASS" if fails == 0 else "FAIL"))
     return rows

@@ -258,12 +258,31 @@ impl<A: Applier + 'static> Syncer<A> {
                 .collect()
         });
         let d = drift::kernel_view(&applied, &kernel, read.as_ref(), state.as_deref());
-        tracing::debug!(
-            ms = started.elapsed().as_secs_f64() * 1000.0,
-            families = kernel.len(),
-            drift = !d.is_empty(),
-            "verified the kernel ruleset"
-        );
+        let elements: usize = kernel
+            .values()
+            .flatten()
+            .map(|t| t.elements.values().map(Vec::len).sum::<usize>())
+            .sum();
+        let ms = started.elapsed().as_secs_f64() * 1000.0;
+        let whole = scope
+            .as_ref()
+            .is_none_or(|s| s.values().any(|sets| sets.is_none()));
+        if whole {
+            // A whole-table read is rare (someone else committed): its cost is worth a line.
+            tracing::info!(
+                ms,
+                elements,
+                drift = !d.is_empty(),
+                "verified the kernel ruleset"
+            );
+        } else {
+            tracing::debug!(
+                ms,
+                elements,
+                drift = !d.is_empty(),
+                "verified the kernel ruleset"
+            );
+        }
         if d.is_empty() {
             if self.repairing.is_none() {
                 lock(&self.status).drift = None;

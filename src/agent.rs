@@ -551,6 +551,9 @@ pub async fn run(args: RunArgs) -> Result<(), AgentError> {
             fn failed(&mut self, k: SyncKind, e: &str) {
                 self.inner.failed(k, e)
             }
+            fn drifted(&mut self, f: &[crate::sync::drift::Finding]) {
+                self.inner.drifted(f)
+            }
         }
         let mut obs = WithAddrs {
             inner: &mut observer,

@@ -71,7 +71,22 @@ pub fn compare(
     extra_tables: &[Family],
     state: &ProxyState,
 ) -> Report {
-    let d = drift::kernel_view(desired, kernel, None, None);
+    // Which slot holds which backend is history (the agent keeps survivors in place), not
+    // something the API decides: compare backends maps in canonical slot order.
+    let desired = &drift::canonical_ruleset(desired);
+    let kernel: KernelTables = kernel
+        .iter()
+        .map(|(f, t)| {
+            let t = t.clone().map(|mut t| {
+                for (set, els) in t.elements.iter_mut() {
+                    *els = drift::canonical_slots(set, std::mem::take(els));
+                }
+                t
+            });
+            (*f, t)
+        })
+        .collect();
+    let d = drift::kernel_view(desired, &kernel, None, None);
     let owners = Owners::of(state);
     let mut groups: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for e in &d.elements {

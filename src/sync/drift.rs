@@ -307,6 +307,52 @@ pub fn kernel_view(
     d
 }
 
+/// The elements of `set` with the backends of each entry renumbered in sorted order, when
+/// `set` is a backends map: two rulesets that differ only in which slot holds which backend
+/// (history, not API objects: see `engine::stable_slots`) compare equal this way.
+pub fn canonical_slots(set: &str, elements: Vec<Element>) -> Vec<Element> {
+    if !crate::nft::compile::is_backends_map(set) {
+        return elements;
+    }
+    let mut by_entry: BTreeMap<Vec<Value>, Vec<Vec<Value>>> = BTreeMap::new();
+    let mut other = Vec::new();
+    for e in elements {
+        match (e.key.split_last(), e.value) {
+            (Some((Value::Slot(_), entry)), Some(v)) => {
+                by_entry.entry(entry.to_vec()).or_default().push(v)
+            }
+            (_, value) => other.push(Element { key: e.key, value }),
+        }
+    }
+    for (entry, mut values) in by_entry {
+        values.sort();
+        for (i, v) in values.into_iter().enumerate() {
+            let mut key = entry.clone();
+            key.push(Value::Slot(i as u32));
+            other.push(Element {
+                key,
+                value: Some(v),
+            });
+        }
+    }
+    other
+}
+
+/// A ruleset with every backends map in canonical slot order.
+pub fn canonical_ruleset(rs: &Ruleset) -> Ruleset {
+    let mut out = rs.clone();
+    for t in out.tables.values_mut() {
+        for (name, els) in t.elements.iter_mut() {
+            if crate::nft::compile::is_backends_map(name) {
+                *els = canonical_slots(name, els.iter().cloned().collect())
+                    .into_iter()
+                    .collect();
+            }
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -372,30 +372,39 @@ impl<A: Applier + 'static> Syncer<A> {
     /// and believe what they hold, so the first sync commits only the difference instead of
     /// deleting and recreating them (no moment without rules, a small commit). Anything that
     /// cannot be taken over (a set definition that changed) leaves the belief empty: full sync.
-    async fn adopt(&mut self, desired: &Ruleset) {
+    /// Also after a failed partial commit (atomic, so the kernel is as it was): the next commit
+    /// is again only the difference. Returns whether the belief now comes from the kernel.
+    async fn adopt(&mut self, desired: &Ruleset) -> bool {
         self.adopt = false;
+        let first = self.our_generation.is_none();
         let kernel = match self.read_kernel(desired, None).await {
             Ok(k) => k,
             Err(e) => {
                 tracing::info!(error = %e, "cannot read the existing ruleset back; rebuilding it");
-                return;
+                return false;
             }
         };
         if kernel.values().all(|t| t.is_none()) {
-            return;
+            return false;
         }
         let d = drift::kernel_view(desired, &kernel, None, None);
         if d.needs_full {
             tracing::info!("the existing tables differ in their set definitions; rebuilding them");
-            return;
+            return false;
         }
         tracing::info!(
             missing_elements = d.missing_elements,
             stale_elements = d.extra_elements,
             differences = d.findings.len(),
-            "adopting the tables left by the previous agent; committing only the difference"
+            "adopting the tables {}; committing only the difference",
+            if first {
+                "left by the previous agent"
+            } else {
+                "as the kernel holds them after a failed commit"
+            }
         );
         self.applied = Some(d.view);
+        true
     }
 
     /// One sync. `check_kernel` asks for the self-heal check (periodic syncs).
@@ -409,9 +418,7 @@ impl<A: Applier + 'static> Syncer<A> {
         if check_kernel && self.applied.is_some() {
             self.periodic_check(observer).await;
         }
-        if self.applied.is_none() && self.adopt {
-            self.adopt(&desired.ruleset).await;
-        }
+        let adopted = self.applied.is_none() && self.adopt && self.adopt(&desired.ruleset).await;
         let now = Instant::now();
         let due: BTreeSet<(Family, String)> = self
             .stale
@@ -448,8 +455,17 @@ impl<A: Applier + 'static> Syncer<A> {
                 Err(e) => {
                     self.applied = None;
                     self.failures += 1;
+                    // A failed commit changed nothing (atomic): after a routine partial one, the
+                    // next sync reads the kernel back and again sends only the difference; if
+                    // that fails too (or a full one failed), it rebuilds everything.
+                    self.adopt = kind == SyncKind::Partial && !adopted;
                     let msg = e.to_string();
-                    tracing::error!(kind = kind.as_str(), ops, error = %msg, "sync failed; the next sync rebuilds everything");
+                    let next = if self.adopt {
+                        "the next sync reads the kernel back"
+                    } else {
+                        "the next sync rebuilds everything"
+                    };
+                    tracing::error!(kind = kind.as_str(), ops, error = %msg, "sync failed; {next}");
                     observer.failed(kind, &msg);
                     return Err(msg);
                 }
@@ -568,6 +584,12 @@ impl<A: Applier + 'static> Syncer<A> {
                     tokio::time::sleep_until(earliest).await;
                 }
                 while changes.try_recv().is_ok() {}
+                // Outside changes announced meanwhile are found before planning: a plan on a
+                // stale belief would fail (deleting what is gone) instead of repairing it.
+                if let Some(scope) = drain_notices(&mut outside, None) {
+                    self.verify(scope, self.previous_state.clone(), observer)
+                        .await;
+                }
                 let compute_start = Instant::now();
                 if let Some(d) = desired() {
                     last_sync = Instant::now();
@@ -600,16 +622,7 @@ impl<A: Applier + 'static> Syncer<A> {
                         continue;
                     };
                     // Everything announced meanwhile is verified in one read.
-                    let mut scope = match notice {
-                        Notice::Foreign(t) => Some(t),
-                        Notice::Lost => None,
-                    };
-                    while let Some(more) = outside.as_mut().and_then(|r| r.try_recv().ok()) {
-                        match (&mut scope, more) {
-                            (Some(s), Notice::Foreign(t)) => monitor::merge(s, t),
-                            (s, _) => *s = None,
-                        }
-                    }
+                    let scope = drain_notices(&mut outside, Some(notice)).flatten();
                     if scope.is_none() {
                         tracing::info!("nftables notifications were lost; verifying the whole ruleset");
                     }
@@ -621,6 +634,27 @@ impl<A: Applier + 'static> Syncer<A> {
             }
         }
     }
+}
+
+/// Fold `first` and every notice already queued into one verification scope: None when there
+/// is nothing, Some(None) when everything must be read (a loss), else the sets touched.
+fn drain_notices(
+    rx: &mut Option<mpsc::Receiver<Notice>>,
+    first: Option<Notice>,
+) -> Option<Option<Touched>> {
+    let mut scope: Option<Option<Touched>> = None;
+    let queued = std::iter::from_fn(|| rx.as_mut().and_then(|r| r.try_recv().ok()));
+    for n in first.into_iter().chain(queued) {
+        scope = Some(match (scope, n) {
+            (None, Notice::Foreign(t)) => Some(t),
+            (Some(Some(mut s)), Notice::Foreign(t)) => {
+                monitor::merge(&mut s, t);
+                Some(s)
+            }
+            _ => None,
+        });
+    }
+    scope
 }
 
 /// The next notice of the monitor, or never without one.

@@ -185,7 +185,7 @@ async fn failures_retry_with_backoff_and_rebuild() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_failed_partial_is_followed_by_a_full_sync() {
+async fn a_failed_partial_is_followed_by_a_read_back_then_a_full_sync() {
     let (objs, tx, applier, rec, _, _) = start(FakeApplier::new());
     settle(Duration::from_millis(10)).await;
     lock(&applier).fail.push_back(ApplyError::Invalid {
@@ -195,8 +195,29 @@ async fn a_failed_partial_is_followed_by_a_full_sync() {
     drop_endpoint(&objs);
     tx.send(()).await.unwrap();
     settle(Duration::from_secs(2)).await;
+    {
+        let r = lock(&rec);
+        assert_eq!(r.failed.len(), 1);
+        // The kernel is read back (the failed commit changed nothing): still only the delta.
+        assert_eq!(
+            r.applied.last().map(|a| (a.0, a.1)),
+            Some((SyncKind::Partial, 0)),
+            "{:?}",
+            r.applied
+        );
+    }
+    // A failure of that read-back-based commit too: then everything is rebuilt.
+    for _ in 0..2 {
+        lock(&applier).fail.push_back(ApplyError::Invalid {
+            what: "x".into(),
+            detail: "injected".into(),
+        });
+    }
+    drop_endpoint(&objs);
+    tx.send(()).await.unwrap();
+    settle(Duration::from_secs(5)).await;
     let r = lock(&rec);
-    assert_eq!(r.failed.len(), 1);
+    assert_eq!(r.failed.len(), 3);
     assert_eq!(
         r.applied.last().map(|a| a.0),
         Some(SyncKind::Full),

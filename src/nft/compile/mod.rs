@@ -622,6 +622,12 @@ fn instantiate_skeleton(f: Family, cfg: &CompileConfig, tpl: &Template) -> Table
     t
 }
 
+/// Whether `set` is one of the maps from (entry . numgen slot) to a backend. Which slot holds
+/// which backend depends on history (survivors keep their slots), not on the API objects.
+pub fn is_backends_map(set: &str) -> bool {
+    Pick::ALL.iter().any(|p| p.backends() == set)
+}
+
 /// The definition of the affinity maps (as the skeleton declares them).
 pub fn affinity_def(f: Family, nodeport: bool) -> SetDef {
     let name = if nodeport {
@@ -781,7 +787,7 @@ impl Compiled {
             let mut split = |c: &mut Contribution, sign: i64| {
                 let (b, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut c.elements)
                     .into_iter()
-                    .partition(|(set, _)| set.ends_with("-backends"));
+                    .partition(|(set, _)| is_backends_map(set));
                 c.elements = rest;
                 for k in b {
                     *backends.entry(k).or_default() += sign;

@@ -179,3 +179,23 @@ def test_diff_error_exit_2(cluster, k8s, x41):
         f.write("kind: [unclosed\n")
     p = x41.diff("-f", bad)
     assert p.returncode == 2, show(p)
+
+
+def test_diff_ignores_backend_slot_order(cluster, k8s, x41):
+    """A synced node whose backend slots were assigned over time (b1 first, a1 added later)
+    holds the same Service as a fresh agent would (slots are only the random pick's index):
+    `nftproxy diff` must say equal. Traffic proves both endpoints are programmed."""
+    ports = [svc_port("tcp", 80, "TCP")]
+    k8s.apply(service("x41s", ports, cluster_ip="172.30.41.3"),
+              endpoint_slice("x41s", [endpoint("b1")], ports))
+    ca = cluster.pod("ca")
+    wait_until(lambda: ca.tcp_request("172.30.41.3", 80, timeout=0.5).pod == "b1", 5,
+               what="x41s -> b1")
+    k8s.apply(endpoint_slice("x41s", [endpoint("a1"), endpoint("b1")], ports))
+    wait_until(lambda: {ca.tcp_request("172.30.41.3", 80, timeout=0.5).pod for _ in range(20)}
+               == {"a1", "b1"}, 5, what="x41s -> a1 and b1")
+    time.sleep(0.2)
+    slots = x41.ns.nft("list", "map", "ip", "nftproxy", "ip-cluster-backends")
+    p = x41.diff()
+    assert p.returncode == 0, (f"diff on a synced node:\n{show(p)}\nkernel map:\n"
+                               + "\n".join(line for line in slots.splitlines() if "172.30.41.3" in line))

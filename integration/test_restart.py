@@ -271,3 +271,31 @@ def test_restart_under_load(cluster, k8s, agent_a, timings):
                     f"({len(failures)} of {total} new requests, {len(flow_fail)} UDP flow "
                     f"datagrams, {len(held_fail)} held TCP exchanges):\n"
                     + "\n".join(problems[:60]), pytrace=False)
+
+
+def test_restart_adopts_history_dependent_slots(cluster, k8s, agent_a, timings):
+    """Backend slots assigned over time (b1 first, a1 added later: b1 keeps slot 0) are as good
+    as any other order: a restarted agent adopts them with a partial commit of at most the
+    slot swap (reported: whether it rewrites them at all)."""
+    ports = [svc_port("tcp", 80, "TCP")]
+    k8s.apply(service("r44", ports, cluster_ip="172.30.44.1"),
+              endpoint_slice("r44", [endpoint("b1")], ports))
+    ca = cluster.pod("ca")
+    wait_until(lambda: ca.tcp_request("172.30.44.1", 80, timeout=0.5).pod == "b1", 5, what="r44")
+    k8s.apply(endpoint_slice("r44", [endpoint("a1"), endpoint("b1")], ports))
+    wait_until(lambda: {ca.tcp_request("172.30.44.1", 80, timeout=0.5).pod for _ in range(20)}
+               == {"a1", "b1"}, 5, what="r44 -> a1 and b1")
+    time.sleep(0.2)
+    took, log = _restart(agent_a)
+    adopt, synced = first_line(log, ADOPT), first_line(log, " synced ")
+    assert adopt, f"no adoption line:\n{log[-3000:]}"
+    a, s = fields(adopt), fields(synced)
+    timings(f"restart with history-dependent slots: adoption missing_elements="
+            f"{a.get('missing_elements')} stale_elements={a.get('stale_elements')}; first commit "
+            f"kind={s.get('kind')} ops={s.get('ops')} elements={s.get('elements')}")
+    # Seen with this build: missing_elements=2 stale_elements=2, ops=2 -- the new process plans
+    # slots from scratch (a1 -> 0, b1 -> 1) and swaps both backends in one commit. Harmless for
+    # traffic (atomic; conntrack keeps existing flows), so only a rebuild fails this test; the
+    # counts are reported. (`nftproxy diff` has the same blind spot: test_diff.py.)
+    assert s.get("kind") == "partial" and int(s.get("ops", "999999")) <= 4, \
+        f"the restart rebuilt more than the slot order:\n{adopt}\n{synced}"

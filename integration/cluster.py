@@ -266,6 +266,15 @@ class Netns:
     def nft(self, *args: str, check: bool = True) -> str:
         return self.exec(["nft", *args], check=check).stdout
 
+    def nft_table(self, family: str = "ip", table: str = "nftproxy") -> str:
+        """`nft list table` with what changes by itself normalised away: counter values and
+        the countdown of timeout entries (affinity). "" when the table does not exist."""
+        p = self.exec(["nft", "list", "table", family, table], check=False)
+        if p.returncode != 0:
+            return ""
+        text = re.sub(r"counter packets \d+ bytes \d+", "counter", p.stdout)
+        return re.sub(r" expires [0-9hms.]+", "", text)
+
     def conntrack(self, *args: str) -> str:
         p = self.exec(["conntrack", *args], check=False)
         return p.stdout + p.stderr
@@ -582,10 +591,59 @@ class Agent:
         raise AgentSyncTimeout(f"agent on {self.node} did not sync in {attempts} starts:\n"
                                + "\n".join(problems))
 
+    def log_mark(self) -> int:
+        return os.path.getsize(self.log_path)
+
+    def log_since(self, mark: int) -> str:
+        with open(self.log_path, "rb") as f:
+            f.seek(mark)
+            return f.read().decode("utf-8", "replace")
+
+    def metrics(self) -> list[tuple[str, dict, float]]:
+        """The agent's /metrics (127.0.0.1:10249 inside the node), parsed."""
+        status, _, body = self.ns.http_get("127.0.0.1", 10249, "/metrics", timeout=2)
+        assert status == 200, f"/metrics on {self.node}: {status}"
+        return parse_prometheus(body.decode())
+
+    def metric(self, name: str) -> float:
+        vals = [v for n, _, v in self.metrics() if n == name]
+        assert vals, f"metric {name} not exported by the agent on {self.node}"
+        return sum(vals)
+
+    def healthz_status(self) -> tuple[int, dict]:
+        """(status, JSON body) of the agent's /healthz."""
+        host, port = self.healthz
+        status, _, body = self.ns.http_get(host, port, "/healthz", timeout=2)
+        return status, json.loads(body)
+
+    def shaping_args(self) -> list[str]:
+        """The flags that shape the ruleset (what `nftproxy diff` needs to compare with run)."""
+        return ["--hostname-override", self.node, "--cluster-cidr", CLUSTER_CIDR]
+
+    def diff(self, *extra: str, kubeconfig: str | None = None, ns: "Netns | None" = None
+             ) -> subprocess.CompletedProcess:
+        """`nftproxy diff` inside the node's namespace (or `ns`) with the agent's flags; reads
+        from the API unless `-f FILE` is among `extra`."""
+        argv = [self.cluster.bin, "diff", *self.shaping_args()]
+        if "-f" not in extra:
+            argv += ["--kubeconfig", kubeconfig or self.cluster.kubeconfig]
+        return (ns or self.ns).exec(argv + list(extra), check=False)
+
+    def pause(self) -> None:
+        """SIGSTOP the agent process (`ip netns exec` execs it, so proc.pid is the agent)."""
+        assert self.running(), f"agent on {self.node} not running"
+        os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.running():
+            os.kill(self.proc.pid, signal.SIGCONT)
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10) -> int | None:
         if self.proc is None or self.proc.poll() is not None:
             return self.proc.returncode if self.proc else None
         self.proc.send_signal(sig)
+        if sig != signal.SIGCONT:
+            self.proc.send_signal(signal.SIGCONT)  # a paused agent must see the signal
         try:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:

@@ -46,10 +46,35 @@ pub enum AgentError {
     },
 }
 
+/// The API server the client talks to, and where its address came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiAddress {
+    pub url: String,
+    pub host: String,
+    pub port: u16,
+    pub source: ApiSource,
+}
+
+/// Where the API server address came from: it decides what an unreachable API means.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ApiSource {
+    /// `--master` / `NFTPROXY_MASTER`.
+    Master,
+    /// A kubeconfig file.
+    Kubeconfig,
+    /// The in-cluster `KUBERNETES_SERVICE_HOST`: the `kubernetes` Service, which on a node
+    /// without kube-proxy only nftproxy itself programs.
+    ServiceEnv,
+}
+
 /// Build the API client the way every Kubernetes client does: an explicit kubeconfig, else
-/// in-cluster service account, else $KUBECONFIG, else ~/.kube/config.
-pub async fn client(kubeconfig: Option<&std::path::Path>) -> Result<Client, AgentError> {
-    let config = match kubeconfig {
+/// in-cluster service account, else $KUBECONFIG, else ~/.kube/config; `master` replaces the
+/// server address (credentials stay).
+pub async fn client(
+    kubeconfig: Option<&std::path::Path>,
+    master: Option<&str>,
+) -> Result<(Client, ApiAddress), AgentError> {
+    let mut config = match kubeconfig {
         Some(path) => {
             let kc = kube::config::Kubeconfig::read_from(path)
                 .map_err(|e| AgentError::Kubeconfig(format!("{}: {e}", path.display())))?;
@@ -61,7 +86,102 @@ pub async fn client(kubeconfig: Option<&std::path::Path>) -> Result<Client, Agen
             .await
             .map_err(|e| AgentError::Kubeconfig(e.to_string()))?,
     };
-    Ok(Client::try_from(config)?)
+    let source = match master.filter(|m| !m.is_empty()) {
+        Some(m) => {
+            config.cluster_url = m
+                .parse()
+                .map_err(|e| AgentError::Kubeconfig(format!("--master {m:?}: {e}")))?;
+            ApiSource::Master
+        }
+        None if kubeconfig.is_none()
+            && std::env::var("KUBERNETES_SERVICE_HOST").is_ok_and(|h| {
+                config
+                    .cluster_url
+                    .host()
+                    .is_some_and(|u| u.trim_matches(|c| c == '[' || c == ']') == h)
+            }) =>
+        {
+            ApiSource::ServiceEnv
+        }
+        None => ApiSource::Kubeconfig,
+    };
+    let u = &config.cluster_url;
+    let addr = ApiAddress {
+        url: u.to_string(),
+        host: u
+            .host()
+            .unwrap_or_default()
+            .trim_matches(|c| c == '[' || c == ']')
+            .to_string(),
+        port: u.port_u16().unwrap_or(if u.scheme_str() == Some("http") {
+            80
+        } else {
+            443
+        }),
+        source,
+    };
+    tracing::info!(server = %addr.url, source = ?addr.source, "API server");
+    Ok((Client::try_from(config)?, addr))
+}
+
+/// What to say when the API server cannot be reached at `url` (None: nothing to add to the
+/// watchers' own retry lines). Pure.
+pub fn unreachable_api_message(url: &str, source: &ApiSource, error: &str) -> Option<String> {
+    match source {
+        ApiSource::ServiceEnv => Some(format!(
+            "cannot reach the API server at {url} ({error}): that address is the `kubernetes` \
+             Service (KUBERNETES_SERVICE_HOST), which nothing on this node programs before \
+             nftproxy has listed the Services (no kube-proxy); give nftproxy the API server's \
+             real address: key apiServer in ConfigMap kube-system/nftproxy, or --master \
+             (NFTPROXY_MASTER); /livez fails until the API answers"
+        )),
+        ApiSource::Master | ApiSource::Kubeconfig => None,
+    }
+}
+
+/// Until the initial lists are in, try a TCP connection to the API server every few seconds.
+/// When the address is the `kubernetes` Service IP and it does not answer, say so once, clearly,
+/// and fail /livez (the status's `bootstrap` field) rather than wait in silence: restarting with
+/// the right address is then the operator's move, and the log says which.
+fn spawn_api_probe(
+    api: ApiAddress,
+    status: SharedStatus,
+    ready: Arc<std::sync::atomic::AtomicBool>,
+) {
+    tokio::spawn(async move {
+        let mut said = false;
+        while !ready.load(std::sync::atomic::Ordering::SeqCst) {
+            let attempt = tokio::time::timeout(
+                Duration::from_secs(3),
+                tokio::net::TcpStream::connect((api.host.as_str(), api.port)),
+            )
+            .await;
+            let error = match attempt {
+                Ok(Ok(_)) => None,
+                Ok(Err(e)) => Some(e.to_string()),
+                Err(_) => Some("no answer within 3s".to_string()),
+            };
+            let message = error
+                .as_deref()
+                .and_then(|e| unreachable_api_message(&api.url, &api.source, e));
+            if let Some(m) = &message {
+                if !said {
+                    tracing::error!("{m}");
+                    said = true;
+                }
+            } else if said {
+                tracing::info!(server = %api.url, "the API server answers now");
+                said = false;
+            }
+            if let Ok(mut st) = status.lock() {
+                st.bootstrap = message;
+            }
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        }
+        if let Ok(mut st) = status.lock() {
+            st.bootstrap = None;
+        }
+    });
 }
 
 /// Problems are logged once per (object, reason), not on every sync.
@@ -445,7 +565,7 @@ pub async fn run(args: RunArgs) -> Result<(), AgentError> {
                 Box::new(crate::conntrack::FakeConntrack::default())
             }
         };
-    let client = client(args.kubeconfig.as_deref()).await?;
+    let (client, api) = client(args.kubeconfig.as_deref(), args.master.as_deref()).await?;
     let events = Events::start(client.clone(), &cfg.node_name);
     let metrics = Arc::new(Metrics::new());
     let status: SharedStatus = Arc::default();
@@ -474,7 +594,18 @@ pub async fn run(args: RunArgs) -> Result<(), AgentError> {
         })?;
 
     let (changes_tx, changes_rx) = mpsc::channel(1);
+    let lists_done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    spawn_api_probe(api, status.clone(), lists_done.clone());
     let stores = k8s::start(client, &cfg.node_name, changes_tx.clone()).await;
+    {
+        let (ready, done) = (stores.ready.clone(), lists_done);
+        tokio::spawn(async move {
+            while !ready.load(std::sync::atomic::Ordering::SeqCst) {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            done.store(true, std::sync::atomic::Ordering::SeqCst);
+        });
+    }
     if !stores.wait_ready(args.initial_sync_timeout).await {
         tracing::warn!(timeout = ?args.initial_sync_timeout, "initial lists incomplete; serving health and waiting for them (existing rules stay)");
     }
@@ -777,6 +908,58 @@ mod tests {
     use crate::objects::Objects;
 
     use crate::testutil::node_a_state as state;
+
+    #[test]
+    fn an_unreachable_service_address_is_explained() {
+        let m = unreachable_api_message(
+            "https://10.96.0.1:443/",
+            &ApiSource::ServiceEnv,
+            "connection refused",
+        )
+        .expect("explained");
+        for part in [
+            "10.96.0.1",
+            "connection refused",
+            "`kubernetes` Service",
+            "ConfigMap kube-system/nftproxy",
+            "--master",
+            "/livez",
+        ] {
+            assert!(m.contains(part), "{part}: {m}");
+        }
+        // An address the operator chose: the watchers' retry lines say enough.
+        for s in [ApiSource::Master, ApiSource::Kubeconfig] {
+            assert!(unreachable_api_message("https://api:6443/", &s, "refused").is_none());
+        }
+    }
+
+    #[tokio::test]
+    async fn master_overrides_the_kubeconfig_server() {
+        let dir = std::env::temp_dir().join(format!("nftproxy-kc-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let kc = dir.join("kubeconfig");
+        std::fs::write(
+            &kc,
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster: {server: 'https://10.96.0.1:443'}\n\
+             users:\n- name: u\n  user: {token: t}\ncontexts:\n- name: x\n  context: {cluster: c, user: u}\n\
+             current-context: x\n",
+        )
+        .unwrap();
+        let (_, a) = client(Some(&kc), None).await.expect("client");
+        assert_eq!(
+            (a.host.as_str(), a.port, &a.source),
+            ("10.96.0.1", 443, &ApiSource::Kubeconfig)
+        );
+        let (_, a) = client(Some(&kc), Some("https://192.168.0.1:6443"))
+            .await
+            .expect("client");
+        assert_eq!(
+            (a.host.as_str(), a.port, &a.source),
+            ("192.168.0.1", 6443, &ApiSource::Master)
+        );
+        assert!(client(Some(&kc), Some("not a url ::")).await.is_err());
+        std::fs::remove_dir_all(&dir).ok();
+    }
 
     #[test]
     fn health_wants_follow_changes_incrementally() {

@@ -70,6 +70,11 @@ pub struct RunArgs {
     /// Kubeconfig file. Default: in-cluster config, else $KUBECONFIG, else ~/.kube/config.
     #[arg(long)]
     pub kubeconfig: Option<std::path::PathBuf>,
+    /// The API server's real address (`https://HOST:PORT`), overriding the kubeconfig's or the
+    /// in-cluster one (kube-proxy's `--master`). A node without kube-proxy needs it: the
+    /// in-cluster address is the `kubernetes` Service, which only nftproxy itself programs.
+    #[arg(long, env = "NFTPROXY_MASTER")]
+    pub master: Option<String>,
     /// Agent health server (/healthz, /livez).
     #[arg(long, default_value = "0.0.0.0:10256")]
     pub healthz_bind_address: SocketAddr,
@@ -117,6 +122,9 @@ pub struct DiffArgs {
     /// $KUBECONFIG, else ~/.kube/config.
     #[arg(long)]
     pub kubeconfig: Option<std::path::PathBuf>,
+    /// The API server's real address, as for `run`.
+    #[arg(long, env = "NFTPROXY_MASTER")]
+    pub master: Option<String>,
 }
 
 #[derive(Debug, Clone, Args)]

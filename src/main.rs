@@ -125,9 +125,10 @@ fn diff(args: nftproxy::config::DiffArgs) -> ExitCode {
                 Err(e) => return fail(format!("cannot start the runtime: {e}")),
             };
             let listed = rt.block_on(async {
-                let client = nftproxy::agent::client(args.kubeconfig.as_deref())
-                    .await
-                    .map_err(|e| e.to_string())?;
+                let (client, _) =
+                    nftproxy::agent::client(args.kubeconfig.as_deref(), args.master.as_deref())
+                        .await
+                        .map_err(|e| e.to_string())?;
                 nftproxy::diff_cmd::list_objects(client, &cfg.node_name)
                     .await
                     .map_err(|e| format!("listing from the API: {e}"))

@@ -98,6 +98,19 @@ fn daemonset_runs_on_every_node_with_host_network_and_probes() {
             .map(|f| f.field_path.as_str()),
         Some("spec.nodeName")
     );
+    // The API server's real address comes from an optional ConfigMap (bootstrap without
+    // kube-proxy), read by the agent as NFTPROXY_MASTER; DNS is the node's, not the cluster's.
+    let master = env
+        .iter()
+        .find(|e| e.name == "NFTPROXY_MASTER")
+        .and_then(|e| e.value_from.as_ref())
+        .and_then(|v| v.config_map_key_ref.as_ref())
+        .expect("NFTPROXY_MASTER from a ConfigMap");
+    assert_eq!(
+        (master.name.as_str(), master.key.as_str(), master.optional),
+        ("nftproxy", "apiServer", Some(true))
+    );
+    assert_eq!(pod.dns_policy.as_deref(), Some("Default"));
     let sc = c.security_context.as_ref().expect("securityContext");
     assert_ne!(
         sc.privileged,

@@ -26,6 +26,9 @@ pub struct Inputs {
     pub node_eligible: bool,
     /// Drift found in the kernel and not (yet) shown repaired.
     pub drift: Option<String>,
+    /// The agent cannot reach the API server at the only address it was given (see
+    /// `agent::unreachable_api_message`).
+    pub bootstrap: Option<String>,
 }
 
 fn rfc3339(now_i: Instant, now_w: SystemTime, at: Option<Instant>) -> String {
@@ -35,20 +38,25 @@ fn rfc3339(now_i: Instant, now_w: SystemTime, at: Option<Instant>) -> String {
     }
 }
 
-/// Whether the proxy keeps up: no accepted change older than 2x sync-period is still waiting.
+/// Whether the proxy keeps up: no accepted change older than 2x sync-period is still waiting,
+/// and it is not stuck at start on an API address nothing will make reachable.
 pub fn proxy_healthy(i: &Inputs) -> bool {
-    i.pending_since
-        .is_none_or(|p| i.now.duration_since(p) <= i.sync_period * 2)
+    i.bootstrap.is_none()
+        && i.pending_since
+            .is_none_or(|p| i.now.duration_since(p) <= i.sync_period * 2)
 }
 
 /// `/livez`: (status, JSON body).
 pub fn livez(i: &Inputs) -> (StatusCode, String) {
     let healthy = proxy_healthy(i);
-    let body = serde_json::json!({
+    let mut body = serde_json::json!({
         "lastUpdated": rfc3339(i.now, i.wall_now, i.last_success),
         "currentTime": humantime::format_rfc3339_millis(i.wall_now).to_string(),
         "healthy": healthy,
     });
+    if let Some(b) = &i.bootstrap {
+        body["error"] = b.clone().into();
+    }
     (
         if healthy {
             StatusCode::OK
@@ -103,6 +111,7 @@ impl AgentHealth {
             sync_period: self.sync_period,
             node_eligible: self.node_eligible.lock().map(|e| *e).unwrap_or(true),
             drift: st.drift,
+            bootstrap: st.bootstrap,
         }
     }
 
@@ -176,6 +185,7 @@ mod tests {
             sync_period: Duration::from_secs(30),
             node_eligible: eligible,
             drift: None,
+            bootstrap: None,
         }
     }
 
@@ -208,5 +218,19 @@ mod tests {
         assert_eq!(body["healthy"], true);
         assert_eq!(body["currentTime"], "2027-01-15T08:00:00.000Z");
         assert_eq!(body["lastUpdated"], "2027-01-15T07:59:55.000Z");
+    }
+
+    #[test]
+    fn unrepaired_drift_fails_healthz_and_a_stuck_start_fails_both() {
+        let mut i = inputs(Some(5), None, true);
+        i.drift = Some("ip set clusterip: 3 missing".into());
+        assert_eq!((livez(&i).0.as_u16(), healthz(&i).0.as_u16()), (200, 503));
+        let body: serde_json::Value = serde_json::from_str(&healthz(&i).1).unwrap();
+        assert_eq!(body["unrepairedDrift"], "ip set clusterip: 3 missing");
+        let mut i = inputs(None, Some(1), true);
+        i.bootstrap = Some("cannot reach the API server".into());
+        assert_eq!((livez(&i).0.as_u16(), healthz(&i).0.as_u16()), (503, 503));
+        let body: serde_json::Value = serde_json::from_str(&livez(&i).1).unwrap();
+        assert_eq!(body["error"], "cannot reach the API server");
     }
 }

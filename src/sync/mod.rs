@@ -149,6 +149,9 @@ pub struct Status {
     pub pending_since: Option<Instant>,
     /// Drift found in the kernel that no verification has shown repaired yet.
     pub drift: Option<String>,
+    /// Why the agent cannot start (the API server unreachable at an address only nftproxy
+    /// would make reachable): /livez fails while it is set.
+    pub bootstrap: Option<String>,
 }
 
 pub type SharedStatus = Arc<Mutex<Status>>;

@@ -409,6 +409,7 @@ class Node:
             "--authorization-mode=Node,RBAC", "--allow-privileged=true",
             f"--kubelet-client-certificate={pki}/apiserver-kubelet-client.crt",
             f"--kubelet-client-key={pki}/apiserver-kubelet-client.key",
+            "--kubelet-preferred-address-types=InternalIP,Hostname",
             "--profiling=false", f"--cert-dir={w}/apiserver-certs", "-v=1"])
         for name in ("admin", "controller-manager", "scheduler", "kubelet"):
             kubeconfig(f"{w}/{name}.kubeconfig", pki, name, api)

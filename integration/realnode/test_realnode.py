@@ -1,0 +1,295 @@
+"""nftproxy on a real one-node Kubernetes cluster (real kubelet, API server, controllers).
+
+Every test shares the session cluster ``rn`` (conftest.py) and the ``work`` objects below:
+namespace ``rn`` with a busybox client pod, a 2-replica busybox httpd echo Deployment (its CGI
+answers ``pod=<name> peer=<source address it saw>``) and three Services on it.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import subprocess
+import time
+
+import pytest
+
+import realnode as R
+
+NS = "rn"
+LB_LOCAL, LB_CLUSTER = "192.0.2.10", "192.0.2.11"
+WHO = "/cgi-bin/who"
+
+
+def wait_until(what, fn, timeout=60, interval=0.5):
+    t0 = time.monotonic()
+    last = None
+    while time.monotonic() - t0 < timeout:
+        try:
+            last = fn()
+            if last:
+                return last
+        except Exception as e:  # noqa: BLE001
+            last = e
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s: {what}; last: {last!r}")
+
+
+def parse(body: str) -> dict:
+    return dict(kv.split("=", 1) for kv in body.split() if "=" in kv)
+
+
+def svc(name, **spec):
+    return {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": NS},
+            "spec": {"selector": {"app": "echo"},
+                     "ports": [{"name": "http", "port": 80, "targetPort": 8080}], **spec}}
+
+
+def pod_spec(cmd):
+    return {"containers": [{"name": "c", "image": R.BUSYBOX_IMAGE, "imagePullPolicy": "Never",
+                            "command": cmd,
+                            "env": [{"name": "POD_NAME",
+                                     "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
+                            "readinessProbe": {"httpGet": {"path": "/index.html", "port": 8080},
+                                               "periodSeconds": 1}
+                            if "httpd" in cmd else None}],
+            "terminationGracePeriodSeconds": 1, "enableServiceLinks": False}
+
+
+@pytest.fixture(scope="session")
+def work(rn):
+    t0 = time.monotonic()
+    rn.kubectl("create", "namespace", NS)
+    # the default ServiceAccount must exist before pods are admitted
+    wait_until("default ServiceAccount", lambda: rn.kubectl("-n", NS, "get", "sa", "default",
+                                                            check=False).find("default") >= 0)
+    rn.apply({"apiVersion": "apps/v1", "kind": "Deployment",
+              "metadata": {"name": "echo", "namespace": NS},
+              "spec": {"replicas": 2, "selector": {"matchLabels": {"app": "echo"}},
+                       "template": {"metadata": {"labels": {"app": "echo"}},
+                                    "spec": pod_spec(["httpd", "-f", "-p", "8080", "-h", "/www"])}}})
+    rn.apply({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "client", "namespace": NS},
+              "spec": pod_spec(["sleep", "100000"])})
+    rn.apply(svc("echo"))
+    rn.apply(svc("echo-local", type="LoadBalancer", externalTrafficPolicy="Local"))
+    rn.apply(svc("echo-cluster", type="LoadBalancer", externalTrafficPolicy="Cluster"))
+    for name, ip in (("echo-local", LB_LOCAL), ("echo-cluster", LB_CLUSTER)):
+        rn.kubectl("-n", NS, "patch", "svc", name, "--subresource=status", "--type=merge", "-p",
+                   json.dumps({"status": {"loadBalancer": {"ingress": [{"ip": ip}]}}}))
+    rn.kubectl("-n", NS, "rollout", "status", "deploy/echo", "--timeout=90s", timeout=100)
+    rn.kubectl("-n", NS, "wait", "--for=condition=Ready", "pod/client", "--timeout=60s", timeout=70)
+    w = {"svc": {s["metadata"]["name"]: s for s in rn.kubectl_json("-n", NS, "get", "svc")["items"]},
+         "client_ip": rn.kubectl_json("-n", NS, "get", "pod", "client")["status"]["podIP"]}
+    rn.timed("workload: echo Deployment (2), client pod, 3 Services Ready", t0)
+    return w
+
+
+def echo_pods(rn) -> set[str]:
+    return {p["metadata"]["name"] for p in rn.kubectl_json("-n", NS, "get", "pods", "-l",
+                                                         "app=echo")["items"]}
+
+
+def node_addresses(rn) -> set[str]:
+    out = rn.node_sh("ip", "-o", "-4", "addr", "show").stdout
+    return set(re.findall(r"inet (\S+)/", out))
+
+
+def in_client_pod(rn, script: str, timeout=60) -> str:
+    return rn.kubectl("-n", NS, "exec", "client", "--", "sh", "-c", script, timeout=timeout)
+
+
+def http_via_nc(ip: str, port: int, n: int) -> str:
+    # busybox wget crashes in pods; nc speaks the HTTP request itself
+    return (f'for i in $(seq {n}); do printf "GET {WHO} HTTP/1.0\\r\\n\\r\\n" | '
+            f'nc -w 3 {ip} {port} | tail -n 1; echo; done')
+
+
+def agent_logs(rn) -> str:
+    text = ""
+    for f in sorted(glob.glob(f"{rn.work}/pod-logs/kube-system_nftproxy-*/nftproxy/*.log")):
+        text += open(f, errors="replace").read()
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)
+
+
+# ------------------------------------------------------------------------------------- the tests
+
+def test_daemonset_ready_on_fresh_node(rn):
+    ds = rn.kubectl_json("-n", "kube-system", "get", "ds", "nftproxy")
+    st = ds["status"]
+    assert st["desiredNumberScheduled"] == 1 and st["numberReady"] == 1, st
+    logs = agent_logs(rn)
+    # the API server came from the ConfigMap, not from the kubernetes Service IP
+    assert f"https://{R.NODE_IP}:6443" in logs, logs[-3000:]
+    assert "cannot reach the API server" not in logs, logs[-3000:]
+    # readiness = /healthz on the node address, answered 200
+    a = rn.client(rn.ns_node, "get", f"http://{R.NODE_IP}:10256/healthz")
+    assert a.get("status") == 200, a
+
+
+def test_pod_to_kubernetes_service(rn, work):
+    out = wait_until("pod -> 10.96.0.1:443", lambda: in_client_pod(
+        rn, f"nc -w 3 {R.KUBERNETES_SVC_IP} 443 </dev/null && echo CONNECTED || echo FAILED"
+    ).strip().endswith("CONNECTED") and "CONNECTED", timeout=30)
+    assert out == "CONNECTED"
+
+
+def test_pod_to_clusterip_keeps_pod_ip_and_spreads(rn, work):
+    ip = work["svc"]["echo"]["spec"]["clusterIP"]
+
+    def answers():
+        lines = [parse(x) for x in in_client_pod(rn, http_via_nc(ip, 80, 16)).split("\n")
+                 if x.startswith("pod=")]
+        return lines if len(lines) == 16 else None
+    lines = wait_until("16 answers from the ClusterIP", answers, timeout=30)
+    assert {x["peer"] for x in lines} == {work["client_ip"]}, lines
+    assert {x["pod"] for x in lines} == echo_pods(rn), lines
+
+
+def test_node_to_clusterip(rn, work):
+    ip = work["svc"]["echo"]["spec"]["clusterIP"]
+    a = rn.client(rn.ns_node, "many", f"http://{ip}{WHO}", "16")["answers"]
+    assert all(x.get("status") == 200 for x in a), a
+    pods = {parse(x["body"])["pod"] for x in a}
+    assert pods == echo_pods(rn), a
+    peers = {parse(x["body"])["peer"] for x in a}
+    assert peers <= node_addresses(rn), (peers, node_addresses(rn))
+
+
+@pytest.mark.parametrize("policy", ["Local", "Cluster"])
+@pytest.mark.parametrize("via", ["NodePort", "LoadBalancer IP"])
+def test_outside_client(rn, work, policy, via):
+    s = work["svc"]["echo-local" if policy == "Local" else "echo-cluster"]
+    if via == "NodePort":
+        url = f"http://{R.NODE_IP}:{s['spec']['ports'][0]['nodePort']}{WHO}"
+    else:
+        url = f"http://{LB_LOCAL if policy == 'Local' else LB_CLUSTER}{WHO}"
+    a = rn.client(rn.ns_ext, "many", url, "12", R.CLIENT_IP)["answers"]
+    assert all(x.get("status") == 200 for x in a), a
+    peers = {parse(x["body"])["peer"] for x in a}
+    if policy == "Local":
+        assert peers == {R.CLIENT_IP}, a  # the client's own address is preserved
+    else:
+        assert peers and peers <= node_addresses(rn), (peers, node_addresses(rn))
+    assert {parse(x["body"])["pod"] for x in a} == echo_pods(rn), a
+
+
+def hc(rn, ns, port):
+    a = rn.client(ns, "get", f"http://{R.NODE_IP}:{port}/healthz")
+    return a.get("status"), json.loads(a["body"]) if "body" in a else a
+
+
+def test_health_check_node_port(rn, work):
+    port = work["svc"]["echo-local"]["spec"]["healthCheckNodePort"]
+    for ns in (rn.ns_node, rn.ns_ext):
+        status, body = hc(rn, ns, port)
+        assert status == 200 and body["localEndpoints"] == 2, (ns, status, body)
+    t0 = time.monotonic()
+    rn.kubectl("-n", NS, "scale", "deploy/echo", "--replicas=0")
+    try:
+        for ns in (rn.ns_node, rn.ns_ext):
+            status, body = wait_until("503 / 0", lambda ns=ns: (lambda r: r if r[0] == 503 else None)(
+                hc(rn, ns, port)), timeout=60)
+            assert body["localEndpoints"] == 0, body
+        rn.timed("healthCheckNodePort 200 -> 503 after scale to 0", t0)
+    finally:
+        t0 = time.monotonic()
+        rn.kubectl("-n", NS, "scale", "deploy/echo", "--replicas=2")
+        rn.kubectl("-n", NS, "rollout", "status", "deploy/echo", "--timeout=90s", timeout=100)
+    for ns in (rn.ns_node, rn.ns_ext):
+        status, body = wait_until("200 / 2", lambda ns=ns: (lambda r: r if r[0] == 200 and r[1].get(
+            "localEndpoints") == 2 else None)(hc(rn, ns, port)), timeout=60)
+    rn.timed("healthCheckNodePort back to 200 / 2 after scale to 2 (incl. pod start)", t0)
+
+
+def test_rolling_update_under_traffic(rn, work):
+    before = {p["metadata"]["name"] for p in rn.kubectl_json(
+        "-n", "kube-system", "get", "pods", "-l", "k8s-app=nftproxy")["items"]}
+    stop = os.path.join(rn.work, "stream.stop")
+    streams = {
+        "outside -> LB IP (Cluster)": subprocess.Popen(
+            rn.nsexec(rn.ns_ext, "python3", R.CLIENT, "stream", f"http://{LB_CLUSTER}{WHO}", stop,
+                      R.CLIENT_IP), stdout=subprocess.PIPE, text=True),
+        "node -> ClusterIP": subprocess.Popen(
+            rn.nsexec(rn.ns_node, "python3", R.CLIENT, "stream",
+                      f"http://{work['svc']['echo']['spec']['clusterIP']}{WHO}", stop),
+            stdout=subprocess.PIPE, text=True),
+    }
+    try:
+        time.sleep(1)
+        t0 = time.monotonic()
+        rn.kubectl("-n", "kube-system", "rollout", "restart", "ds/nftproxy")
+        rn.kubectl("-n", "kube-system", "rollout", "status", "ds/nftproxy", "--timeout=120s",
+                   timeout=130)
+        rn.timed("rollout restart ds/nftproxy -> rollout status done", t0)
+        time.sleep(2)
+    finally:
+        open(stop, "w").close()
+    results = {k: json.loads(p.communicate(timeout=30)[0]) for k, p in streams.items()}
+    after = {p["metadata"]["name"] for p in rn.kubectl_json(
+        "-n", "kube-system", "get", "pods", "-l", "k8s-app=nftproxy")["items"]}
+    assert after and not (after & before), (before, after)
+    print(json.dumps(results, indent=1))
+    for k, r in results.items():
+        assert r["ok"] > 20 and r["failed"] == 0, (k, r)
+
+
+def test_drift_warning_event(rn, work):
+    rn.node_sh("nft", "list", "set", "ip", "nftproxy", "clusterip")
+    t0 = time.monotonic()
+    rn.node_sh("nft", "flush", "set", "ip", "nftproxy", "clusterip")
+
+    def event():
+        ev = rn.kubectl_json("get", "events", "-A", "--field-selector",
+                             "reason=NftproxyRulesetDrift")["items"]
+        return [e for e in ev if e["involvedObject"]["kind"] == "Node" and e["type"] == "Warning"]
+    ev = wait_until("Warning NftproxyRulesetDrift on the Node", event, timeout=60)
+    rn.timed("nft flush set -> Warning Event NftproxyRulesetDrift", t0)
+    desc = rn.kubectl("describe", "node", R.NODE_NAME)
+    assert re.search(r"Warning\s+NftproxyRulesetDrift", desc), desc[-2000:]
+    # and the repair: the set is full again, the ClusterIP answers
+    ip = work["svc"]["echo"]["spec"]["clusterIP"]
+    wait_until("clusterip set repaired", lambda: ip in rn.node_sh(
+        "nft", "list", "set", "ip", "nftproxy", "clusterip").stdout, timeout=30)
+    a = rn.client(rn.ns_node, "get", f"http://{ip}{WHO}")
+    assert a.get("status") == 200, a
+    print(ev[0]["message"])
+
+
+def test_rbac_enough_and_no_more(rn, work):
+    logs = agent_logs(rn)
+    assert "forbidden" not in logs.lower(), [l for l in logs.split("\n") if "orbidden" in l][:5]
+    out = rn.kubectl("auth", "can-i", "--list",
+                     "--as=system:serviceaccount:kube-system:nftproxy")
+    print(out)
+    # granted to every authenticated user (system:basic-user): self reviews
+    self_reviews = {"selfsubjectaccessreviews.authorization.k8s.io",
+                    "selfsubjectrulesreviews.authorization.k8s.io",
+                    "selfsubjectreviews.authentication.k8s.io"}
+    write = {"create", "update", "patch", "delete", "deletecollection", "*", "escalate", "bind",
+             "impersonate", "approve", "sign"}
+    bad = []
+    for line in out.strip().split("\n")[1:]:
+        m = re.match(r"(\S+)\s+(\[.*?\])\s+(\[.*?\])\s+(\[.*?\])", line)
+        if not m:
+            continue
+        res, verbs = m.group(1), set(m.group(4).strip("[]").split())
+        w = verbs & write
+        if not w or res in self_reviews:
+            continue
+        if res in ("events", "events.events.k8s.io") and w <= {"create", "patch"}:
+            continue
+        bad.append(line)
+    assert not bad, bad
+
+
+def test_agent_never_restarted(rn, work):
+    pods = rn.kubectl_json("-n", "kube-system", "get", "pods", "-l", "k8s-app=nftproxy")["items"]
+    for p in pods:
+        for c in p["status"].get("containerStatuses", []):
+            assert c["restartCount"] == 0, c
+
+
+def test_dual_stack(rn):
+    pytest.skip("dual-stack not set up in this lane yet: the node namespace, CNI range, "
+                "API server --service-cluster-ip-range and kubelet --node-ip are IPv4-only")

@@ -37,7 +37,10 @@ def wait_until(what, fn, timeout=60, interval=0.5):
 
 
 def parse(body: str) -> dict:
-    return dict(kv.split("=", 1) for kv in body.split() if "=" in kv)
+    d = dict(kv.split("=", 1) for kv in body.split() if "=" in kv)
+    if "peer" in d:  # busybox httpd listens on [::] and reports [::ffff:a.b.c.d]
+        d["peer"] = d["peer"].strip("[]").removeprefix("::ffff:")
+    return d
 
 
 def svc(name, **spec):
@@ -234,26 +237,58 @@ def test_rolling_update_under_traffic(rn, work):
         assert r["ok"] > 20 and r["failed"] == 0, (k, r)
 
 
+def warnings(rn, reason, kind):
+    ev = rn.kubectl_json("get", "events", "-A", "--field-selector", f"reason={reason}")["items"]
+    return [e for e in ev if e["involvedObject"]["kind"] == kind and e["type"] == "Warning"]
+
+
 def test_drift_warning_event(rn, work):
     rn.node_sh("nft", "list", "set", "ip", "nftproxy", "clusterip")
     t0 = time.monotonic()
     rn.node_sh("nft", "flush", "set", "ip", "nftproxy", "clusterip")
-
-    def event():
-        ev = rn.kubectl_json("get", "events", "-A", "--field-selector",
-                             "reason=NftproxyRulesetDrift")["items"]
-        return [e for e in ev if e["involvedObject"]["kind"] == "Node" and e["type"] == "Warning"]
-    ev = wait_until("Warning NftproxyRulesetDrift on the Node", event, timeout=60)
+    ev = wait_until("Warning NftproxyRulesetDrift on the Node",
+                    lambda: warnings(rn, "NftproxyRulesetDrift", "Node"), timeout=60)
     rn.timed("nft flush set -> Warning Event NftproxyRulesetDrift", t0)
-    desc = rn.kubectl("describe", "node", R.NODE_NAME)
-    assert re.search(r"Warning\s+NftproxyRulesetDrift", desc), desc[-2000:]
+    print(json.dumps(ev[0]["involvedObject"]), ev[0]["message"])
+    assert ev[0]["involvedObject"]["name"] == R.NODE_NAME
     # and the repair: the set is full again, the ClusterIP answers
     ip = work["svc"]["echo"]["spec"]["clusterIP"]
     wait_until("clusterip set repaired", lambda: ip in rn.node_sh(
         "nft", "list", "set", "ip", "nftproxy", "clusterip").stdout, timeout=30)
     a = rn.client(rn.ns_node, "get", f"http://{ip}{WHO}")
     assert a.get("status") == 200, a
-    print(ev[0]["message"])
+
+
+def test_invalid_input_warning_event(rn, work):
+    # valid for the API, refused by nftproxy (MAX_PORTS_PER_SERVICE = 1000)
+    rn.apply({"apiVersion": "v1", "kind": "Service",
+              "metadata": {"name": "too-many-ports", "namespace": NS},
+              "spec": {"ports": [{"name": f"p{i}", "port": 1000 + i} for i in range(1001)]}})
+    t0 = time.monotonic()
+    ev = wait_until("Warning NftproxyInvalidInput on the Service",
+                    lambda: warnings(rn, "NftproxyInvalidInput", "Service"), timeout=60)
+    rn.timed("Service with 1001 ports -> Warning Event NftproxyInvalidInput", t0)
+    print(json.dumps(ev[0]["involvedObject"]), ev[0]["message"])
+    assert ev[0]["involvedObject"]["name"] == "too-many-ports"
+
+
+def test_warning_events_shown_by_kubectl_describe(rn, work):
+    """`kubectl describe` selects events by involvedObject.uid: the object's UID (and, for a Node,
+    also the node name, which is what kubelet and kube-proxy put there)."""
+    wait_until("drift Event", lambda: warnings(rn, "NftproxyRulesetDrift", "Node"), timeout=5)
+    problems = []
+    node_ev = warnings(rn, "NftproxyRulesetDrift", "Node")
+    desc = rn.kubectl("describe", "node", R.NODE_NAME)
+    if not re.search(r"Warning\s+NftproxyRulesetDrift", desc):
+        problems.append(f"kubectl describe node: no NftproxyRulesetDrift; the Event's "
+                        f"involvedObject is {node_ev[0]['involvedObject']}")
+    svc_ev = warnings(rn, "NftproxyInvalidInput", "Service")
+    if svc_ev:
+        desc = rn.kubectl("-n", NS, "describe", "svc", "too-many-ports")
+        if not re.search(r"Warning\s+NftproxyInvalidInput", desc):
+            problems.append(f"kubectl describe svc: no NftproxyInvalidInput; the Event's "
+                            f"involvedObject is {svc_ev[0]['involvedObject']}")
+    assert not problems, problems
 
 
 def test_rbac_enough_and_no_more(rn, work):

@@ -286,6 +286,8 @@ class Node:
         self.timings: list[tuple[str, float]] = []
         self.netns_before = set(os.listdir(NETNS_DIR)) if os.path.isdir(NETNS_DIR) else set()
         self.made_lib_modules = False
+        # host directories that containerd / CNI create on first use: removed again if new
+        self.new_host_dirs = [d for d in ("/run/containerd", "/var/lib/cni") if not os.path.exists(d)]
         self.destroyed = False
 
     # -- helpers
@@ -558,6 +560,8 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         for ns in (self.ns_node, self.ns_ext):
             attempt(f"netns {ns}", lambda ns=ns: sh("ip", "netns", "delete", ns, check=False))
         attempt("cni results", self._cni_results)
+        for d in self.new_host_dirs:
+            attempt(d, lambda d=d: shutil.rmtree(d, ignore_errors=True))
         if self.made_lib_modules:
             attempt("/lib/modules", lambda: os.rmdir("/lib/modules"))
         if not self.keep:

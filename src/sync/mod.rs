@@ -246,6 +246,17 @@ impl<A: Applier + 'static> Syncer<A> {
         let Some(applied) = self.applied.clone() else {
             return false;
         };
+        if let Some(pending) = self.repairing.as_mut() {
+            // A repair is due but not committed yet: the belief is the kernel as last read, so
+            // reading again would only report the same drift twice. The repair's own check
+            // after its commit covers this scope too.
+            match (pending.as_mut(), scope) {
+                (Some(p), Some(s)) => monitor::merge(p, s),
+                (Some(_), None) => *pending = None,
+                (None, _) => {}
+            }
+            return true;
+        }
         let started = Instant::now();
         let kernel = match self.read_kernel(&applied, scope.as_ref()).await {
             Ok(k) => k,

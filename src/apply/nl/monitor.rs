@@ -17,6 +17,12 @@ use crate::nft::ir::Family;
 /// `NFNLGRP_NFTABLES` (linux/netfilter/nfnetlink.h).
 const NFNLGRP_NFTABLES: u32 = 7;
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
+const NFT_MSG_NEWCHAIN: u16 = 3;
+const NFT_MSG_DELCHAIN: u16 = 5;
+const NFT_MSG_NEWRULE: u16 = 6;
+const NFT_MSG_DELRULE: u16 = 8;
+const NFT_MSG_NEWSET: u16 = 9;
+const NFT_MSG_DELSET: u16 = 11;
 const NFT_MSG_NEWSETELEM: u16 = 12;
 const NFT_MSG_DELSETELEM: u16 = 14;
 const NFT_MSG_NEWGEN: u16 = 15;
@@ -24,14 +30,17 @@ const NFT_MSG_NEWGEN: u16 = 15;
 /// are all attribute 1.
 const ATTR_TABLE: u16 = 1;
 const NFTA_SET_ELEM_LIST_SET: u16 = 2;
+/// NFTA_SET_NAME.
+const NFTA_SET_NAME: u16 = 2;
 const NLMSG_HDRLEN: usize = 16;
 const NFGENMSG_LEN: usize = 4;
 /// Large enough that a burst of foreign element changes fits; an overflow is reported as a
 /// lost notification (and answered by reading everything back).
 const RCVBUF: libc::c_int = 8 << 20;
 
-/// What a foreign commit touched in our tables: per family, the sets whose elements changed, or
-/// None when more than elements changed (rules, chains, set definitions, the table).
+/// What a foreign commit touched in our tables: per family, the sets whose elements may have
+/// changed (empty: only rules or chains), or None when every set must be read (the table itself
+/// was created or deleted).
 pub type Touched = BTreeMap<Family, Option<BTreeSet<String>>>;
 
 /// What one `recv` delivered.
@@ -116,15 +125,28 @@ impl Gatherer {
             .pending
             .entry(family)
             .or_insert_with(|| Some(BTreeSet::new()));
-        if kind == NFT_MSG_NEWSETELEM || kind == NFT_MSG_DELSETELEM {
-            if let (Some(sets), Some((_, _, a))) = (
-                entry.as_mut(),
-                attrs.iter().find(|(t, _, _)| *t == NFTA_SET_ELEM_LIST_SET),
-            ) {
-                sets.insert(attr_str(a).to_string());
+        // The read-back always compares every rule and set definition (a few hundred objects);
+        // only elements are read per set. So a rule or chain change names no set, a set
+        // created or deleted names itself, an element change its set; a table created or
+        // deleted (or anything else) means every set.
+        let named = |attr: u16| {
+            attrs
+                .iter()
+                .find(|(t, _, _)| *t == attr)
+                .map(|(_, _, a)| attr_str(a).to_string())
+        };
+        let set = match kind {
+            NFT_MSG_NEWCHAIN | NFT_MSG_DELCHAIN | NFT_MSG_NEWRULE | NFT_MSG_DELRULE => return None,
+            NFT_MSG_NEWSETELEM | NFT_MSG_DELSETELEM => named(NFTA_SET_ELEM_LIST_SET),
+            NFT_MSG_NEWSET | NFT_MSG_DELSET => named(NFTA_SET_NAME),
+            _ => None,
+        };
+        match (entry.as_mut(), set) {
+            (Some(sets), Some(name)) => {
+                sets.insert(name);
             }
-        } else {
-            *entry = None;
+            (_, None) => *entry = None,
+            (None, Some(_)) => {}
         }
         None
     }
@@ -331,10 +353,33 @@ mod tests {
                 ]))
             )])
         );
-        // A rule change (not an element change) in the ip6 table: the whole table.
+        // A rule change in the ip6 table: no set to read (rules are always compared).
         let rule = msg(6, 10, &[attr(ATTR_TABLE, b"nftproxy\0")]);
         let got = g.feed(&[rule, gen(7)].concat());
-        assert_eq!(got, vec![Touched::from([(Family::Ip6, None)])]);
+        assert_eq!(
+            got,
+            vec![Touched::from([(Family::Ip6, Some(BTreeSet::new()))])]
+        );
+        // A set deleted: that set; the table deleted: everything.
+        let delset = msg(
+            NFT_MSG_DELSET,
+            10,
+            &[
+                attr(ATTR_TABLE, b"nftproxy\0"),
+                attr(NFTA_SET_NAME, b"clusterip\0"),
+            ],
+        );
+        let got = g.feed(&[delset, gen(7)].concat());
+        assert_eq!(
+            got,
+            vec![Touched::from([(
+                Family::Ip6,
+                Some(BTreeSet::from(["clusterip".to_string()]))
+            )])]
+        );
+        let deltable = msg(2, 2, &[attr(ATTR_TABLE, b"nftproxy\0")]);
+        let got = g.feed(&[deltable, gen(7)].concat());
+        assert_eq!(got, vec![Touched::from([(Family::Ip, None)])]);
         // Only other tables: nothing to report.
         assert!(g
             .feed(&[elem("filter", "x", 2), gen(7)].concat())

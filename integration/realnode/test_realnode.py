@@ -325,6 +325,44 @@ def test_agent_never_restarted(rn, work):
             assert c["restartCount"] == 0, c
 
 
+def test_bootstrap_without_configmap_deadlocks_then_configmap_fixes(rn, work):
+    """A fresh node without the ConfigMap: the agent can only dial the `kubernetes` Service IP,
+    which nothing programs yet. It must say so (log line, /livez 503) -- and the ConfigMap the
+    README asks for must get it going. Runs last: it replaces the DaemonSet."""
+    ks = ["-n", "kube-system"]
+    rn.kubectl(*ks, "delete", "ds", "nftproxy", "--wait=true", timeout=60)
+    rn.kubectl(*ks, "delete", "configmap", "nftproxy")
+    wait_until("agent pod gone", lambda: not rn.kubectl_json(*ks, "get", "pods", "-l",
+                                                            "k8s-app=nftproxy")["items"])
+    rn.node_sh("nft", "delete", "table", "ip", "nftproxy")  # a fresh node: no rules
+    t0 = time.monotonic()
+    rn.kubectl("apply", "-k", os.path.join(R.ROOT, "deploy"))
+
+    def livez_503():
+        a = rn.client(rn.ns_node, "get", f"http://{R.NODE_IP}:10256/livez")
+        return a if a.get("status") == 503 and "cannot reach the API server" in a.get("body", "") \
+            else None
+    a = wait_until("/livez 503 naming the problem", livez_503, timeout=60)
+    rn.timed("no ConfigMap: /livez 503 with the reason", t0)
+    print("livez:", a["body"])
+    logs = agent_logs(rn)
+    line = [x for x in logs.split("\n") if "cannot reach the API server" in x]
+    assert line and "ConfigMap kube-system/nftproxy" in line[0], logs[-2000:]
+    print("agent:", line[0])
+    assert rn.kubectl_json(*ks, "get", "ds", "nftproxy")["status"].get("numberReady", 0) == 0
+    # the fix, as the README says
+    t0 = time.monotonic()
+    rn.kubectl(*ks, "create", "configmap", "nftproxy",
+               f"--from-literal=apiServer=https://{R.NODE_IP}:6443")
+    rn.kubectl(*ks, "rollout", "restart", "ds/nftproxy")
+    rn.kubectl(*ks, "rollout", "status", "ds/nftproxy", "--timeout=120s", timeout=130)
+    rn.timed("ConfigMap created + rollout restart -> DaemonSet Ready", t0)
+    ip = work["svc"]["echo"]["spec"]["clusterIP"]
+    a = wait_until("ClusterIP answers again", lambda: (lambda r: r if r.get("status") == 200
+                                                      else None)(
+        rn.client(rn.ns_node, "get", f"http://{ip}{WHO}")), timeout=30)
+
+
 def test_dual_stack(rn):
     pytest.skip("dual-stack not set up in this lane yet: the node namespace, CNI range, "
                 "API server --service-cluster-ip-range and kubelet --node-ip are IPv4-only")

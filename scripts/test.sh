@@ -21,3 +21,5 @@ if [ -f integration/bench/bench.py ]; then
 fi
 echo "== end-to-end (namespaces cluster) and stand-in API server tests"
 python3 -m pytest integration -q -p no:cacheprovider
+echo "== real-node lane (real Kubernetes binaries; skips itself when they are not available)"
+bash integration/realnode/run.sh

@@ -545,8 +545,20 @@ pub fn preflight() -> Result<(), AgentError> {
     Ok(())
 }
 
-/// Run the agent until SIGTERM/SIGINT. Rules stay in place on exit.
+/// Run the agent until SIGTERM/SIGINT. Rules stay in place on exit. The signal is honoured in
+/// every phase, also while waiting for an API server that does not answer (kubelet would
+/// otherwise wait out the whole grace period).
 pub async fn run(args: RunArgs) -> Result<(), AgentError> {
+    tokio::select! {
+        r = run_until_stopped(args) => r,
+        _ = shutdown_signal() => {
+            tracing::info!("shutting down; rules stay in place");
+            Ok(())
+        }
+    }
+}
+
+async fn run_until_stopped(args: RunArgs) -> Result<(), AgentError> {
     let cfg = ProxyConfig::from_args(&args.proxy)?;
     tracing::info!(node = %cfg.node_name, "starting nftproxy");
     preflight()?;
@@ -692,10 +704,7 @@ pub async fn run(args: RunArgs) -> Result<(), AgentError> {
         };
         syncer.run(changes_rx, desired, &mut obs).await;
     };
-    tokio::select! {
-        _ = sync => {}
-        _ = shutdown_signal() => tracing::info!("shutting down; rules stay in place"),
-    }
+    sync.await;
     drop(changes_tx);
     Ok(())
 }

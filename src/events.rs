@@ -58,7 +58,7 @@ impl Events {
     pub fn start(client: Client, node: &str) -> Events {
         let (events, mut rx) = Events::channel(256);
         let recorder = Recorder::new(
-            client,
+            client.clone(),
             Reporter {
                 controller: "nftproxy".into(),
                 instance: Some(node.to_string()),
@@ -71,12 +71,15 @@ impl Events {
                 } else {
                     "v1"
                 };
+                // `kubectl describe` finds an object's events by its UID.
+                let uid = uid_of(&client, &w).await;
                 let reference = ObjectReference {
                     api_version: Some(api_version.into()),
                     kind: Some(w.kind.clone()),
                     // Nodes are cluster-scoped.
                     namespace: (!w.namespace.is_empty()).then(|| w.namespace.clone()),
                     name: Some(w.name.clone()),
+                    uid,
                     ..Default::default()
                 };
                 let ev = Event {
@@ -92,6 +95,35 @@ impl Events {
             }
         });
         events
+    }
+}
+
+/// The UID an event's reference needs. Nodes: their name, as kubelet and kube-proxy set it for
+/// node events (pkg/kubelet/kubelet.go, cmd/kube-proxy/app/server.go: `UID: types.UID(name)`),
+/// which is what `kubectl describe node` looks up. Namespaced objects: read from the API (events
+/// are rare; the agent keeps no copy of the objects). None when it cannot be read.
+async fn uid_of(client: &Client, w: &Warning) -> Option<String> {
+    use k8s_openapi::api::core::v1::Service;
+    use k8s_openapi::api::discovery::v1::EndpointSlice;
+    use kube::api::Api;
+    let meta = match w.kind.as_str() {
+        "Node" => return Some(w.name.clone()),
+        "Service" => Api::<Service>::namespaced(client.clone(), &w.namespace)
+            .get_metadata_opt(&w.name)
+            .await
+            .map(|o| o.map(|o| o.metadata)),
+        "EndpointSlice" => Api::<EndpointSlice>::namespaced(client.clone(), &w.namespace)
+            .get_metadata_opt(&w.name)
+            .await
+            .map(|o| o.map(|o| o.metadata)),
+        _ => return None,
+    };
+    match meta {
+        Ok(m) => m.and_then(|m| m.uid),
+        Err(e) => {
+            tracing::debug!(error = %e, kind = %w.kind, name = %w.name, "cannot read the UID for an event");
+            None
+        }
     }
 }
 

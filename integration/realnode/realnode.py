@@ -285,7 +285,6 @@ class Node:
         self.procs: dict[str, subprocess.Popen] = {}
         self.timings: list[tuple[str, float]] = []
         self.netns_before = set(os.listdir(NETNS_DIR)) if os.path.isdir(NETNS_DIR) else set()
-        self.made_lib_modules = False
         # host directories that containerd / CNI create on first use: removed again if new
         self.new_host_dirs = [d for d in ("/run/containerd", "/var/lib/cni") if not os.path.exists(d)]
         self.destroyed = False
@@ -481,11 +480,6 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
 
     def _kubelet(self):
         w = self.work
-        if not os.path.exists("/lib/modules"):
-            # deploy/daemonset.yaml mounts hostPath /lib/modules (no type): runc cannot bind a
-            # missing source. Real nodes have it; this VM kernel has no modules directory.
-            os.makedirs("/lib/modules")
-            self.made_lib_modules = True
         for ctl in self._cgroup_controllers():  # kubelet wants its cgroupRoot to exist
             d = f"/sys/fs/cgroup/{ctl}{self.cgroup_root}"
             os.makedirs(d, exist_ok=True)
@@ -562,8 +556,6 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         attempt("cni results", self._cni_results)
         for d in self.new_host_dirs:
             attempt(d, lambda d=d: shutil.rmtree(d, ignore_errors=True))
-        if self.made_lib_modules:
-            attempt("/lib/modules", lambda: os.rmdir("/lib/modules"))
         if not self.keep:
             attempt("work dir", lambda: shutil.rmtree(self.work))
         if errors:

@@ -260,16 +260,21 @@ def test_drift_warning_event(rn, work):
 
 
 def test_invalid_input_warning_event(rn, work):
-    # valid for the API, refused by nftproxy (MAX_PORTS_PER_SERVICE = 1000)
-    rn.apply({"apiVersion": "v1", "kind": "Service",
-              "metadata": {"name": "too-many-ports", "namespace": NS},
-              "spec": {"ports": [{"name": f"p{i}", "port": 1000 + i} for i in range(1001)]}})
+    # Valid for the API, not programmable as asked: two Services claim the same external IP and
+    # port. nftproxy programs the first and reports the other (a Warning Event on it).
+    for name in ("claim-a", "claim-b"):
+        rn.apply({"apiVersion": "v1", "kind": "Service",
+                  "metadata": {"name": name, "namespace": NS},
+                  "spec": {"externalIPs": ["192.0.2.77"],
+                           "ports": [{"name": "http", "port": 8077}]}})
+        time.sleep(0.5)
     t0 = time.monotonic()
     ev = wait_until("Warning NftproxyInvalidInput on the Service",
                     lambda: warnings(rn, "NftproxyInvalidInput", "Service"), timeout=60)
-    rn.timed("Service with 1001 ports -> Warning Event NftproxyInvalidInput", t0)
+    rn.timed("two Services claiming one external IP:port -> Warning Event NftproxyInvalidInput", t0)
     print(json.dumps(ev[0]["involvedObject"]), ev[0]["message"])
-    assert ev[0]["involvedObject"]["name"] == "too-many-ports"
+    assert ev[0]["involvedObject"]["name"] in ("claim-a", "claim-b")
+    assert "192.0.2.77" in ev[0]["message"], ev[0]["message"]
 
 
 def test_warning_events_shown_by_kubectl_describe(rn, work):
@@ -284,7 +289,7 @@ def test_warning_events_shown_by_kubectl_describe(rn, work):
                         f"involvedObject is {node_ev[0]['involvedObject']}")
     svc_ev = warnings(rn, "NftproxyInvalidInput", "Service")
     if svc_ev:
-        desc = rn.kubectl("-n", NS, "describe", "svc", "too-many-ports")
+        desc = rn.kubectl("-n", NS, "describe", "svc", svc_ev[0]["involvedObject"]["name"])
         if not re.search(r"Warning\s+NftproxyInvalidInput", desc):
             problems.append(f"kubectl describe svc: no NftproxyInvalidInput; the Event's "
                             f"involvedObject is {svc_ev[0]['involvedObject']}")

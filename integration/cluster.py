@@ -510,12 +510,15 @@ class Agent:
         self.starts = 0
         self.started_at = 0.0
         self.extra_args: list[str] = []  # tests may add flags for the next start
+        self.argv_override: list[str] | None = None  # tests may replace the whole command line
 
     @property
     def healthz(self) -> tuple[str, int]:
         return node_ip(self.node), 10256
 
     def argv(self) -> list[str]:
+        if self.argv_override is not None:
+            return self.argv_override
         return [self.cluster.bin, "run",
                 "--kubeconfig", self.cluster.kubeconfig,
                 "--hostname-override", self.node,

@@ -39,6 +39,8 @@ pub enum AgentError {
     Netlink(#[from] crate::apply::ApplyError),
     #[error("preflight: {0}")]
     Preflight(#[from] crate::preflight::PreflightError),
+    #[error("the configuration file {} changed; exiting to restart with it", .0.display())]
+    ConfigChanged(std::path::PathBuf),
     #[error("cannot listen on {addr}: {error}")]
     Listen {
         addr: std::net::SocketAddr,
@@ -549,11 +551,30 @@ pub fn preflight() -> Result<(), AgentError> {
 /// every phase, also while waiting for an API server that does not answer (kubelet would
 /// otherwise wait out the whole grace period).
 pub async fn run(args: RunArgs) -> Result<(), AgentError> {
+    let config = args.config.clone();
     tokio::select! {
         r = run_until_stopped(args) => r,
+        path = file_changed(config) => Err(AgentError::ConfigChanged(path)),
         _ = shutdown_signal() => {
             tracing::info!("shutting down; rules stay in place");
             Ok(())
+        }
+    }
+}
+
+/// Resolves when the file at `path` changes (content, or it appears or goes), like kube-proxy,
+/// which exits so that it restarts with the new configuration; never without a path. Polled:
+/// ConfigMap volumes change by a symlink swap that inotify on the file would miss.
+async fn file_changed(path: Option<std::path::PathBuf>) -> std::path::PathBuf {
+    let Some(path) = path else {
+        return std::future::pending().await;
+    };
+    // A small file: a plain read on the runtime costs microseconds.
+    let first = std::fs::read(&path).ok();
+    loop {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        if std::fs::read(&path).ok() != first {
+            return path;
         }
     }
 }

@@ -96,9 +96,85 @@ pub struct RunArgs {
     /// Testing only: while this file exists every commit fails (exercises retries and /livez).
     #[arg(long, hide = true)]
     pub fault_inject_file: Option<std::path::PathBuf>,
-    /// Log verbosity: 0 warnings, 1 info (one line per sync), 2 debug, 3+ trace.
-    #[arg(short = 'v', long, default_value_t = 1)]
+    /// Log verbosity: 0 warnings, 1 info (one line per sync), 2 debug, 3+ trace. `--v` is
+    /// kube-proxy's spelling (klog levels 2-4 map to debug, 5+ to trace).
+    #[arg(short = 'v', long, alias = "v", default_value_t = 1)]
     pub verbosity: u8,
+    /// kube-proxy's configuration file (KubeProxyConfiguration v1alpha1, e.g. kubeadm's
+    /// config.conf). Flags given on the command line win over it, as in kube-proxy. The agent
+    /// exits when the file changes, so that it restarts with the new settings.
+    #[arg(long)]
+    pub config: Option<std::path::PathBuf>,
+    /// kube-proxy's proxy mode: only `nftables` (or empty) is accepted.
+    #[arg(long, value_parser = ["", "nftables"])]
+    pub proxy_mode: Option<String>,
+    /// The OOM score adjustment of the agent process (kube-proxy's default: -999).
+    #[arg(long, default_value_t = -999, allow_negative_numbers = true, value_parser = clap::value_parser!(i32).range(-1000..=1000))]
+    pub oom_score_adj: i32,
+    /// Accepted for kube-proxy compatibility; nftproxy serves both IP families of the node.
+    #[arg(long)]
+    pub bind_address: Option<String>,
+    /// kube-proxy's `--cleanup`: delete the tables and exit (as `nftproxy cleanup`).
+    #[arg(long)]
+    pub cleanup: bool,
+}
+
+impl RunArgs {
+    /// Fill what the command line did not set from kube-proxy's configuration file.
+    /// `from_cli(id)` tells whether flag `id` (clap's id: the field name) was given.
+    pub fn apply_file(
+        &mut self,
+        f: &crate::kpconfig::FromFile,
+        from_cli: &dyn Fn(&str) -> bool,
+    ) -> Result<(), ConfigError> {
+        let unset = |id: &str| !from_cli(id);
+        if let (Some(c), true) = (&f.cluster_cidrs, unset("cluster_cidr")) {
+            self.proxy.cluster_cidr = c
+                .iter()
+                .map(|x| {
+                    x.parse()
+                        .map_err(|_| ConfigError::File(format!("clusterCIDR: {x:?}")))
+                })
+                .collect::<Result<_, _>>()?;
+        }
+        if let (Some(n), true) = (&f.nodeport_addresses, unset("nodeport_addresses")) {
+            self.proxy.nodeport_addresses = n.clone();
+        }
+        if let (Some(h), true) = (&f.hostname_override, unset("hostname_override")) {
+            self.proxy.hostname_override = Some(h.clone());
+        }
+        if let (Some(m), true) = (f.masquerade_all, unset("masquerade_all")) {
+            self.proxy.masquerade_all = m;
+        }
+        if let (Some(b), true) = (f.masquerade_bit, unset("masquerade_bit")) {
+            self.proxy.masquerade_bit = b;
+        }
+        if let (Some(a), true) = (f.healthz_bind_address, unset("healthz_bind_address")) {
+            self.healthz_bind_address = a;
+        }
+        if let (Some(a), true) = (f.metrics_bind_address, unset("metrics_bind_address")) {
+            self.metrics_bind_address = a;
+        }
+        if let (Some(d), true) = (f.sync_period, unset("sync_period")) {
+            self.sync_period = d;
+        }
+        if let (Some(d), true) = (f.min_sync_period, unset("min_sync_period")) {
+            self.min_sync_period = d;
+        }
+        if let (Some(k), true) = (&f.kubeconfig, unset("kubeconfig")) {
+            self.kubeconfig = Some(k.into());
+        }
+        if let (Some(o), true) = (f.oom_score_adj, unset("oom_score_adj")) {
+            self.oom_score_adj = o;
+        }
+        if let (Some(j), true) = (f.log_json, unset("log_format")) {
+            self.log_format = if j { LogFormat::Json } else { LogFormat::Text };
+        }
+        if let (Some(v), true) = (f.verbosity, unset("verbosity")) {
+            self.verbosity = v;
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Args)]
@@ -135,28 +211,72 @@ pub struct CleanupArgs {
     pub kube_proxy: bool,
 }
 
-/// Parse `30s`, `100ms`, `2m`, `1h`, or plain seconds.
+/// kube-proxy's command line has no subcommand (`kube-proxy --config=... --v=2`): when the first
+/// argument is a flag (other than help/version), it means `run`, so kube-proxy's DaemonSet
+/// arguments work unchanged.
+pub fn with_default_command(mut argv: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    let first = argv.get(1).and_then(|a| a.to_str()).map(str::to_string);
+    if let Some(a) = first {
+        let help = matches!(a.as_str(), "-h" | "--help" | "-V" | "--version");
+        if a.starts_with('-') && !help {
+            argv.insert(1, "run".into());
+        }
+    }
+    argv
+}
+
+/// Parse a duration as Go writes them (`30s`, `100ms`, `1m30s`, `2h22m`, `1.5h`, `0`), or plain
+/// seconds (`30`): the form kube-proxy's flags and config files use.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    let (num, unit) = s
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .map(|i| s.split_at(i))
-        .unwrap_or((s, "s"));
-    let n: f64 = num.parse().map_err(|_| format!("bad duration {s:?}"))?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "s" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        _ => return Err(format!("bad duration unit in {s:?} (use ms, s, m, h)")),
-    };
-    Ok(Duration::from_secs_f64(secs))
+    if s.is_empty() {
+        return Err("empty duration".into());
+    }
+    if let Ok(n) = s.parse::<f64>() {
+        // A bare number: seconds (a Go duration allows only "0" bare; seconds is friendlier).
+        return if n.is_finite() && n >= 0.0 {
+            Ok(Duration::from_secs_f64(n))
+        } else {
+            Err(format!("bad duration {s:?}"))
+        };
+    }
+    let mut total = 0.0f64;
+    let mut rest = s;
+    while !rest.is_empty() {
+        let num_end = rest
+            .find(|c: char| !c.is_ascii_digit() && c != '.')
+            .ok_or_else(|| format!("bad duration {s:?}: a number without a unit"))?;
+        let unit_end = rest[num_end..]
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .map_or(rest.len(), |i| num_end + i);
+        let n: f64 = rest[..num_end]
+            .parse()
+            .map_err(|_| format!("bad duration {s:?}"))?;
+        let scale = match &rest[num_end..unit_end] {
+            "ns" => 1e-9,
+            "us" | "µs" => 1e-6,
+            "ms" => 1e-3,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            u => {
+                return Err(format!(
+                    "bad duration unit {u:?} in {s:?} (use ns, us, ms, s, m, h)"
+                ))
+            }
+        };
+        total += n * scale;
+        rest = &rest[unit_end..];
+    }
+    Ok(Duration::from_secs_f64(total))
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("--nodeport-addresses: {0:?} is neither a CIDR nor `primary`")]
     NodePortAddress(String),
+    #[error("configuration file: {0}")]
+    File(String),
 }
 
 /// Where NodePorts listen, before the Node's addresses are known.
@@ -286,7 +406,105 @@ mod tests {
         assert_eq!(parse_duration("100ms").unwrap(), Duration::from_millis(100));
         assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
         assert_eq!(parse_duration("5").unwrap(), Duration::from_secs(5));
-        assert!(parse_duration("5x").is_err());
+        // Go's forms, as kube-proxy's flags and files carry them.
+        assert_eq!(parse_duration("1m30s").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("2h22m").unwrap(), Duration::from_secs(8520));
+        assert_eq!(parse_duration("1.5h").unwrap(), Duration::from_secs(5400));
+        assert_eq!(parse_duration("0s").unwrap(), Duration::ZERO);
+        assert_eq!(
+            parse_duration("1s500ms").unwrap(),
+            Duration::from_millis(1500)
+        );
+        assert_eq!(parse_duration("250us").unwrap(), Duration::from_micros(250));
+        for bad in ["5x", "", "m", "1m30", "-5s", "1.2.3s"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    fn run_args(argv: &[&str]) -> (RunArgs, clap::ArgMatches) {
+        use clap::{CommandFactory, FromArgMatches};
+        let argv = with_default_command(argv.iter().map(|a| a.into()).collect());
+        let m = Cli::command().try_get_matches_from(argv).expect("parses");
+        match Cli::from_arg_matches(&m).expect("args").command {
+            Command::Run(r) => (r, m),
+            other => panic!("not run: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn kube_proxys_command_line_means_run() {
+        // kubeadm's kube-proxy DaemonSet, with only the binary swapped.
+        let (r, _) = run_args(&[
+            "nftproxy",
+            "--config=/var/lib/kube-proxy/config.conf",
+            "--hostname-override=node-1",
+        ]);
+        assert_eq!(
+            r.config.as_deref(),
+            Some(std::path::Path::new("/var/lib/kube-proxy/config.conf"))
+        );
+        assert_eq!(r.proxy.hostname_override.as_deref(), Some("node-1"));
+        let (r, _) = run_args(&[
+            "nftproxy",
+            "--v=4",
+            "--proxy-mode=nftables",
+            "--oom-score-adj=-998",
+        ]);
+        assert_eq!((r.verbosity, r.oom_score_adj), (4, -998));
+        assert_eq!(r.proxy_mode.as_deref(), Some("nftables"));
+        use clap::{CommandFactory, FromArgMatches};
+        let bad = with_default_command(
+            ["nftproxy", "--proxy-mode=iptables"]
+                .iter()
+                .map(|a| a.into())
+                .collect(),
+        );
+        assert!(Cli::command()
+            .try_get_matches_from(bad)
+            .map(|m| Cli::from_arg_matches(&m))
+            .is_err());
+        // Help stays help; subcommands stay themselves.
+        let help = with_default_command(vec!["nftproxy".into(), "--help".into()]);
+        assert_eq!(help.len(), 2);
+        let render = with_default_command(vec!["nftproxy".into(), "render".into()]);
+        assert_eq!(render[1], "render");
+    }
+
+    #[test]
+    fn flags_win_over_the_config_file() {
+        let file = crate::kpconfig::FromFile {
+            cluster_cidrs: Some(vec!["10.244.0.0/16".into()]),
+            sync_period: Some(Duration::from_secs(45)),
+            min_sync_period: Some(Duration::from_secs(1)),
+            kubeconfig: Some("/var/lib/kube-proxy/kubeconfig.conf".into()),
+            hostname_override: Some("from-file".into()),
+            ..Default::default()
+        };
+        let (mut r, m) = run_args(&[
+            "nftproxy",
+            "--config=f",
+            "--sync-period=10s",
+            "--hostname-override=flag",
+        ]);
+        let sub = m.subcommand_matches("run").expect("run");
+        let from_cli =
+            |id: &str| sub.value_source(id) == Some(clap::parser::ValueSource::CommandLine);
+        r.apply_file(&file, &from_cli).expect("applies");
+        assert_eq!(r.sync_period, Duration::from_secs(10), "the flag wins");
+        assert_eq!(
+            r.min_sync_period,
+            Duration::from_secs(1),
+            "the file fills the default"
+        );
+        assert_eq!(r.proxy.hostname_override.as_deref(), Some("flag"));
+        assert_eq!(
+            r.proxy.cluster_cidr,
+            vec!["10.244.0.0/16".parse::<IpNet>().unwrap()]
+        );
+        assert_eq!(
+            r.kubeconfig.as_deref(),
+            Some(std::path::Path::new("/var/lib/kube-proxy/kubeconfig.conf"))
+        );
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub mod engine;
 pub mod events;
 pub mod health;
 pub mod k8s;
+pub mod kpconfig;
 pub mod metrics;
 pub mod model;
 pub mod nft;

@@ -1,7 +1,7 @@
 use std::io::Read;
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 use nftproxy::config::{Cli, Command, LogFormat, ProxyConfig};
 use nftproxy::nft::ir::Family;
 use nftproxy::nft::render;
@@ -9,7 +9,12 @@ use nftproxy::objects::Objects;
 use nftproxy::render_cmd;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let argv = nftproxy::config::with_default_command(std::env::args_os().collect());
+    let matches = Cli::command().get_matches_from(argv);
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
     match cli.command {
         Command::Render(args) => {
             let objs = match read_objects(&args.file) {
@@ -44,8 +49,40 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Run(args) => {
+        Command::Run(mut args) => {
+            let mut ignored = Vec::new();
+            if let Some(path) = args.config.clone() {
+                let path = path.display().to_string();
+                let sub = matches.subcommand_matches("run");
+                let from_cli = |id: &str| {
+                    sub.and_then(|m| m.value_source(id)).is_some_and(|s| {
+                        matches!(
+                            s,
+                            clap::parser::ValueSource::CommandLine
+                                | clap::parser::ValueSource::EnvVariable
+                        )
+                    })
+                };
+                let applied = nftproxy::kpconfig::KubeProxyConfiguration::read(&path)
+                    .and_then(|c| c.settings(&path))
+                    .map_err(|e| e.to_string())
+                    .and_then(|f| {
+                        ignored = f.ignored.clone();
+                        args.apply_file(&f, &from_cli).map_err(|e| e.to_string())
+                    });
+                if let Err(e) = applied {
+                    eprintln!("nftproxy: --config {e}");
+                    return ExitCode::from(2);
+                }
+            }
+            if args.cleanup {
+                return cleanup(false);
+            }
             init_tracing(args.log_format, args.verbosity);
+            for i in &ignored {
+                tracing::info!(field = %i, "configuration file: not used");
+            }
+            set_oom_score_adj(args.oom_score_adj);
             let rt = match tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
@@ -67,21 +104,36 @@ fn main() -> ExitCode {
             }
         }
         Command::Diff(args) => diff(args),
-        Command::Cleanup(args) => {
-            let mut tables = vec![(Family::Ip, "nftproxy"), (Family::Ip6, "nftproxy")];
-            if args.kube_proxy {
-                tables.extend([(Family::Ip, "kube-proxy"), (Family::Ip6, "kube-proxy")]);
-            }
-            match nftproxy::apply::netlink::delete_tables(&tables) {
-                Ok(n) => {
-                    println!("deleted {n} table(s)");
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("nftproxy cleanup: {e}");
-                    ExitCode::FAILURE
-                }
-            }
+        Command::Cleanup(args) => cleanup(args.kube_proxy),
+    }
+}
+
+/// Delete nftproxy's tables (and kube-proxy's with `kube_proxy`).
+fn cleanup(kube_proxy: bool) -> ExitCode {
+    let mut tables = vec![(Family::Ip, "nftproxy"), (Family::Ip6, "nftproxy")];
+    if kube_proxy {
+        tables.extend([(Family::Ip, "kube-proxy"), (Family::Ip6, "kube-proxy")]);
+    }
+    match nftproxy::apply::netlink::delete_tables(&tables) {
+        Ok(n) => {
+            println!("deleted {n} table(s)");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("nftproxy cleanup: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// kube-proxy lowers its OOM score so the kernel kills workloads before the node's proxy
+/// (cmd/kube-proxy/app/server_linux.go, `OOMScoreAdj` default -999). Best effort: lowering it
+/// needs CAP_SYS_RESOURCE.
+fn set_oom_score_adj(v: i32) {
+    match std::fs::write("/proc/self/oom_score_adj", v.to_string()) {
+        Ok(()) => tracing::debug!(oom_score_adj = v, "set the OOM score adjustment"),
+        Err(e) => {
+            tracing::info!(oom_score_adj = v, error = %e, "cannot set the OOM score adjustment (needs CAP_SYS_RESOURCE to lower it)")
         }
     }
 }

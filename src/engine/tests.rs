@@ -549,3 +549,57 @@ fn dual_stack_survives_a_slice_change() {
         assert_eq!(sorted_slots(&out.ruleset), ruleset);
     }
 }
+
+/// The API accepts a Service with any number of ports and kube-proxy programs them all (nftproxy
+/// once skipped a Service with more than 1,000): ports with endpoints get backends, the others
+/// reject.
+#[test]
+fn a_service_with_1500_ports_is_programmed() {
+    use crate::nft::ir::Value;
+    let ports: Vec<_> = (1..=1500u16)
+        .map(|i| serde_json::json!({"name": format!("p{i}"), "port": i, "protocol": "TCP"}))
+        .collect();
+    let svc: Service = serde_json::from_value(serde_json::json!({
+        "metadata": {"namespace": "ns0", "name": "many"},
+        "spec": {"clusterIP": "172.30.0.9", "clusterIPs": ["172.30.0.9"], "ports": ports},
+    }))
+    .expect("service");
+    // Endpoints for every third port.
+    let slice_ports: Vec<_> = (1..=1500u16)
+        .filter(|i| i % 3 == 0)
+        .map(|i| serde_json::json!({"name": format!("p{i}"), "port": 10000 + i, "protocol": "TCP"}))
+        .collect();
+    let slice: EndpointSlice = serde_json::from_value(serde_json::json!({
+        "metadata": {"namespace": "ns0", "name": "many-1",
+            "labels": {"kubernetes.io/service-name": "many"}},
+        "addressType": "IPv4",
+        "ports": slice_ports,
+        "endpoints": [{"addresses": ["10.0.0.1"], "conditions": {"ready": true}}],
+    }))
+    .expect("slice");
+    let mut engine = Engine::default();
+    let out = engine
+        .compute(Batch::all([svc]), Batch::all([slice]), &node(), &[], &cfg())
+        .expect("compute");
+    assert!(out.problems.is_empty(), "{:?}", out.problems);
+    let table = &out.ruleset.tables[&Family::Ip];
+    let ports_in = |set: &str| -> BTreeSet<u16> {
+        table
+            .elements
+            .get(set)
+            .into_iter()
+            .flat_map(|els| els.iter())
+            .filter_map(|e| match e.key.get(2) {
+                Some(Value::Port(p)) => Some(*p),
+                _ => None,
+            })
+            .collect()
+    };
+    assert_eq!(ports_in("clusterip").len(), 1500);
+    let served: BTreeSet<u16> = (1..=1500).filter(|i| i % 3 == 0).collect();
+    assert_eq!(ports_in("ip-cluster-backends"), served);
+    let rejected: BTreeSet<u16> = (1..=1500).filter(|i| i % 3 != 0).collect();
+    assert_eq!(ports_in("no-endpoint-reject"), rejected);
+    let mut fake = FakeApplier::new();
+    fake.apply(&plan::full(&out.ruleset)).expect("full apply");
+}

@@ -416,6 +416,8 @@ pub enum Hints {
 pub struct EpSpec {
     /// Index into the family's pod address pool (small: duplicates across slices happen).
     pub addr: u8,
+    /// A second address (only the first counts).
+    pub second: Option<u8>,
     pub ready: Option<bool>,
     pub serving: Option<bool>,
     pub terminating: Option<bool>,
@@ -441,8 +443,9 @@ pub struct SliceSpec {
     /// The Service named by the label (`s0`..`s4`; there is no `s4`). None: no label (not
     /// managed for a Service, ignored).
     pub service: Option<u8>,
-    /// The headless label (set by the control plane on a headless Service's slices).
-    pub headless: bool,
+    /// 1: the headless label (the control plane sets it on a headless Service's slices);
+    /// 2: the service-proxy-name label (another proxy's); 0: neither.
+    pub extra_label: u8,
     pub addr_type: AddrType,
     pub ports: Vec<SlicePort>,
     pub endpoints: Vec<EpSpec>,
@@ -451,15 +454,22 @@ pub struct SliceSpec {
 
 fn ep_spec() -> impl Strategy<Value = EpSpec> {
     (
-        0u8..10,
+        (0u8..10, prop::option::weighted(0.1, 0u8..10)),
         (tri(), tri(), tri()),
         prop_oneof![3 => Just(0u8), 3 => Just(1u8), 1 => Just(2u8)],
         prop::option::of(0u8..2),
         (prop::option::of(0u8..3), prop::option::of(0u8..2)),
     )
         .prop_map(
-            |(addr, (ready, serving, terminating), node, zone, (zone_hint, node_hint))| EpSpec {
+            |(
+                (addr, second),
+                (ready, serving, terminating),
+                node,
+                zone,
+                (zone_hint, node_hint),
+            )| EpSpec {
                 addr,
+                second,
                 ready,
                 serving,
                 terminating,
@@ -474,7 +484,7 @@ fn ep_spec() -> impl Strategy<Value = EpSpec> {
 pub fn slice_spec() -> impl Strategy<Value = SliceSpec> {
     (
         prop::option::weighted(0.95, 0u8..5),
-        prop::bool::weighted(0.03),
+        prop_oneof![30 => Just(0u8), 1 => Just(1u8), 1 => Just(2u8)],
         prop_oneof![5 => Just(AddrType::V4), 4 => Just(AddrType::V6), 1 => Just(AddrType::Fqdn)],
         prop::collection::vec(
             (
@@ -495,9 +505,9 @@ pub fn slice_spec() -> impl Strategy<Value = SliceSpec> {
         ],
     )
         .prop_map(
-            |(service, headless, addr_type, ports, endpoints, hints)| SliceSpec {
+            |(service, extra_label, addr_type, ports, endpoints, hints)| SliceSpec {
                 service,
-                headless,
+                extra_label,
                 addr_type,
                 ports,
                 endpoints,
@@ -513,11 +523,12 @@ pub fn slice(i: u8, s: &SliceSpec) -> EndpointSlice {
         .endpoints
         .iter()
         .map(|e| {
-            let addr = match s.addr_type {
-                AddrType::V4 => format!("10.0.0.{}", e.addr + 1),
-                AddrType::V6 => format!("fd00:10::{}", e.addr + 1),
-                AddrType::Fqdn => format!("pod{}.example.com", e.addr),
+            let addr = |a: u8| match s.addr_type {
+                AddrType::V4 => format!("10.0.0.{}", a + 1),
+                AddrType::V6 => format!("fd00:10::{}", a + 1),
+                AddrType::Fqdn => format!("pod{a}.example.com"),
             };
+            let addrs: Vec<String> = std::iter::once(e.addr).chain(e.second).map(addr).collect();
             let mut cond = serde_json::Map::new();
             for (k, v) in [
                 ("ready", e.ready),
@@ -528,7 +539,7 @@ pub fn slice(i: u8, s: &SliceSpec) -> EndpointSlice {
                     cond.insert(k.into(), json!(v));
                 }
             }
-            let mut v = json!({"addresses": [addr], "conditions": cond});
+            let mut v = json!({"addresses": addrs, "conditions": cond});
             match e.node {
                 0 => v["nodeName"] = json!(NODE),
                 1 => v["nodeName"] = json!(OTHER_NODE),
@@ -582,8 +593,17 @@ pub fn slice(i: u8, s: &SliceSpec) -> EndpointSlice {
             json!(format!("s{svc}")),
         );
     }
-    if s.headless {
-        labels.insert(crate::model::HEADLESS_LABEL.into(), json!(""));
+    match s.extra_label {
+        1 => {
+            labels.insert(crate::model::HEADLESS_LABEL.into(), json!(""));
+        }
+        2 => {
+            labels.insert(
+                crate::model::SERVICE_PROXY_NAME_LABEL.into(),
+                json!("other-proxy"),
+            );
+        }
+        _ => {}
     }
     serde_json::from_value(json!({
         "metadata": {"namespace": ns, "name": name, "labels": labels},
@@ -608,6 +628,8 @@ pub struct NodeSpec {
     pub v6: Option<u8>,
     /// The IPv6 address is listed first.
     pub v6_first: bool,
+    /// Tainted for removal by the cluster autoscaler (the ruleset stays as it is).
+    pub draining: bool,
 }
 
 impl Default for NodeSpec {
@@ -617,6 +639,7 @@ impl Default for NodeSpec {
             v4: Some(0),
             v6: Some(0),
             v6_first: false,
+            draining: false,
         }
     }
 }
@@ -627,12 +650,14 @@ pub fn node_spec() -> impl Strategy<Value = NodeSpec> {
         prop::option::weighted(0.9, 0u8..2),
         prop::option::weighted(0.8, 0u8..2),
         any::<bool>(),
+        prop::bool::weighted(0.1),
     )
-        .prop_map(|(zone, v4, v6, v6_first)| NodeSpec {
+        .prop_map(|(zone, v4, v6, v6_first, draining)| NodeSpec {
             zone,
             v4,
             v6,
             v6_first,
+            draining,
         })
 }
 
@@ -657,9 +682,13 @@ impl NodeSpec {
         if let Some(z) = self.zone {
             meta["labels"] = json!({crate::model::ZONE_LABEL: ZONES[usize::from(z)]});
         }
+        let mut node = json!({"metadata": meta, "status": {"addresses": addresses}});
+        if self.draining {
+            node["spec"] = json!({"taints": [{"key": crate::snapshot::AUTOSCALER_TAINT,
+                "effect": "NoSchedule"}]});
+        }
         let node: k8s_openapi::api::core::v1::Node =
-            serde_json::from_value(json!({"metadata": meta, "status": {"addresses": addresses}}))
-                .expect("generated Node");
+            serde_json::from_value(node).expect("generated Node");
         NodeInfo::from_node(&node)
     }
 }

@@ -36,42 +36,75 @@ impl Objs {
 
 use super::gen::{self, Flags, NodeSpec, Op, SliceSpec, SvcSpec};
 
-/// Everything the engine is given: the objects, the Node and the ServiceCIDRs.
+/// Everything the engine is given: the objects, the Node and the ServiceCIDRs; and the watch
+/// events not yet taken, folded as the agent's inbox folds them.
+#[derive(Default)]
 struct World {
     objs: Objs,
     node: NodeSpec,
     cidrs: u8,
+    services: Pending<Service>,
+    slices: Pending<EndpointSlice>,
 }
 
 impl World {
-    /// Apply one change, recording what the watches deliver for it. A relist is recorded in
-    /// `relist` and delivered after the whole step (later events fold into a pending relist).
-    fn apply(&mut self, op: &Op, d: &mut Delivered, relist: &mut [bool; 2]) {
+    /// Apply one change and record the watch events it causes.
+    fn apply(&mut self, op: &Op) {
+        use kube::runtime::watcher::Event;
         match op {
             Op::Service(i, s) => {
                 let key = gen::service_key(*i);
-                let o = s.as_ref().map(|s| gen::service(*i, s));
-                match &o {
-                    Some(o) => self.objs.services.insert(key.clone(), o.clone()),
-                    None => self.objs.services.remove(&key),
-                };
-                d.services.changed.insert(key, o);
+                match s {
+                    Some(s) => {
+                        let o = gen::service(*i, s);
+                        self.objs.services.insert(key, o.clone());
+                        self.services.event(Event::Apply(o));
+                    }
+                    // A watch reports the deletion of an object it knew, with its last state.
+                    None => {
+                        if let Some(o) = self.objs.services.remove(&key) {
+                            self.services.event(Event::Delete(o));
+                        }
+                    }
+                }
             }
             Op::Slice(i, s) => {
                 let key = gen::slice_key(*i);
-                let o = s.as_ref().map(|s| gen::slice(*i, s));
-                match &o {
-                    Some(o) => self.objs.slices.insert(key.clone(), o.clone()),
-                    None => self.objs.slices.remove(&key),
-                };
-                d.slices.changed.insert(key, o);
+                match s {
+                    Some(s) => {
+                        let o = gen::slice(*i, s);
+                        self.objs.slices.insert(key, o.clone());
+                        self.slices.event(Event::Apply(o));
+                    }
+                    None => {
+                        if let Some(o) = self.objs.slices.remove(&key) {
+                            self.slices.event(Event::Delete(o));
+                        }
+                    }
+                }
             }
             Op::Node(n) => self.node = n.clone(),
             Op::Cidrs(c) => self.cidrs = *c,
-            Op::Relist(which) => {
-                relist[0] |= *which != 1;
-                relist[1] |= *which != 0;
+            Op::Relist(which) => self.relist(*which != 1, *which != 0),
+        }
+    }
+
+    /// A watch restarts: the whole list arrives again (events after it fold into it).
+    fn relist(&mut self, services: bool, slices: bool) {
+        use kube::runtime::watcher::Event;
+        if services {
+            self.services.event(Event::Init);
+            for o in self.objs.services.values() {
+                self.services.event(Event::InitApply(o.clone()));
             }
+            self.services.event(Event::InitDone);
+        }
+        if slices {
+            self.slices.event(Event::Init);
+            for o in self.objs.slices.values() {
+                self.slices.event(Event::InitApply(o.clone()));
+            }
+            self.slices.event(Event::InitDone);
         }
     }
 }
@@ -117,7 +150,7 @@ fn plain(ip: u8) -> SvcSpec {
 fn ready_slice(service: u8, addrs: &[u8]) -> SliceSpec {
     SliceSpec {
         service: Some(service),
-        headless: false,
+        extra_label: 0,
         addr_type: gen::AddrType::V4,
         ports: vec![gen::SlicePort {
             name: 0,
@@ -128,6 +161,7 @@ fn ready_slice(service: u8, addrs: &[u8]) -> SliceSpec {
             .iter()
             .map(|a| gen::EpSpec {
                 addr: *a,
+                second: None,
                 ready: Some(true),
                 serving: Some(true),
                 terminating: Some(false),
@@ -275,41 +309,34 @@ proptest! {
         ),
     ) {
         let pc = flags.proxy_config();
-        let mut world = World { objs: Objs::default(), node: start_node, cidrs: start_cidrs };
-        let mut ignored = (Delivered::default(), [false; 2]);
+        let mut world = World { node: start_node, cidrs: start_cidrs, ..World::default() };
         for op in &initial {
-            world.apply(op, &mut ignored.0, &mut ignored.1);
+            world.apply(op);
         }
+        // The first computation gets complete lists, as after the agent's initial list.
+        world.relist(true, true);
         let node = world.node.info();
         let cfg = pc.compile_config(&node);
         check_config(&cfg, &node, &flags)?;
         let cidrs = gen::service_cidrs(world.cidrs);
         let mut engine = Engine::default();
-        let (svcs, slices) = world.objs.lists();
+        let (svcs, slices) = (world.services.take(), world.slices.take());
+        prop_assert!(svcs.replaced.is_some() && slices.replaced.is_some());
         let first = engine.compute(svcs, slices, &node, &cidrs, &cfg).expect("first");
         prop_assert!(first.rebuilt);
         let mut fake = FakeApplier::new();
         fake.apply(&plan::full(&first.ruleset)).expect("full apply");
         let mut applied = first.ruleset;
         for step in &steps {
-            let mut d = Delivered::default();
-            let mut relist = [false; 2];
             for op in step {
-                world.apply(op, &mut d, &mut relist);
-            }
-            let (svcs, slices) = world.objs.lists();
-            if relist[0] {
-                d.services = svcs;
-            }
-            if relist[1] {
-                d.slices = slices;
+                world.apply(op);
             }
             let node = world.node.info();
             let cfg = pc.compile_config(&node);
             check_config(&cfg, &node, &flags)?;
             let cidrs = gen::service_cidrs(world.cidrs);
             let out = engine
-                .compute(d.services, d.slices, &node, &cidrs, &cfg)
+                .compute(world.services.take(), world.slices.take(), &node, &cidrs, &cfg)
                 .expect("compute");
             let (state, ruleset, problems) = from_scratch(&world.objs, &node, &cidrs, &cfg);
             // Equal up to which slot each backend holds (the engine keeps slots stable).

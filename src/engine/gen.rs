@@ -450,11 +450,14 @@ pub struct SliceSpec {
     pub ports: Vec<SlicePort>,
     pub endpoints: Vec<EpSpec>,
     pub hints: Hints,
+    /// A rollout in progress: every endpoint is terminating and not ready (serving as drawn),
+    /// so the terminating fallback is reached, not just drawn endpoint by endpoint.
+    pub terminating: bool,
 }
 
 fn ep_spec() -> impl Strategy<Value = EpSpec> {
     (
-        (0u8..10, prop::option::weighted(0.1, 0u8..10)),
+        (0u8..24, prop::option::weighted(0.1, 0u8..24)),
         (tri(), tri(), tri()),
         prop_oneof![3 => Just(0u8), 3 => Just(1u8), 1 => Just(2u8)],
         prop::option::of(0u8..2),
@@ -495,7 +498,11 @@ pub fn slice_spec() -> impl Strategy<Value = SliceSpec> {
                 .prop_map(|(name, port, proto)| SlicePort { name, port, proto }),
             0..4,
         ),
-        prop::collection::vec(ep_spec(), 0..9),
+        // Mostly small, sometimes more than the preset endpoint counts (1..=8) in one slice.
+        prop_oneof![
+            4 => prop::collection::vec(ep_spec(), 0..6),
+            1 => prop::collection::vec(ep_spec(), 6..16),
+        ],
         prop_oneof![
             4 => Just(Hints::None),
             1 => Just(Hints::Zones),
@@ -503,15 +510,17 @@ pub fn slice_spec() -> impl Strategy<Value = SliceSpec> {
             1 => Just(Hints::Both),
             1 => Just(Hints::Partial),
         ],
+        prop::bool::weighted(0.1),
     )
         .prop_map(
-            |(service, extra_label, addr_type, ports, endpoints, hints)| SliceSpec {
+            |(service, extra_label, addr_type, ports, endpoints, hints, terminating)| SliceSpec {
                 service,
                 extra_label,
                 addr_type,
                 ports,
                 endpoints,
                 hints,
+                terminating,
             },
         )
 }
@@ -529,11 +538,16 @@ pub fn slice(i: u8, s: &SliceSpec) -> EndpointSlice {
                 AddrType::Fqdn => format!("pod{a}.example.com"),
             };
             let addrs: Vec<String> = std::iter::once(e.addr).chain(e.second).map(addr).collect();
+            let (ready, terminating) = if s.terminating {
+                (Some(false), Some(true))
+            } else {
+                (e.ready, e.terminating)
+            };
             let mut cond = serde_json::Map::new();
             for (k, v) in [
-                ("ready", e.ready),
+                ("ready", ready),
                 ("serving", e.serving),
-                ("terminating", e.terminating),
+                ("terminating", terminating),
             ] {
                 if let Some(v) = v {
                     cond.insert(k.into(), json!(v));
@@ -693,15 +707,25 @@ impl NodeSpec {
     }
 }
 
+/// How many ServiceCIDR sets [`service_cidrs`] knows.
+pub const CIDR_CHOICES: u8 = 6;
+
 /// The ServiceCIDRs in effect (the `cidrs` argument of `Engine::compute`), by index.
 pub fn service_cidrs(i: u8) -> Vec<IpNet> {
-    let all: &[&str] = match i % 5 {
+    let all: &[&str] = match i % CIDR_CHOICES {
         0 => &[],
         1 => &["172.30.0.0/16"],
         2 => &["172.30.0.0/16", "fd00:30::/112"],
         3 => &["fd00:30::/112"],
         // Two ranges of one family (a ServiceCIDR added to extend the first).
-        _ => &["172.30.0.0/24", "172.30.1.0/24", "fd00:30::/112"],
+        4 => &["172.30.0.0/24", "172.30.1.0/24", "fd00:30::/112"],
+        // ServiceCIDRs may overlap (e.g. while one replaces another), or repeat.
+        _ => &[
+            "172.30.0.0/16",
+            "172.30.0.0/24",
+            "fd00:30::/112",
+            "fd00:30::/112",
+        ],
     };
     all.iter()
         .map(|c| c.parse().expect("service CIDR"))
@@ -759,7 +783,7 @@ pub fn op() -> impl Strategy<Value = Op> {
         30 => (0..SERVICES, prop::option::weighted(0.85, svc_spec())).prop_map(|(i, s)| Op::Service(i, s)),
         50 => (0..SLICES, prop::option::weighted(0.85, slice_spec())).prop_map(|(i, s)| Op::Slice(i, s)),
         3 => node_spec().prop_map(Op::Node),
-        2 => (0u8..5).prop_map(Op::Cidrs),
+        2 => (0..CIDR_CHOICES).prop_map(Op::Cidrs),
         2 => (0u8..3).prop_map(Op::Relist),
     ]
 }

@@ -172,6 +172,7 @@ fn ready_slice(service: u8, addrs: &[u8]) -> SliceSpec {
             })
             .collect(),
         hints: gen::Hints::None,
+        terminating: false,
     }
 }
 
@@ -301,7 +302,7 @@ proptest! {
     fn incremental_equals_from_scratch(
         flags in gen::flags(),
         start_node in gen::node_spec(),
-        start_cidrs in 0u8..5,
+        start_cidrs in 0..gen::CIDR_CHOICES,
         initial in prop::collection::vec(gen::op(), 0..24),
         steps in prop::collection::vec(
             prop::collection::vec(gen::op(), 1..5),
@@ -629,4 +630,147 @@ fn a_service_with_1500_ports_is_programmed() {
     assert_eq!(ports_in("no-endpoint-reject"), rejected);
     let mut fake = FakeApplier::new();
     fake.apply(&plan::full(&out.ruleset)).expect("full apply");
+}
+
+/// The shapes of state the property test must reach for its verdict to mean something.
+const SHAPES: &[&str] = &[
+    "dual-stack Service",
+    "dual-stack Service, IPv6 first",
+    "more endpoints than the preset counts",
+    "terminating fallback",
+    "topology hints narrow the choice",
+    "internalTrafficPolicy Local drops",
+    "externalTrafficPolicy Local with local endpoints",
+    "source ranges allowing the node",
+    "ClientIP affinity",
+    "slice of a Service that does not exist",
+    "entry point conflict",
+];
+
+/// Record which of [`SHAPES`] the model (and its compile) shows.
+fn shapes_of(
+    m: &Model,
+    objs: &Objs,
+    node: &NodeInfo,
+    cfg: &CompileConfig,
+    seen: &mut BTreeMap<&'static str, usize>,
+) {
+    let mut hit = |s: &'static str| *seen.entry(s).or_default() += 1;
+    let names = |f: Family| -> BTreeSet<ServiceName> {
+        m.state().families[&f]
+            .ports
+            .keys()
+            .map(|k| k.service.clone())
+            .collect()
+    };
+    let both: BTreeSet<ServiceName> = names(Family::Ip)
+        .intersection(&names(Family::Ip6))
+        .cloned()
+        .collect();
+    if !both.is_empty() {
+        hit("dual-stack Service");
+    }
+    if both.iter().any(|n| {
+        objs.services
+            .get(&(n.namespace.clone(), n.name.clone()))
+            .and_then(|s| s.spec.as_ref()?.ip_families.as_ref()?.first().cloned())
+            .as_deref()
+            == Some("IPv6")
+    }) {
+        hit("dual-stack Service, IPv6 first");
+    }
+    for (f, fs) in &m.state().families {
+        for ps in fs.ports.values() {
+            let (sp, c) = (&ps.sp, &ps.chosen);
+            let merged = m
+                .by_service
+                .get(&(sp.key.service.clone(), *f))
+                .map(|keys| model::merge_slices(keys.iter().filter_map(|k| m.slices.get(k))))
+                .unwrap_or_default();
+            let eps = merged
+                .get(&(sp.key.port_name.clone(), sp.key.proto))
+                .cloned()
+                .unwrap_or_default();
+            let ready = eps.iter().filter(|e| e.ready).count();
+            if c.cluster.len() > *compile::PRESET_COUNTS.end() {
+                hit("more endpoints than the preset counts");
+            }
+            if ready == 0 && !c.cluster.is_empty() {
+                hit("terminating fallback");
+            }
+            if !c.cluster.is_empty() && c.cluster.len() < ready {
+                hit("topology hints narrow the choice");
+            }
+            if sp.internal_local && c.local.is_empty() && c.has_any {
+                hit("internalTrafficPolicy Local drops");
+            }
+            if sp.external_local && sp.has_external_entries() && !c.local.is_empty() {
+                hit("externalTrafficPolicy Local with local endpoints");
+            }
+            if !sp.lb_ips.is_empty()
+                && sp
+                    .source_ranges
+                    .iter()
+                    .any(|r| node.internal_ips.iter().any(|ip| r.contains(ip)))
+            {
+                hit("source ranges allowing the node");
+            }
+            if sp.affinity_secs.is_some() {
+                hit("ClientIP affinity");
+            }
+        }
+    }
+    if m.by_service.keys().any(|(s, _)| {
+        !objs
+            .services
+            .contains_key(&(s.namespace.clone(), s.name.clone()))
+    }) {
+        hit("slice of a Service that does not exist");
+    }
+    let c = Compiled::new(m.state(), cfg).expect("compile");
+    if c.problems()
+        .iter()
+        .any(|p| p.reason.contains("already used"))
+    {
+        hit("entry point conflict");
+    }
+}
+
+/// A guard on the generator itself: a fixed sample of its sequences reaches every shape in
+/// [`SHAPES`]. If a change to the generator stops producing, say, dual-stack Services, this
+/// fails instead of the property test silently testing less.
+#[test]
+fn the_generator_reaches_the_shapes_that_matter() {
+    use proptest::strategy::ValueTree;
+    use proptest::test_runner::TestRunner;
+    let mut runner = TestRunner::deterministic();
+    let sequence = prop::collection::vec(prop::collection::vec(gen::op(), 1..5), 40);
+    let pc = Flags {
+        masquerade_all: false,
+        nodeport_addresses: 0,
+    }
+    .proxy_config();
+    let mut seen = BTreeMap::new();
+    for _ in 0..16 {
+        let steps = sequence.new_tree(&mut runner).expect("sequence").current();
+        let mut world = World::default();
+        for step in &steps {
+            for op in step {
+                world.apply(op);
+            }
+            let node = world.node.info();
+            let m = Model::from_objects(
+                world.objs.services.values(),
+                world.objs.slices.values(),
+                &gen::service_cidrs(world.cidrs),
+                &node,
+            );
+            shapes_of(&m, &world.objs, &node, &pc.compile_config(&node), &mut seen);
+        }
+    }
+    let missing: Vec<&&str> = SHAPES.iter().filter(|s| !seen.contains_key(*s)).collect();
+    assert!(
+        missing.is_empty(),
+        "never reached: {missing:?}; reached: {seen:?}"
+    );
 }

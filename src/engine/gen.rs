@@ -326,7 +326,10 @@ pub fn service(i: u8, s: &SvcSpec) -> Service {
             "SingleStack"
         });
     }
-    if node_ports {
+    // The API takes externalTrafficPolicy on externally accessible Services: NodePort,
+    // LoadBalancer, and ClusterIP with externalIPs.
+    let external = node_ports || (s.ty == SvcType::ClusterIp && !s.external_ips.is_empty());
+    if external {
         if let Some(local) = s.etp_local {
             spec["externalTrafficPolicy"] = json!(if local { "Local" } else { "Cluster" });
         }

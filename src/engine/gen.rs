@@ -9,7 +9,8 @@
 //!
 //! Where the API validates something inside one object (unique port names, unique
 //! port/protocol and NodePort/protocol pairs, a name on every port of a multi-port Service,
-//! healthCheckNodePort only on LoadBalancer + Local), the generator stays valid. What only the
+//! healthCheckNodePort only on LoadBalancer + Local), the generator stays valid, except for a
+//! few `unchecked` Services with duplicate ports (bad input from a file). What only the
 //! allocators prevent across objects (two Services with one ClusterIP or NodePort) is
 //! generated on purpose: nftproxy must survive it.
 //!
@@ -163,6 +164,9 @@ pub struct SvcSpec {
     pub health_check: Option<u8>,
     /// The service-proxy-name label: another proxy owns the Service.
     pub other_proxy: bool,
+    /// Skip the API's per-object checks on ports (duplicate port/protocol or NodePort/protocol
+    /// pairs): bad input nftproxy must still survive (`render` reads files, not the API).
+    pub unchecked: bool,
 }
 
 fn svc_type() -> impl Strategy<Value = SvcType> {
@@ -226,6 +230,7 @@ pub fn svc_spec() -> impl Strategy<Value = SvcSpec> {
         (
             prop::option::weighted(0.8, 0u8..3),
             prop::bool::weighted(0.05),
+            prop::bool::weighted(0.05),
         ),
     )
         .prop_map(
@@ -234,7 +239,7 @@ pub fn svc_spec() -> impl Strategy<Value = SvcSpec> {
                 (ports, unnamed),
                 (etp_local, itp_local, affinity),
                 (external_ips, ingress, source_ranges),
-                (health_check, other_proxy),
+                (health_check, other_proxy, unchecked),
             )| SvcSpec {
                 ty,
                 families,
@@ -249,6 +254,7 @@ pub fn svc_spec() -> impl Strategy<Value = SvcSpec> {
                 source_ranges,
                 health_check,
                 other_proxy,
+                unchecked,
             },
         )
 }
@@ -277,7 +283,7 @@ pub fn service(i: u8, s: &SvcSpec) -> Service {
     let mut seen_np = std::collections::BTreeSet::new();
     let mut ports = Vec::new();
     for p in &s.ports {
-        if !seen.insert((p.port, p.proto.name())) {
+        if !seen.insert((p.port, p.proto.name())) && !s.unchecked {
             continue;
         }
         let mut v = json!({"port": 80 + u16::from(p.port), "protocol": p.proto.name(),
@@ -286,7 +292,7 @@ pub fn service(i: u8, s: &SvcSpec) -> Service {
             v["name"] = json!(format!("p{}", ports.len()));
         }
         if let Some(np) = p.node_port.filter(|_| node_ports) {
-            if seen_np.insert((np, p.proto.name())) {
+            if seen_np.insert((np, p.proto.name())) || s.unchecked {
                 v["nodePort"] = json!(30000 + u16::from(np));
             }
         }

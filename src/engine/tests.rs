@@ -156,6 +156,7 @@ fn plain(ip: u8) -> SvcSpec {
         source_ranges: vec![],
         health_check: None,
         other_proxy: false,
+        unchecked: false,
     }
 }
 

@@ -73,6 +73,10 @@ pub enum Proto {
     Tcp,
     Udp,
     Sctp,
+    /// Not a Service protocol: bad input (the API refuses it; a file may hold it). The port is
+    /// skipped and reported, so objects with problems come and go too (and a Service whose
+    /// ports are all bad has a problem but no ports).
+    Icmp,
 }
 
 impl Proto {
@@ -81,12 +85,18 @@ impl Proto {
             Proto::Tcp => "TCP",
             Proto::Udp => "UDP",
             Proto::Sctp => "SCTP",
+            Proto::Icmp => "ICMP",
         }
     }
 }
 
 fn proto() -> impl Strategy<Value = Proto> {
-    prop_oneof![5 => Just(Proto::Tcp), 3 => Just(Proto::Udp), 1 => Just(Proto::Sctp)]
+    prop_oneof![
+        15 => Just(Proto::Tcp),
+        9 => Just(Proto::Udp),
+        3 => Just(Proto::Sctp),
+        1 => Just(Proto::Icmp),
+    ]
 }
 
 /// An optional boolean: unset, true or false (conditions, policies).

@@ -669,6 +669,7 @@ const SHAPES: &[&str] = &[
     "ClientIP affinity",
     "slice of a Service that does not exist",
     "entry point conflict",
+    "bad port reported",
 ];
 
 /// Record which of [`SHAPES`] the model (and its compile) shows.
@@ -750,6 +751,18 @@ fn shapes_of(
             .contains_key(&(s.namespace.clone(), s.name.clone()))
     }) {
         hit("slice of a Service that does not exist");
+    }
+    if m.problems()
+        .iter()
+        .any(|p| p.reason.contains("unsupported protocol"))
+    {
+        hit("bad port reported");
+    }
+    if m.problems()
+        .iter()
+        .any(|p| p.reason.contains("unsupported protocol"))
+    {
+        hit("bad port reported");
     }
     let c = Compiled::new(m.state(), cfg).expect("compile");
     if c.problems()

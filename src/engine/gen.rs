@@ -34,7 +34,7 @@ pub const NODE: &str = "node-a";
 /// Another node's name (endpoints there are not local).
 const OTHER_NODE: &str = "node-b";
 const ZONES: [&str; 2] = ["z1", "z2"];
-/// Service keys: `SERVICES` names in each of two namespaces.
+/// Service keys: four names in each of two namespaces.
 pub const SERVICES: u8 = 8;
 /// Slice keys: six names in each of the two namespaces.
 pub const SLICES: u8 = 12;
@@ -433,7 +433,8 @@ pub enum Hints {
 
 #[derive(Debug, Clone)]
 pub struct EpSpec {
-    /// Index into the family's pod address pool (small: duplicates across slices happen).
+    /// Index into the family's pod address pool (small enough that one address is often in
+    /// two slices of a Service).
     pub addr: u8,
     /// A second address (only the first counts).
     pub second: Option<u8>,
@@ -606,9 +607,12 @@ pub fn slice(i: u8, s: &SliceSpec) -> EndpointSlice {
             v
         })
         .collect();
+    // The API refuses two ports of one name in a slice: keep the first.
+    let mut names = std::collections::BTreeSet::new();
     let ports: Vec<Value> = s
         .ports
         .iter()
+        .filter(|p| names.insert(p.name))
         .map(|p| {
             let mut v = json!({"port": 8080 + u16::from(p.port), "protocol": p.proto.name()});
             match p.name {

@@ -539,3 +539,7 @@ impl Engine {
 
 #[cfg(test)]
 mod tests;
+
+/// Random objects and change sequences for the property test in `tests`.
+#[cfg(test)]
+mod gen;

@@ -1,7 +1,22 @@
-//! The incremental engine against the from-scratch path, over random change sequences that
-//! include conflicts (shared cluster IPs and NodePorts), endpoint counts beyond the presets,
-//! affinity timeouts coming and going, both families, deletions and slices moving between
-//! Services.
+//! The incremental engine against the from-scratch path, over long random change sequences
+//! from `gen` (Services of every type and family order, EndpointSlices in every condition,
+//! Node and ServiceCIDR changes, relists, conflicts). After every step: the engine's state,
+//! ruleset and problems equal a from-scratch build of the same objects, Node and ServiceCIDRs;
+//! and the partial plan from the previous output, applied to the strict fake kernel, leaves
+//! exactly the rendered ruleset.
+//!
+//! How much it explores: `PROPTEST_CASES` cases (default [`CASES`]), each up to
+//! `NFTPROXY_PROP_STEPS` steps (default [`STEPS`]) of 1-4 changes each. The defaults run in
+//! about 20 s in a debug build. A release build does a step in about 2 ms; a long run (this
+//! one takes 2-3 hours on two cores):
+//!
+//! ```text
+//! PROPTEST_CASES=20000 NFTPROXY_PROP_STEPS=400 \
+//!     cargo test --release --lib engine::tests::incremental_equals_from_scratch
+//! ```
+//!
+//! A failure prints the shrunk sequence and records its seed in
+//! `proptest-regressions/engine/tests.txt` (check that in: it is re-run first next time).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -34,208 +49,170 @@ impl Objs {
     }
 }
 
-#[derive(Debug, Clone)]
-struct SvcSpec {
-    ip: u8,
-    ports: Vec<(u8, bool)>,
-    node_port: Option<u8>,
-    lb: Option<u8>,
-    local: bool,
-    itp_local: bool,
-    affinity: Option<u32>,
-    v6: bool,
-    ranges: bool,
+use super::gen::{self, Flags, NodeSpec, Op, SliceSpec, SvcSpec};
+
+/// Everything the engine is given: the objects, the Node and the ServiceCIDRs; and the watch
+/// events not yet taken, folded as the agent's inbox folds them.
+#[derive(Default)]
+struct World {
+    objs: Objs,
+    node: NodeSpec,
+    cidrs: u8,
+    services: Pending<Service>,
+    slices: Pending<EndpointSlice>,
 }
 
-#[derive(Debug, Clone)]
-struct SliceSpec {
-    service: u8,
-    v6: bool,
-    endpoints: Vec<(u8, bool, bool, bool)>,
-    udp: bool,
+impl World {
+    /// Apply one change and record the watch events it causes.
+    fn apply(&mut self, op: &Op) {
+        use kube::runtime::watcher::Event;
+        match op {
+            Op::Service(i, s) => {
+                let key = gen::service_key(*i);
+                match s {
+                    Some(s) => {
+                        let o = gen::service(*i, s);
+                        self.objs.services.insert(key, o.clone());
+                        self.services.event(Event::Apply(o));
+                    }
+                    // A watch reports the deletion of an object it knew, with its last state.
+                    None => {
+                        if let Some(o) = self.objs.services.remove(&key) {
+                            self.services.event(Event::Delete(o));
+                        }
+                    }
+                }
+            }
+            Op::Slice(i, s) => {
+                let key = gen::slice_key(*i);
+                match s {
+                    Some(s) => {
+                        let o = gen::slice(*i, s);
+                        self.objs.slices.insert(key, o.clone());
+                        self.slices.event(Event::Apply(o));
+                    }
+                    None => {
+                        if let Some(o) = self.objs.slices.remove(&key) {
+                            self.slices.event(Event::Delete(o));
+                        }
+                    }
+                }
+            }
+            Op::Node(n) => self.node = n.clone(),
+            Op::Cidrs(c) => self.cidrs = *c,
+            Op::Relist(which) => self.relist(*which != 1, *which != 0),
+        }
+    }
+
+    /// A watch restarts: the whole list arrives again (events after it fold into it).
+    fn relist(&mut self, services: bool, slices: bool) {
+        use kube::runtime::watcher::Event;
+        if services {
+            self.services.event(Event::Init);
+            for o in self.objs.services.values() {
+                self.services.event(Event::InitApply(o.clone()));
+            }
+            self.services.event(Event::InitDone);
+        }
+        if slices {
+            self.slices.event(Event::Init);
+            for o in self.objs.slices.values() {
+                self.slices.event(Event::InitApply(o.clone()));
+            }
+            self.slices.event(Event::InitDone);
+        }
+    }
 }
 
-#[derive(Debug, Clone)]
-enum Op {
-    Service(u8, Option<SvcSpec>),
-    Slice(u8, Option<SliceSpec>),
+/// Default number of cases; `PROPTEST_CASES` overrides it.
+const CASES: u32 = 24;
+/// Default largest number of steps (engine computations) per case; `NFTPROXY_PROP_STEPS`
+/// overrides it.
+const STEPS: usize = 160;
+
+fn env_or<T: std::str::FromStr>(var: &str, default: T) -> T {
+    std::env::var(var)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
-/// A one-port ClusterIP Service spec.
+/// A one-port ClusterIP IPv4 Service spec.
 fn plain(ip: u8) -> SvcSpec {
     SvcSpec {
+        ty: gen::SvcType::ClusterIp,
+        families: gen::Families::V4,
         ip,
-        ports: vec![(0, false)],
-        node_port: None,
-        lb: None,
-        local: false,
-        itp_local: false,
-        affinity: None,
-        v6: false,
-        ranges: false,
+        ports: vec![gen::PortSpec {
+            port: 0,
+            proto: gen::Proto::Tcp,
+            node_port: None,
+        }],
+        unnamed: false,
+        etp_local: None,
+        itp_local: None,
+        affinity: gen::Affinity::None,
+        external_ips: vec![],
+        ingress: vec![],
+        source_ranges: vec![],
+        health_check: None,
+        other_proxy: false,
+        unchecked: false,
     }
 }
 
-fn svc_spec() -> impl Strategy<Value = SvcSpec> {
-    (
-        0u8..6,
-        prop::collection::vec((0u8..3, any::<bool>()), 1..3),
-        prop::option::of(0u8..4),
-        prop::option::of(0u8..3),
-        any::<bool>(),
-        prop::bool::weighted(0.2),
-        prop::option::of(prop::sample::select(vec![10u32, 10800])),
-        prop::bool::weighted(0.3),
-        prop::bool::weighted(0.2),
-    )
-        .prop_map(
-            |(ip, ports, node_port, lb, local, itp_local, affinity, v6, ranges)| SvcSpec {
-                ip,
-                ports,
-                node_port,
-                lb,
-                local,
-                itp_local,
-                affinity,
-                v6,
-                ranges,
-            },
-        )
-}
-
-fn slice_spec() -> impl Strategy<Value = SliceSpec> {
-    (
-        0u8..8,
-        prop::bool::weighted(0.3),
-        prop::collection::vec(
-            (
-                0u8..14,
-                any::<bool>(),
-                prop::bool::weighted(0.8),
-                any::<bool>(),
-            ),
-            0..12,
-        ),
-        prop::bool::weighted(0.3),
-    )
-        .prop_map(|(service, v6, endpoints, udp)| SliceSpec {
-            service,
-            v6,
-            endpoints,
-            udp,
-        })
-}
-
-fn op() -> impl Strategy<Value = Op> {
-    prop_oneof![
-        (0u8..8, prop::option::weighted(0.85, svc_spec())).prop_map(|(i, s)| Op::Service(i, s)),
-        (0u8..10, prop::option::weighted(0.85, slice_spec())).prop_map(|(i, s)| Op::Slice(i, s)),
-    ]
-}
-
-fn ns(i: u8) -> String {
-    format!("ns{}", i % 2)
-}
-
-fn service(i: u8, s: &SvcSpec) -> Service {
-    let ip = if s.v6 {
-        format!("fd00:96::{}", s.ip + 1)
-    } else {
-        format!("10.96.0.{}", s.ip + 1)
-    };
-    let ports: Vec<_> = s
-        .ports
-        .iter()
-        .enumerate()
-        .map(|(j, (p, udp))| {
-            let mut v = serde_json::json!({"name": format!("p{j}"), "port": 80 + u16::from(*p),
-                "protocol": if *udp { "UDP" } else { "TCP" }});
-            if let (Some(np), 0) = (s.node_port, j) {
-                v["nodePort"] = serde_json::json!(30000 + u16::from(np));
-            }
-            v
-        })
-        .collect();
-    let lb = s.lb.is_some() || s.node_port.is_some();
-    let mut spec = serde_json::json!({
-        "clusterIP": ip, "clusterIPs": [ip], "ports": ports,
-        "type": if s.lb.is_some() { "LoadBalancer" } else if lb { "NodePort" } else { "ClusterIP" },
-        "externalTrafficPolicy": if s.local && lb { "Local" } else { "Cluster" },
-        "internalTrafficPolicy": if s.itp_local { "Local" } else { "Cluster" },
-        "ipFamilies": [if s.v6 { "IPv6" } else { "IPv4" }],
-    });
-    if let Some(t) = s.affinity {
-        spec["sessionAffinity"] = "ClientIP".into();
-        spec["sessionAffinityConfig"] = serde_json::json!({"clientIP": {"timeoutSeconds": t}});
+/// An IPv4 slice for Service `s{service}` with ready endpoints 10.0.0.(a+1) on another node,
+/// port `p0` TCP.
+fn ready_slice(service: u8, addrs: &[u8]) -> SliceSpec {
+    SliceSpec {
+        service: Some(service),
+        extra_label: 0,
+        addr_type: gen::AddrType::V4,
+        ports: vec![gen::SlicePort {
+            name: 0,
+            port: 0,
+            proto: gen::Proto::Tcp,
+        }],
+        endpoints: addrs
+            .iter()
+            .map(|a| gen::EpSpec {
+                addr: *a,
+                second: None,
+                ready: Some(true),
+                serving: Some(true),
+                terminating: Some(false),
+                node: 1,
+                zone: None,
+                zone_hint: None,
+                node_hint: None,
+            })
+            .collect(),
+        hints: gen::Hints::None,
+        terminating: false,
     }
-    if s.lb.is_some() && s.local {
-        spec["healthCheckNodePort"] = serde_json::json!(32000 + u16::from(i));
-    }
-    if s.ranges {
-        spec["loadBalancerSourceRanges"] = serde_json::json!(["203.0.113.0/24"]);
-    }
-    let mut v = serde_json::json!({
-        "metadata": {"namespace": ns(i), "name": format!("s{i}")},
-        "spec": spec,
-    });
-    if let Some(l) = s.lb {
-        let lbip = if s.v6 {
-            format!("fd00:99::{}", l + 1)
-        } else {
-            format!("192.0.2.{}", l + 1)
-        };
-        v["status"] = serde_json::json!({"loadBalancer": {"ingress": [{"ip": lbip}]}});
-    }
-    serde_json::from_value(v).expect("service")
-}
-
-fn slice(i: u8, s: &SliceSpec) -> EndpointSlice {
-    let eps: Vec<_> = s
-        .endpoints
-        .iter()
-        .map(|(a, ready, terminating, local)| {
-            let addr = if s.v6 {
-                format!("fd00:10::{}", a + 1)
-            } else {
-                format!("10.0.0.{}", a + 1)
-            };
-            serde_json::json!({"addresses": [addr],
-                "conditions": {"ready": *ready && !*terminating, "serving": *ready, "terminating": *terminating},
-                "nodeName": if *local { "node-a" } else { "node-b" }})
-        })
-        .collect();
-    serde_json::from_value(serde_json::json!({
-        "metadata": {"namespace": ns(s.service), "name": format!("e{i}"),
-            "labels": {"kubernetes.io/service-name": format!("s{}", s.service)}},
-        "addressType": if s.v6 { "IPv6" } else { "IPv4" },
-        "ports": [{"name": "p0", "port": 8080, "protocol": if s.udp { "UDP" } else { "TCP" }},
-                  {"name": "p1", "port": 8081, "protocol": "TCP"}],
-        "endpoints": eps,
-    }))
-    .expect("slice")
 }
 
 fn node() -> NodeInfo {
-    NodeInfo {
-        name: "node-a".into(),
-        zone: None,
-        internal_ips: vec!["192.168.0.2".parse().unwrap(), "fd00::2".parse().unwrap()],
-        ineligible: false,
-    }
+    NodeSpec::default().info()
 }
 
 fn cfg() -> CompileConfig {
-    CompileConfig {
-        cluster_cidrs: vec!["10.0.0.0/8".parse().unwrap()],
-        nodeport_cidrs: vec!["192.168.0.2/32".parse().unwrap()],
-        node_ips: node().internal_ips,
-        ..CompileConfig::default()
+    Flags {
+        masquerade_all: false,
+        nodeport_addresses: 0,
     }
+    .proxy_config()
+    .compile_config(&node())
 }
 
-fn from_scratch(o: &Objs) -> (ProxyState, Ruleset, BTreeSet<(String, String)>) {
-    let m = Model::from_objects(o.services.values(), o.slices.values(), &[], &node());
-    let c = Compiled::new(m.state(), &cfg()).expect("compile");
+fn from_scratch(
+    o: &Objs,
+    node: &NodeInfo,
+    cidrs: &[IpNet],
+    cfg: &CompileConfig,
+) -> (ProxyState, Ruleset, BTreeSet<(String, String)>) {
+    let m = Model::from_objects(o.services.values(), o.slices.values(), cidrs, node);
+    let c = Compiled::new(m.state(), cfg).expect("compile");
     let problems = m
         .problems()
         .into_iter()
@@ -297,71 +274,88 @@ fn sorted_slots(r: &Ruleset) -> Ruleset {
     r
 }
 
-proptest! {
-    #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
+/// The CompileConfig the agent derives from the Node (as `ProxyConfig::compile_config` does
+/// for every sync) follows the Node's addresses: a Node whose addresses change must not leave
+/// NodePorts or the source-range allowance on the old ones.
+fn check_config(cfg: &CompileConfig, node: &NodeInfo, flags: &Flags) -> Result<(), TestCaseError> {
+    prop_assert_eq!(&cfg.node_ips, &node.internal_ips);
+    let primaries: Vec<Family> = [Family::Ip, Family::Ip6]
+        .into_iter()
+        .filter(|f| node.primary(*f).is_some())
+        .collect();
+    if primaries.is_empty() {
+        prop_assert_eq!(&cfg.families, &vec![Family::Ip]);
+    } else {
+        prop_assert_eq!(&cfg.families, &primaries);
+    }
+    if flags.nodeport_addresses == 0 {
+        let want: Vec<IpNet> = primaries
+            .iter()
+            .filter_map(|f| node.primary(*f))
+            .map(IpNet::from)
+            .collect();
+        prop_assert_eq!(&cfg.nodeport_cidrs, &want);
+    }
+    Ok(())
+}
 
+proptest! {
+    // Cases: PROPTEST_CASES (default CASES); steps per case: up to NFTPROXY_PROP_STEPS
+    // (default STEPS). See the module comment for a long run.
+    #![proptest_config(ProptestConfig {
+        cases: env_or("PROPTEST_CASES", CASES),
+        // Each case is hundreds of computations, so shrinking is bounded (the failures seen so
+        // far shrank to two steps well within it).
+        max_shrink_iters: 4096,
+        ..ProptestConfig::default()
+    })]
+
+    /// The incremental engine gives exactly what the from-scratch path gives for the same
+    /// objects, Node and ServiceCIDRs, after every step of a long random change sequence; and
+    /// the partial plan between successive outputs brings a strict fake kernel there.
     #[test]
     fn incremental_equals_from_scratch(
-        initial in prop::collection::vec(op(), 0..12),
-        steps in prop::collection::vec(prop::collection::vec(op(), 1..4), 1..14),
-        relist_at in prop::option::of(0usize..14),
+        flags in gen::flags(),
+        start_node in gen::node_spec(),
+        start_cidrs in 0..gen::CIDR_CHOICES,
+        initial in prop::collection::vec(gen::op(), 0..24),
+        steps in prop::collection::vec(
+            prop::collection::vec(gen::op(), 1..5),
+            1..=env_or("NFTPROXY_PROP_STEPS", STEPS).max(1),
+        ),
     ) {
-        let mut objs = Objs::default();
-        let apply = |objs: &mut Objs, op: &Op, d: &mut Delivered| match op {
-            Op::Service(i, s) => {
-                let key = (ns(*i), format!("s{i}"));
-                match s {
-                    Some(s) => {
-                        let o = service(*i, s);
-                        objs.services.insert(key.clone(), o.clone());
-                        d.services.changed.insert(key, Some(o));
-                    }
-                    None => {
-                        objs.services.remove(&key);
-                        d.services.changed.insert(key, None);
-                    }
-                }
-            }
-            Op::Slice(i, s) => {
-                // A slice keeps its namespace: moving it means deleting it there.
-                let old_ns = objs.slices.keys().find(|k| k.1 == format!("e{i}")).cloned();
-                if let Some(k) = old_ns {
-                    objs.slices.remove(&k);
-                    d.slices.changed.insert(k, None);
-                }
-                if let Some(s) = s {
-                    let key = (ns(s.service), format!("e{i}"));
-                    let o = slice(*i, s);
-                    objs.slices.insert(key.clone(), o.clone());
-                    d.slices.changed.insert(key, Some(o));
-                }
-            }
-        };
-        let mut d = Delivered::default();
+        let pc = flags.proxy_config();
+        let mut world = World { node: start_node, cidrs: start_cidrs, ..World::default() };
         for op in &initial {
-            apply(&mut objs, op, &mut d);
+            world.apply(op);
         }
+        // The first computation gets complete lists, as after the agent's initial list.
+        world.relist(true, true);
+        let node = world.node.info();
+        let cfg = pc.compile_config(&node);
+        check_config(&cfg, &node, &flags)?;
+        let cidrs = gen::service_cidrs(world.cidrs);
         let mut engine = Engine::default();
-        let (svcs, slices) = objs.lists();
-        let first = engine.compute(svcs, slices, &node(), &[], &cfg()).expect("first");
+        let (svcs, slices) = (world.services.take(), world.slices.take());
+        prop_assert!(svcs.replaced.is_some() && slices.replaced.is_some());
+        let first = engine.compute(svcs, slices, &node, &cidrs, &cfg).expect("first");
         prop_assert!(first.rebuilt);
         let mut fake = FakeApplier::new();
         fake.apply(&plan::full(&first.ruleset)).expect("full apply");
-        let mut applied = first.ruleset;
-        for (n, step) in steps.iter().enumerate() {
-            let mut d = Delivered::default();
+        let mut applied = first.ruleset.clone();
+        let mut last = first.ruleset;
+        for step in &steps {
             for op in step {
-                apply(&mut objs, op, &mut d);
+                world.apply(op);
             }
-            if relist_at == Some(n) {
-                // A relist delivers the whole list instead of the changes.
-                let (svcs, slices) = objs.lists();
-                d = Delivered { services: svcs, slices };
-            }
+            let node = world.node.info();
+            let cfg = pc.compile_config(&node);
+            check_config(&cfg, &node, &flags)?;
+            let cidrs = gen::service_cidrs(world.cidrs);
             let out = engine
-                .compute(d.services, d.slices, &node(), &[], &cfg())
+                .compute(world.services.take(), world.slices.take(), &node, &cidrs, &cfg)
                 .expect("compute");
-            let (state, ruleset, problems) = from_scratch(&objs);
+            let (state, ruleset, problems) = from_scratch(&world.objs, &node, &cidrs, &cfg);
             // Equal up to which slot each backend holds (the engine keeps slots stable).
             prop_assert_eq!(sorted_backends(&out.state), state);
             prop_assert_eq!(sorted_slots(&out.ruleset), ruleset);
@@ -371,9 +365,19 @@ proptest! {
             // And the plan between successive outputs brings a strict kernel there.
             let p = plan::partial(&applied, &out.ruleset, &BTreeSet::new());
             prop_assert!(!p.needs_full);
-            fake.apply(&p.tx).expect("partial apply");
+            if p.tx.is_empty() {
+                // Nothing to do must mean nothing changed: the kernel already holds the last
+                // (checked) output. Cheaper than rendering both again.
+                prop_assert_eq!(&out.ruleset, &last);
+            } else {
+                fake.apply(&p.tx).expect("partial apply");
+                prop_assert_eq!(
+                    render::normalise(&fake.dump()),
+                    render::normalise(&render::ruleset(&out.ruleset))
+                );
+            }
             applied = plan::after(&applied, &out.ruleset, &p);
-            prop_assert_eq!(render::normalise(&fake.dump()), render::normalise(&render::ruleset(&out.ruleset)));
+            last = out.ruleset;
         }
     }
 }
@@ -382,9 +386,8 @@ proptest! {
 fn a_change_recompiles_only_its_service() {
     let mut objs = Objs::default();
     for i in 0..6u8 {
-        let spec = plain(i);
         objs.services
-            .insert((ns(i), format!("s{i}")), service(i, &spec));
+            .insert(gen::service_key(i), gen::service(i, &plain(i)));
     }
     let mut engine = Engine::default();
     let (svcs, slices) = objs.lists();
@@ -392,15 +395,12 @@ fn a_change_recompiles_only_its_service() {
         .compute(svcs, slices, &node(), &[], &cfg())
         .expect("first");
     assert!(first.rebuilt);
-    let spec = SliceSpec {
-        service: 3,
-        v6: false,
-        endpoints: vec![(1, true, false, false)],
-        udp: false,
-    };
-    let key = (ns(3), "e0".to_string());
+    // Slice key 0 lives in ns0, as Service key 3 (ns0/s3) does.
+    let key = gen::slice_key(0);
     let mut d = Delivered::default();
-    d.slices.changed.insert(key, Some(slice(0, &spec)));
+    d.slices
+        .changed
+        .insert(key, Some(gen::slice(0, &ready_slice(3, &[1]))));
     let out = engine
         .compute(d.services, d.slices, &node(), &[], &cfg())
         .expect("update");
@@ -424,7 +424,7 @@ fn a_change_recompiles_only_its_service() {
 fn pending_folds_events_and_relists() {
     use kube::runtime::watcher::Event;
     let spec = plain(0);
-    let (a, b) = (service(0, &spec), service(1, &spec));
+    let (a, b) = (gen::service(0, &spec), gen::service(1, &spec));
     let mut p: Pending<Service> = Pending::default();
     p.event(Event::Apply(a.clone()));
     p.event(Event::Delete(a.clone()));
@@ -454,22 +454,11 @@ fn pending_folds_events_and_relists() {
 #[test]
 fn replacing_one_endpoint_rewrites_one_slot() {
     let mut objs = Objs::default();
-    let spec = plain(0);
     objs.services
-        .insert((ns(0), "s0".into()), service(0, &spec));
-    let mut eps: Vec<(u8, bool, bool, bool)> = (0..12).map(|a| (a, true, false, false)).collect();
-    let sl = |eps: &[(u8, bool, bool, bool)]| {
-        slice(
-            0,
-            &SliceSpec {
-                service: 0,
-                v6: false,
-                endpoints: eps.to_vec(),
-                udp: false,
-            },
-        )
-    };
-    objs.slices.insert((ns(0), "e0".into()), sl(&eps));
+        .insert(gen::service_key(0), gen::service(0, &plain(0)));
+    let mut eps: Vec<u8> = (0..12).collect();
+    let sl = |eps: &[u8]| gen::slice(0, &ready_slice(0, eps));
+    objs.slices.insert(gen::slice_key(0), sl(&eps));
     let mut engine = Engine::default();
     let (svcs, slices) = objs.lists();
     let first = engine
@@ -480,16 +469,14 @@ fn replacing_one_endpoint_rewrites_one_slot() {
     // last slot's backend moves into the hole); then the removed one comes back.
     for (change, want) in [(0usize, 2usize), (1, 3), (2, 1)] {
         match change {
-            0 => eps[1].0 = 13,
+            0 => eps[1] = 13,
             1 => {
                 eps.remove(3);
             }
-            _ => eps.push((3, true, false, false)),
+            _ => eps.push(3),
         }
         let mut d = Delivered::default();
-        d.slices
-            .changed
-            .insert((ns(0), "e0".into()), Some(sl(&eps)));
+        d.slices.changed.insert(gen::slice_key(0), Some(sl(&eps)));
         let out = engine
             .compute(d.services, d.slices, &node(), &[], &cfg())
             .expect("update");
@@ -611,8 +598,218 @@ fn dual_stack_survives_a_slice_change() {
                 if v6_changes { "IPv6" } else { "IPv4" }
             );
         }
-        let (state, ruleset, _) = from_scratch(&objs);
+        let (state, ruleset, _) = from_scratch(&objs, &node(), &[], &cfg());
         assert_eq!(sorted_backends(&out.state), state);
         assert_eq!(sorted_slots(&out.ruleset), ruleset);
     }
+}
+
+/// The API accepts a Service with any number of ports and kube-proxy programs them all (nftproxy
+/// once skipped a Service with more than 1,000): ports with endpoints get backends, the others
+/// reject.
+#[test]
+fn a_service_with_1500_ports_is_programmed() {
+    use crate::nft::ir::Value;
+    let ports: Vec<_> = (1..=1500u16)
+        .map(|i| serde_json::json!({"name": format!("p{i}"), "port": i, "protocol": "TCP"}))
+        .collect();
+    let svc: Service = serde_json::from_value(serde_json::json!({
+        "metadata": {"namespace": "ns0", "name": "many"},
+        "spec": {"clusterIP": "172.30.0.9", "clusterIPs": ["172.30.0.9"], "ports": ports},
+    }))
+    .expect("service");
+    // Endpoints for every third port.
+    let slice_ports: Vec<_> = (1..=1500u16)
+        .filter(|i| i % 3 == 0)
+        .map(|i| serde_json::json!({"name": format!("p{i}"), "port": 10000 + i, "protocol": "TCP"}))
+        .collect();
+    let slice: EndpointSlice = serde_json::from_value(serde_json::json!({
+        "metadata": {"namespace": "ns0", "name": "many-1",
+            "labels": {"kubernetes.io/service-name": "many"}},
+        "addressType": "IPv4",
+        "ports": slice_ports,
+        "endpoints": [{"addresses": ["10.0.0.1"], "conditions": {"ready": true}}],
+    }))
+    .expect("slice");
+    let mut engine = Engine::default();
+    let out = engine
+        .compute(Batch::all([svc]), Batch::all([slice]), &node(), &[], &cfg())
+        .expect("compute");
+    assert!(out.problems.is_empty(), "{:?}", out.problems);
+    let table = &out.ruleset.tables[&Family::Ip];
+    let ports_in = |set: &str| -> BTreeSet<u16> {
+        table
+            .elements
+            .get(set)
+            .into_iter()
+            .flat_map(|els| els.iter())
+            .filter_map(|e| match e.key.get(2) {
+                Some(Value::Port(p)) => Some(*p),
+                _ => None,
+            })
+            .collect()
+    };
+    assert_eq!(ports_in("clusterip").len(), 1500);
+    let served: BTreeSet<u16> = (1..=1500).filter(|i| i % 3 == 0).collect();
+    assert_eq!(ports_in("ip-cluster-backends"), served);
+    let rejected: BTreeSet<u16> = (1..=1500).filter(|i| i % 3 != 0).collect();
+    assert_eq!(ports_in("no-endpoint-reject"), rejected);
+    let mut fake = FakeApplier::new();
+    fake.apply(&plan::full(&out.ruleset)).expect("full apply");
+}
+
+/// The shapes of state the property test must reach for its verdict to mean something.
+const SHAPES: &[&str] = &[
+    "dual-stack Service",
+    "dual-stack Service, IPv6 first",
+    "more endpoints than the preset counts",
+    "terminating fallback",
+    "topology hints narrow the choice",
+    "internalTrafficPolicy Local drops",
+    "externalTrafficPolicy Local with local endpoints",
+    "source ranges allowing the node",
+    "ClientIP affinity",
+    "slice of a Service that does not exist",
+    "entry point conflict",
+    "bad port reported",
+];
+
+/// Record which of [`SHAPES`] the model (and its compile) shows.
+fn shapes_of(
+    m: &Model,
+    objs: &Objs,
+    node: &NodeInfo,
+    cfg: &CompileConfig,
+    seen: &mut BTreeMap<&'static str, usize>,
+) {
+    let mut hit = |s: &'static str| *seen.entry(s).or_default() += 1;
+    let names = |f: Family| -> BTreeSet<ServiceName> {
+        m.state().families[&f]
+            .ports
+            .keys()
+            .map(|k| k.service.clone())
+            .collect()
+    };
+    let both: BTreeSet<ServiceName> = names(Family::Ip)
+        .intersection(&names(Family::Ip6))
+        .cloned()
+        .collect();
+    if !both.is_empty() {
+        hit("dual-stack Service");
+    }
+    if both.iter().any(|n| {
+        objs.services
+            .get(&(n.namespace.clone(), n.name.clone()))
+            .and_then(|s| s.spec.as_ref()?.ip_families.as_ref()?.first().cloned())
+            .as_deref()
+            == Some("IPv6")
+    }) {
+        hit("dual-stack Service, IPv6 first");
+    }
+    for (f, fs) in &m.state().families {
+        for ps in fs.ports.values() {
+            let (sp, c) = (&ps.sp, &ps.chosen);
+            let merged = m
+                .by_service
+                .get(&(sp.key.service.clone(), *f))
+                .map(|keys| model::merge_slices(keys.iter().filter_map(|k| m.slices.get(k))))
+                .unwrap_or_default();
+            let eps = merged
+                .get(&(sp.key.port_name.clone(), sp.key.proto))
+                .cloned()
+                .unwrap_or_default();
+            let ready = eps.iter().filter(|e| e.ready).count();
+            if c.cluster.len() > *compile::PRESET_COUNTS.end() {
+                hit("more endpoints than the preset counts");
+            }
+            if ready == 0 && !c.cluster.is_empty() {
+                hit("terminating fallback");
+            }
+            if !c.cluster.is_empty() && c.cluster.len() < ready {
+                hit("topology hints narrow the choice");
+            }
+            if sp.internal_local && c.local.is_empty() && c.has_any {
+                hit("internalTrafficPolicy Local drops");
+            }
+            if sp.external_local && sp.has_external_entries() && !c.local.is_empty() {
+                hit("externalTrafficPolicy Local with local endpoints");
+            }
+            if !sp.lb_ips.is_empty()
+                && sp
+                    .source_ranges
+                    .iter()
+                    .any(|r| node.internal_ips.iter().any(|ip| r.contains(ip)))
+            {
+                hit("source ranges allowing the node");
+            }
+            if sp.affinity_secs.is_some() {
+                hit("ClientIP affinity");
+            }
+        }
+    }
+    if m.by_service.keys().any(|(s, _)| {
+        !objs
+            .services
+            .contains_key(&(s.namespace.clone(), s.name.clone()))
+    }) {
+        hit("slice of a Service that does not exist");
+    }
+    if m.problems()
+        .iter()
+        .any(|p| p.reason.contains("unsupported protocol"))
+    {
+        hit("bad port reported");
+    }
+    if m.problems()
+        .iter()
+        .any(|p| p.reason.contains("unsupported protocol"))
+    {
+        hit("bad port reported");
+    }
+    let c = Compiled::new(m.state(), cfg).expect("compile");
+    if c.problems()
+        .iter()
+        .any(|p| p.reason.contains("already used"))
+    {
+        hit("entry point conflict");
+    }
+}
+
+/// A guard on the generator itself: a fixed sample of its sequences reaches every shape in
+/// [`SHAPES`]. If a change to the generator stops producing, say, dual-stack Services, this
+/// fails instead of the property test silently testing less.
+#[test]
+fn the_generator_reaches_the_shapes_that_matter() {
+    use proptest::strategy::ValueTree;
+    use proptest::test_runner::TestRunner;
+    let mut runner = TestRunner::deterministic();
+    let sequence = prop::collection::vec(prop::collection::vec(gen::op(), 1..5), 40);
+    let pc = Flags {
+        masquerade_all: false,
+        nodeport_addresses: 0,
+    }
+    .proxy_config();
+    let mut seen = BTreeMap::new();
+    for _ in 0..16 {
+        let steps = sequence.new_tree(&mut runner).expect("sequence").current();
+        let mut world = World::default();
+        for step in &steps {
+            for op in step {
+                world.apply(op);
+            }
+            let node = world.node.info();
+            let m = Model::from_objects(
+                world.objs.services.values(),
+                world.objs.slices.values(),
+                &gen::service_cidrs(world.cidrs),
+                &node,
+            );
+            shapes_of(&m, &world.objs, &node, &pc.compile_config(&node), &mut seen);
+        }
+    }
+    let missing: Vec<&&str> = SHAPES.iter().filter(|s| !seen.contains_key(*s)).collect();
+    assert!(
+        missing.is_empty(),
+        "never reached: {missing:?}; reached: {seen:?}"
+    );
 }

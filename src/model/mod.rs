@@ -22,9 +22,6 @@ pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 /// Upstream's default ClientIP affinity timeout.
 pub const DEFAULT_AFFINITY_SECS: u32 = 10800;
-/// A Service with more ports than this is refused: it would dominate the ruleset and is almost
-/// certainly a mistake (the API server itself allows it).
-pub const MAX_PORTS_PER_SERVICE: usize = 1000;
 /// The API server caps a slice at 1000 endpoints; anything larger did not come from it.
 pub const MAX_ENDPOINTS_PER_SLICE: usize = 1000;
 
@@ -199,18 +196,9 @@ pub fn service_ports(svc: &Service, problems: &mut Vec<Problem>) -> Vec<ServiceP
             None => bad(problems, &object, format!("bad clusterIP {raw:?}")),
         }
     }
+    // No cap on the number of ports: the API accepts any number and kube-proxy programs them
+    // all; each costs a few elements, like a Service of its own.
     let ports = spec.ports.as_deref().unwrap_or_default();
-    if ports.len() > MAX_PORTS_PER_SERVICE {
-        problems.push(Problem {
-            object,
-            reason: format!(
-                "{} ports, more than the {} nftproxy accepts; Service skipped",
-                ports.len(),
-                MAX_PORTS_PER_SERVICE
-            ),
-        });
-        return Vec::new();
-    }
     let node_port_type = matches!(svc_type, "NodePort" | "LoadBalancer");
     let mut external_ips = Vec::new();
     for raw in spec.external_ips.iter().flatten() {

@@ -220,17 +220,23 @@ fn contribute(
     }
 
     // External entries: externalIPs, LB IPs, NodePort.
-    let mut externals: Vec<(Vec<Value>, bool)> = sp
+    // Each with whether it is a NodePort, and the LB IP when it is one (source ranges guard
+    // those only).
+    let mut externals: Vec<(Vec<Value>, bool, Option<IpAddr>)> = sp
         .external_ips
         .iter()
-        .chain(sp.lb_ips.iter())
-        .map(|ip| (entry_key(Some(*ip), proto, sp.port), false))
+        .map(|ip| (entry_key(Some(*ip), proto, sp.port), false, None))
+        .chain(
+            sp.lb_ips
+                .iter()
+                .map(|ip| (entry_key(Some(*ip), proto, sp.port), false, Some(*ip))),
+        )
         .collect();
     if let Some(np) = sp.node_port {
-        externals.push((entry_key(None, proto, np), true));
+        externals.push((entry_key(None, proto, np), true, None));
     }
-    externals.retain(|(entry, _)| claim(entry, &sp.key));
-    for (entry, nodeport) in &externals {
+    externals.retain(|(entry, _, _)| claim(entry, &sp.key));
+    for (entry, nodeport, _) in &externals {
         let (cluster_pick, local_pick) = if *nodeport {
             (Pick::NpCluster, Pick::NpLocal)
         } else {
@@ -262,14 +268,18 @@ fn contribute(
         }
     }
 
-    // Source ranges guard LB IPs only.
+    // Source ranges guard LB IPs only, and only those this port won: the ranges of a Service
+    // that lost an LB IP:port to another must not apply to the winner's traffic (and would
+    // overlap the winner's intervals, which the kernel refuses, failing every commit).
     if !sp.source_ranges.is_empty() {
         let allow_node = sp
             .source_ranges
             .iter()
             .any(|r| cfg.node_ips.iter().any(|ip| r.contains(ip)));
-        for lb in &sp.lb_ips {
-            let entry = entry_key(Some(*lb), proto, sp.port);
+        for (entry, _, lb) in &externals {
+            let Some(lb) = lb else {
+                continue;
+            };
             out.add("firewall", entry.clone(), None);
             let mut ranges: Vec<IpNet> = sp.source_ranges.clone();
             if allow_node {
@@ -287,7 +297,7 @@ fn contribute(
         out.affinity.push((false, t));
         let set = format!("ip-affinity-t{t}");
         out.add(set.clone(), cip, None);
-        for (entry, nodeport) in externals {
+        for (entry, nodeport, _) in externals {
             if nodeport {
                 out.affinity.push((true, t));
                 out.add(format!("np-affinity-t{t}"), entry, None);
@@ -973,3 +983,6 @@ fn generated_set(name: &str) -> bool {
         || numbered("ip-affinity-t")
         || numbered("np-affinity-t")
 }
+
+#[cfg(test)]
+mod tests;

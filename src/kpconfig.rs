@@ -212,14 +212,10 @@ impl KubeProxyConfiguration {
             detail,
         };
         let mut out = FromFile::default();
-        match self.mode.as_deref().unwrap_or("") {
-            "" | "nftables" => {}
-            other => return Err(field(
-                "mode",
-                format!(
-                    "{other:?}: nftproxy is an nftables proxy; use \"nftables\" or leave it empty"
-                ),
-            )),
+        let mode = self.mode.as_deref().unwrap_or("");
+        if !matches!(mode, "" | "nftables") {
+            let why = "nftproxy is an nftables proxy; use \"nftables\" or leave it empty";
+            return Err(field("mode", format!("{mode:?}: {why}")));
         }
         if let Some(c) = self
             .cluster_cidr

@@ -88,7 +88,13 @@ pub fn choose(sp: &ServicePort, eps: &[Endpoint], node: &str, zone: Option<&str>
             out.cluster = backends(&|e| e.serving && e.terminating);
         }
     }
-    out.has_any = !out.cluster.is_empty() || eps.iter().any(|e| e.ready);
+    // Upstream's pre-scan for Local policies counts serving+terminating endpoints anywhere too
+    // (pkg/proxy/topology.go, CategorizeEndpoints): with only those elsewhere, Local traffic
+    // here is dropped (someone could serve it), not rejected.
+    out.has_any = !out.cluster.is_empty()
+        || eps
+            .iter()
+            .any(|e| e.ready || (uses_local && e.serving && e.terminating));
     out.local_ready = eps
         .iter()
         .filter(|e| e.local && e.ready)

@@ -154,7 +154,7 @@ fn endpoint_choice_table() {
             0,
         ),
         (
-            "itp local: remote terminating only",
+            "itp local: remote terminating only (upstream counts it: drop, not reject)",
             true,
             false,
             false,
@@ -162,7 +162,7 @@ fn endpoint_choice_table() {
             &["2t."],
             &[],
             &[],
-            false,
+            true,
             0,
         ),
         (

@@ -273,18 +273,8 @@ pub fn entry_owners(state: &ProxyState) -> Owners {
                 namespace: sp.key.service.namespace.clone(),
                 service: sp.key.service.name.clone(),
             };
-            let proto = Value::Proto(sp.key.proto);
-            for ip in std::iter::once(&sp.cluster_ip)
-                .chain(&sp.external_ips)
-                .chain(&sp.lb_ips)
-            {
-                m.insert(
-                    vec![Value::Addr(*ip), proto.clone(), Value::Port(sp.port)],
-                    label.clone(),
-                );
-            }
-            if let Some(np) = sp.node_port {
-                m.insert(vec![proto.clone(), Value::Port(np)], label.clone());
+            for key in crate::nft::compile::entry_keys(sp) {
+                m.insert(key, label.clone());
             }
         }
     }

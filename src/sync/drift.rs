@@ -85,22 +85,8 @@ impl Owners {
         let mut m = HashMap::new();
         for (f, fs) in &state.families {
             for ps in fs.ports.values() {
-                let sp = &ps.sp;
-                let proto = Value::Proto(sp.key.proto);
-                for ip in std::iter::once(&sp.cluster_ip)
-                    .chain(&sp.external_ips)
-                    .chain(&sp.lb_ips)
-                {
-                    m.insert(
-                        (
-                            *f,
-                            vec![Value::Addr(*ip), proto.clone(), Value::Port(sp.port)],
-                        ),
-                        sp.key.clone(),
-                    );
-                }
-                if let Some(np) = sp.node_port {
-                    m.insert((*f, vec![proto.clone(), Value::Port(np)]), sp.key.clone());
+                for key in crate::nft::compile::entry_keys(&ps.sp) {
+                    m.insert((*f, key), ps.sp.key.clone());
                 }
             }
         }

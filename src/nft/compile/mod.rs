@@ -632,6 +632,20 @@ fn instantiate_skeleton(f: Family, cfg: &CompileConfig, tpl: &Template) -> Table
     t
 }
 
+/// The keys a service port's entry points have in the entry sets: address . protocol . port
+/// for its ClusterIP, external IPs and LB IPs, and protocol . NodePort.
+pub fn entry_keys(sp: &crate::model::ServicePort) -> impl Iterator<Item = Vec<Value>> + '_ {
+    let proto = Value::Proto(sp.key.proto);
+    let by_ip = std::iter::once(&sp.cluster_ip)
+        .chain(&sp.external_ips)
+        .chain(&sp.lb_ips)
+        .map({
+            let proto = proto.clone();
+            move |ip| vec![Value::Addr(*ip), proto.clone(), Value::Port(sp.port)]
+        });
+    by_ip.chain(sp.node_port.map(move |np| vec![proto, Value::Port(np)]))
+}
+
 /// Whether `set` is one of the maps from (entry . numgen slot) to a backend. Which slot holds
 /// which backend depends on history (survivors keep their slots), not on the API objects.
 pub fn is_backends_map(set: &str) -> bool {

@@ -641,6 +641,11 @@ impl<A: Applier + 'static> Syncer<A> {
                         lock(&self.status).pending_since = None;
                     }
                 }
+                if self.repairing.is_some() && self.applied.is_some() {
+                    // The check after a repair found more drift (a change that came in while
+                    // the repair was planned): repair that too now, not at the next event.
+                    continue;
+                }
             }
             let retry_or_gc = self.next_deadline(last_sync);
             let check = last_check + self.cfg.sync_period;

@@ -318,6 +318,42 @@ async fn announced_outside_changes_are_repaired_at_once() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn drift_found_by_the_check_after_a_repair_is_repaired_too() {
+    let (ntx, nrx) = mpsc::channel(16);
+    let (_, _tx, applier, rec, status, _) = start_with(FakeApplier::new(), Some(nrx));
+    settle(Duration::from_millis(10)).await;
+    let (set, one) = busiest(&lock(&applier));
+    // Two outside changes, announced one after the other: the second arrives while the repair
+    // of the first is being planned, and only the check after that repair sees it.
+    let other = {
+        let a = lock(&applier);
+        let t = &a.state.tables[&Family::Ip];
+        t.elements
+            .iter()
+            .find(|(n, e)| **n != set && !e.is_empty() && !t.sets[*n].runtime_owned())
+            .map(|(n, e)| (n.clone(), e.iter().next().cloned().expect("element")))
+            .expect("a second set")
+    };
+    lock(&applier).external_delete_element(Family::Ip, &set, &one);
+    lock(&applier).external_delete_element(Family::Ip, &other.0, &other.1);
+    let notice =
+        |s: &str| Notice::Foreign([(Family::Ip, Some(BTreeSet::from([s.to_string()])))].into());
+    ntx.send(notice(&set)).await.unwrap();
+    // The loop has read the first notice and waits out its gathering breath (2 ms).
+    settle(Duration::from_millis(1)).await;
+    ntx.send(notice(&other.0)).await.unwrap();
+    settle(Duration::from_millis(50)).await;
+    let a = lock(&applier);
+    assert!(a.state.tables[&Family::Ip].elements[&set].contains(&one));
+    assert!(
+        a.state.tables[&Family::Ip].elements[&other.0].contains(&other.1),
+        "the second change is repaired without waiting for another event: {:?}",
+        lock(&rec).drifts
+    );
+    assert!(lock(&status).drift.is_none());
+}
+
+#[tokio::test(start_paused = true)]
 async fn unrepairable_drift_is_reported_unhealthy() {
     let (ntx, nrx) = mpsc::channel(16);
     let (_, _tx, applier, rec, status, _) = start_with(FakeApplier::new(), Some(nrx));

@@ -1,6 +1,7 @@
 //! `cargo bench --bench pipeline [-- N E]`: where a sync's CPU time goes at N Services x E
 //! endpoints (pure stages only: model, endpoint choice, compile, plan, render). Prints figures;
 //! asserts nothing.
+#![allow(clippy::unwrap_used)] // a test: a panic is the failure report
 
 use std::collections::BTreeSet;
 use std::time::Instant;
@@ -40,26 +41,11 @@ fn slice_of(i: usize, e: usize) -> EndpointSlice {
 }
 
 /// Counts live heap bytes, to show what each structure costs.
-struct Counting;
-
-static LIVE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-
-unsafe impl std::alloc::GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: std::alloc::Layout) -> *mut u8 {
-        LIVE.fetch_add(l.size(), std::sync::atomic::Ordering::Relaxed);
-        unsafe { std::alloc::System.alloc(l) }
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: std::alloc::Layout) {
-        LIVE.fetch_sub(l.size(), std::sync::atomic::Ordering::Relaxed);
-        unsafe { std::alloc::System.dealloc(p, l) }
-    }
-}
-
 #[global_allocator]
-static GLOBAL: Counting = Counting;
+static GLOBAL: nftproxy_nl::alloc::CountingAlloc = nftproxy_nl::alloc::CountingAlloc;
 
 fn mib() -> f64 {
-    LIVE.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1048576.0
+    nftproxy_nl::alloc::CountingAlloc::live_bytes() as f64 / 1048576.0
 }
 
 fn ms(t: Instant) -> f64 {

@@ -494,11 +494,7 @@ impl Observer for AgentObserver {
 /// freed right after; glibc keeps such pages mapped, so without this the resident size after a
 /// cold start stays near that peak for the life of the process.
 fn release_free_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only walks glibc's own arenas; it takes no pointers from us.
-    unsafe {
-        libc::malloc_trim(0);
-    }
+    nftproxy_nl::os::malloc_trim();
 }
 
 /// The address list the health check servers listen on.
@@ -832,8 +828,8 @@ impl DesiredCtx {
 /// pass foreign changes of our tables to the sync loop.
 fn spawn_monitor(
     own_portid: u32,
-) -> Result<mpsc::Receiver<crate::apply::nl::monitor::Notice>, crate::apply::nl::NlError> {
-    let mut m = crate::apply::nl::monitor::Monitor::open(crate::nft::ir::TABLE_NAME, own_portid)?;
+) -> Result<mpsc::Receiver<crate::apply::monitor::Notice>, nftproxy_nl::NlError> {
+    let mut m = crate::apply::monitor::Monitor::open(crate::nft::ir::TABLE_NAME, own_portid)?;
     let (tx, rx) = mpsc::channel(64);
     std::thread::Builder::new()
         .name("nft-monitor".into())
@@ -850,7 +846,7 @@ fn spawn_monitor(
                 }
             }
         })
-        .map_err(|source| crate::apply::nl::NlError::Io {
+        .map_err(|source| nftproxy_nl::NlError::Io {
             op: "spawn monitor thread",
             source,
         })?;

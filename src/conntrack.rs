@@ -16,8 +16,8 @@
 //! belongs to a *new* entry created between the dump and the delete, which may well point at a
 //! healthy endpoint: only the exact entries that were judged stale are ever deleted.
 //!
-//! Messages are built and parsed by hand on byte buffers with safe code. The only `unsafe` is the
-//! handful of libc socket calls in the private `sock` module.
+//! Messages are built and parsed by hand on byte buffers with safe code; the socket itself is
+//! `nftproxy-nl`'s `RawSocket`.
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -809,129 +809,59 @@ impl Conntrack for NetlinkConntrack {
     }
 }
 
-/// The socket calls, the only `unsafe` of this module.
-#[allow(unsafe_code)]
+/// The ctnetlink socket: `nftproxy-nl`'s raw netfilter socket with this module's errors.
 mod sock {
     use std::io;
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::time::Duration;
+
+    use nftproxy_nl::{RawSocket, Received};
 
     use super::ConntrackError;
 
     pub(super) struct NlSocket {
-        fd: OwnedFd,
+        raw: RawSocket,
         timeout_secs: u64,
-    }
-
-    fn io_err(op: &'static str) -> ConntrackError {
-        ConntrackError::Io {
-            op,
-            source: io::Error::last_os_error(),
-        }
     }
 
     impl NlSocket {
         pub(super) fn open(timeout_secs: u64) -> Result<NlSocket, ConntrackError> {
-            // SAFETY: plain syscall with integer arguments.
-            let fd = unsafe {
-                libc::socket(
-                    libc::AF_NETLINK,
-                    libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                    libc::NETLINK_NETFILTER,
-                )
-            };
-            if fd < 0 {
-                return Err(io_err("socket"));
-            }
-            // SAFETY: `fd` is a valid descriptor just returned to us and owned by nothing else.
-            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-            let tv = libc::timeval {
-                tv_sec: timeout_secs as libc::time_t,
-                tv_usec: 0,
-            };
-            // SAFETY: `tv` is a live timeval and the length passed is its size.
-            let rc = unsafe {
-                libc::setsockopt(
-                    fd.as_raw_fd(),
-                    libc::SOL_SOCKET,
-                    libc::SO_RCVTIMEO,
-                    (&tv as *const libc::timeval).cast(),
-                    std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-                )
-            };
-            if rc < 0 {
-                return Err(io_err("setsockopt(SO_RCVTIMEO)"));
-            }
-            // No bind: the first send autobinds a port id, and an unconnected netlink socket
-            // sends to the kernel.
-            Ok(NlSocket { fd, timeout_secs })
+            let io = |op| move |source| ConntrackError::Io { op, source };
+            let raw = RawSocket::open().map_err(io("socket"))?;
+            raw.set_recv_timeout(Duration::from_secs(timeout_secs))
+                .map_err(io("setsockopt(SO_RCVTIMEO)"))?;
+            Ok(NlSocket { raw, timeout_secs })
         }
 
         /// Sends one datagram (one or more messages).
         pub(super) fn send(&self, buf: &[u8]) -> Result<(), ConntrackError> {
-            loop {
-                // SAFETY: the pointer and length describe `buf`, which outlives the call.
-                let n =
-                    unsafe { libc::send(self.fd.as_raw_fd(), buf.as_ptr().cast(), buf.len(), 0) };
-                if n >= 0 {
-                    // Netlink datagrams are sent whole or not at all; checked anyway.
-                    if n as usize != buf.len() {
-                        return Err(ConntrackError::Malformed(format!(
-                            "short netlink send: {n} of {} bytes",
-                            buf.len()
-                        )));
-                    }
-                    return Ok(());
-                }
-                if io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
-                    return Err(io_err("send"));
-                }
-            }
+            self.raw
+                .send(buf)
+                .map_err(|source| ConntrackError::Io { op: "send", source })
         }
 
         /// Receives one datagram into `buf`; a datagram larger than `buf` is an error rather than
         /// silently truncated.
         pub(super) fn recv(&self, buf: &mut [u8]) -> Result<usize, ConntrackError> {
-            loop {
-                // SAFETY: the pointer and length describe `buf`, writable and alive for the call.
-                // MSG_TRUNC makes the return value the datagram's full length.
-                let n = unsafe {
-                    libc::recv(
-                        self.fd.as_raw_fd(),
-                        buf.as_mut_ptr().cast(),
-                        buf.len(),
-                        libc::MSG_TRUNC,
-                    )
-                };
-                if n >= 0 {
-                    let n = n as usize;
-                    if n > buf.len() {
-                        return Err(ConntrackError::Malformed(format!(
-                            "netlink datagram of {n} bytes exceeds the {} byte buffer",
-                            buf.len()
-                        )));
-                    }
-                    return Ok(n);
+            match self.raw.recv(buf) {
+                Ok(Received::Datagram(n)) => Ok(n),
+                Ok(Received::Truncated(n)) => Err(ConntrackError::Malformed(format!(
+                    "netlink datagram of {n} bytes exceeds the {} byte buffer",
+                    buf.len()
+                ))),
+                Ok(Received::Overflow) => Err(ConntrackError::Io {
+                    op: "recv",
+                    source: io::Error::from_raw_os_error(libc::ENOBUFS),
+                }),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    Err(ConntrackError::Timeout(self.timeout_secs))
                 }
-                let err = io::Error::last_os_error();
-                match err.kind() {
-                    io::ErrorKind::Interrupted => continue,
-                    io::ErrorKind::WouldBlock => {
-                        return Err(ConntrackError::Timeout(self.timeout_secs))
-                    }
-                    _ => {
-                        return Err(ConntrackError::Io {
-                            op: "recv",
-                            source: err,
-                        })
-                    }
-                }
+                Err(source) => Err(ConntrackError::Io { op: "recv", source }),
             }
         }
     }
 }
 
 #[cfg(test)]
-#[allow(unsafe_code)] // unshare(2) and geteuid(2) in the privileged test
 mod tests {
     use super::*;
     use crate::testutil::{in_netns, privileged};

@@ -8,8 +8,7 @@ pub fn privileged() -> bool {
     if std::env::var("NFTPROXY_SKIP_PRIVILEGED").as_deref() == Ok("1") {
         return false;
     }
-    // SAFETY: geteuid has no preconditions.
-    assert!(unsafe { libc::geteuid() } == 0, "privileged test: run as root (unshare, nftables, conntrack), or set NFTPROXY_SKIP_PRIVILEGED=1 to skip");
+    assert!(nftproxy_nl::os::is_root(), "privileged test: run as root (unshare, nftables, conntrack), or set NFTPROXY_SKIP_PRIVILEGED=1 to skip");
     true
 }
 
@@ -18,14 +17,9 @@ pub fn privileged() -> bool {
 /// from `f` inherit the namespace.
 pub fn in_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
     let h = std::thread::spawn(move || {
-        // SAFETY: unshare only changes the namespaces of the calling thread (our own).
-        let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
-        assert_eq!(
-            rc,
-            0,
-            "unshare(CLONE_NEWNET): {}",
-            std::io::Error::last_os_error()
-        );
+        if let Err(e) = nftproxy_nl::os::unshare_net() {
+            panic!("unshare(CLONE_NEWNET): {e}");
+        }
         f()
     });
     h.join().unwrap_or_else(|e| std::panic::resume_unwind(e))

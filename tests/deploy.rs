@@ -1,5 +1,6 @@
 //! The deployment manifests parse as the typed Kubernetes objects and carry what a kube-proxy
 //! replacement needs.
+#![allow(clippy::unwrap_used)] // a test: a panic is the failure report
 
 mod common;
 

@@ -1,5 +1,6 @@
 //! Semantics, not text: trace first packets through the generated ruleset (DESIGN §2, row by row).
 //! The scenario and its address plan are in tests/flows/cluster.yaml; the ruleset is node-a's.
+#![allow(clippy::unwrap_used)] // a test: a panic is the failure report
 
 mod common;
 

@@ -1,5 +1,6 @@
 //! Scenario goldens: objects -> compile -> full plan -> fake apply -> dump, compared (normalised)
 //! with tests/scenarios/NAME.nft. `BLESS=1 cargo test --test golden` rewrites the goldens.
+#![allow(clippy::unwrap_used)] // a test: a panic is the failure report
 
 mod common;
 

@@ -1,5 +1,6 @@
 //! Multi-step: apply, change objects, and check that the partial transaction carries only the
 //! delta and that the result equals a fresh compile.
+#![allow(clippy::unwrap_used)] // a test: a panic is the failure report
 
 mod common;
 

@@ -1,6 +1,7 @@
 //! The netlink encoder and the text renderer produce the same ruleset: apply each scenario with
 //! the real applier in a fresh network namespace and compare `nft list table` with the rendered
 //! text. Then a partial sync on top, and the same conformance steps on the fake.
+#![allow(clippy::unwrap_used)] // a test: a panic is the failure report
 
 mod common;
 

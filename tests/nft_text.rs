@@ -1,5 +1,6 @@
 //! The text renderer's output is what nft itself makes of it: load it with `nft -f` in a fresh
 //! network namespace and compare nft's listing with the rendered text (normalised).
+#![allow(clippy::unwrap_used)] // a test: a panic is the failure report
 
 mod common;
 

@@ -2,8 +2,8 @@
 //! kernel, `fake` is an in-memory stand-in at least as strict as the kernel.
 
 pub mod fake;
+pub mod monitor;
 pub mod netlink;
-pub mod nl;
 
 use std::collections::{BTreeMap, BTreeSet};
 

@@ -4,7 +4,7 @@
 //! The encoding reproduces what nft 1.0.6 sends for the canonical text of the same IR (the text
 //! `nft::render` prints), so that `nft list table` shows the same ruleset whichever way it was
 //! loaded. The details were taken from `nft --debug=netlink,mnl` and from dumps of nft-created
-//! sets, and are pinned by the tests in `nl/netlink_tests.rs` (unit tests against captured nft
+//! sets, and are pinned by the tests in `netlink_tests.rs` (unit tests against captured nft
 //! bytes, and privileged tests that load the same ruleset both ways and compare the kernel
 //! state):
 //! - registers: nft allocates 32-bit register slots from 1, a non-concatenated expression takes
@@ -28,7 +28,7 @@ use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::{Duration, Instant};
 
-use super::nl::{self, consts::*, flags::*, Batch, Cmd, Expr, KernelError, NlError, Payload};
+use nftproxy_nl::{self as nl, consts::*, flags::*, Batch, Cmd, Expr, KernelError, NlError, Payload};
 use super::{Applier, ApplyError};
 use crate::nft::ir::{
     Action, BaseChain, ChainType, Decl, Element, Family, Field, FieldType, Hook, Match, Proto,
@@ -2114,5 +2114,5 @@ impl<'a> Lowering<'a> {
 }
 
 #[cfg(test)]
-#[path = "nl/netlink_tests.rs"]
+#[path = "netlink_tests.rs"]
 mod tests;

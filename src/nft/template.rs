@@ -269,7 +269,7 @@ impl<'a> Tokens<'a> {
     }
 }
 
-fn parse_field(t: &mut Tokens) -> Result<Field, String> {
+fn parse_field(t: &mut Tokens<'_>) -> Result<Field, String> {
     let f = match (t.next(), t.next()) {
         (Some("ip" | "ip6"), Some("saddr")) => Field::Saddr,
         (Some("ip" | "ip6"), Some("daddr")) => Field::Daddr,
@@ -295,7 +295,7 @@ fn parse_field(t: &mut Tokens) -> Result<Field, String> {
 }
 
 /// `field ( . field )*`
-pub fn parse_key(t: &mut Tokens) -> Result<Vec<Field>, String> {
+pub fn parse_key(t: &mut Tokens<'_>) -> Result<Vec<Field>, String> {
     let mut key = vec![parse_field(t)?];
     while t.peek(0) == Some(".") {
         t.next();

@@ -13,7 +13,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use crate::apply::nl::monitor::{self, Notice, Touched};
+use crate::apply::monitor::{self, Notice, Touched};
 use crate::apply::{Applier, ApplyError, KernelTable};
 use crate::nft::ir::{Family, Ruleset};
 use crate::nft::plan;

@@ -1,4 +1,4 @@
-//! Tests of `apply::netlink` (kept next to the FFI wrapper they exercise).
+//! Tests of `apply::netlink`: the lowering of the IR onto the `nftproxy-nl` wrapper.
 //!
 //! Unit tests (no privileges) pin the encoding against bytes and texts captured from nft 1.0.6.
 //! Privileged tests run in throwaway network namespaces (`unshare(CLONE_NEWNET)` on a fresh

@@ -11,7 +11,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::NlError;
+use nftproxy_nl::{consts, message_attrs, NlError, RawSocket, Received};
+
 use crate::nft::ir::Family;
 
 /// `NFNLGRP_NFTABLES` (linux/netfilter/nfnetlink.h).
@@ -36,7 +37,7 @@ const NLMSG_HDRLEN: usize = 16;
 const NFGENMSG_LEN: usize = 4;
 /// Large enough that a burst of foreign element changes fits; an overflow is reported as a
 /// lost notification (and answered by reading everything back).
-const RCVBUF: libc::c_int = 8 << 20;
+const RCVBUF: usize = 8 << 20;
 
 /// What a foreign commit touched in our tables: per family, the sets whose elements may have
 /// changed (empty: only rules or chains), or None when every set must be read (the table itself
@@ -62,8 +63,8 @@ pub struct Gatherer {
 
 fn family_of(nfgen_family: u8) -> Option<Family> {
     match u16::from(nfgen_family) {
-        super::consts::NFPROTO_IPV4 => Some(Family::Ip),
-        super::consts::NFPROTO_IPV6 => Some(Family::Ip6),
+        consts::NFPROTO_IPV4 => Some(Family::Ip),
+        consts::NFPROTO_IPV6 => Some(Family::Ip6),
         _ => None,
     }
 }
@@ -107,7 +108,7 @@ impl Gatherer {
             return None;
         }
         let kind = ty & 0xff;
-        let attrs = super::message_attrs(msg);
+        let attrs = message_attrs(msg);
         if kind == NFT_MSG_NEWGEN {
             let portid = u32::from_ne_bytes([msg[12], msg[13], msg[14], msg[15]]);
             let touched = std::mem::take(&mut self.pending);
@@ -152,104 +153,46 @@ impl Gatherer {
     }
 }
 
-/// A netlink socket subscribed to nf_tables notifications. `recv` blocks: run it on a thread
+/// A netlink socket subscribed to nf_tables notifications. `wait` blocks: run it on a thread
 /// of its own.
 pub struct Monitor {
-    fd: libc::c_int,
+    sock: RawSocket,
     buf: Vec<u8>,
     gatherer: Gatherer,
-}
-
-impl Drop for Monitor {
-    fn drop(&mut self) {
-        // SAFETY: our own descriptor, closed once.
-        unsafe {
-            libc::close(self.fd);
-        }
-    }
 }
 
 impl Monitor {
     /// Subscribe (in the caller's network namespace) to changes of tables named `table` made by
     /// any socket but the one with port id `own_portid` (the agent's applier).
     pub fn open(table: &str, own_portid: u32) -> Result<Monitor, NlError> {
-        // SAFETY: plain socket calls on a descriptor we own; every result is checked.
-        unsafe {
-            let fd = libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                libc::NETLINK_NETFILTER,
-            );
-            if fd < 0 {
-                return Err(NlError::io("monitor socket"));
-            }
-            let m = Monitor {
-                fd,
-                buf: vec![0u8; 1 << 20],
-                gatherer: Gatherer::new(table, own_portid),
-            };
-            let mut addr: libc::sockaddr_nl = std::mem::zeroed();
-            addr.nl_family = libc::AF_NETLINK as libc::sa_family_t;
-            addr.nl_groups = 1 << (NFNLGRP_NFTABLES - 1);
-            if libc::bind(
-                fd,
-                (&addr as *const libc::sockaddr_nl).cast(),
-                std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
-            ) < 0
-            {
-                return Err(NlError::io("monitor bind"));
-            }
-            // Best effort: SO_RCVBUFFORCE needs CAP_NET_ADMIN, which the agent has.
-            for opt in [libc::SO_RCVBUFFORCE, libc::SO_RCVBUF] {
-                if libc::setsockopt(
-                    fd,
-                    libc::SOL_SOCKET,
-                    opt,
-                    (&RCVBUF as *const libc::c_int).cast(),
-                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-                ) == 0
-                {
-                    break;
-                }
-            }
-            Ok(m)
-        }
+        let io = |op| move |source| NlError::Io { op, source };
+        let sock = RawSocket::subscribe(1 << (NFNLGRP_NFTABLES - 1)).map_err(io("monitor bind"))?;
+        // Best effort: without the larger queue a burst is reported as lost and read back.
+        let _ = sock.set_recv_buffer(RCVBUF);
+        Ok(Monitor {
+            sock,
+            buf: vec![0u8; 1 << 20],
+            gatherer: Gatherer::new(table, own_portid),
+        })
     }
 
     /// Wait for the next foreign change (or a loss of notifications).
     pub fn wait(&mut self) -> Result<Notice, NlError> {
         loop {
-            // SAFETY: receiving into our own buffer of `len()` bytes.
-            let n = unsafe {
-                libc::recv(
-                    self.fd,
-                    self.buf.as_mut_ptr().cast(),
-                    self.buf.len(),
-                    libc::MSG_TRUNC,
-                )
-            };
-            if n < 0 {
-                let err = std::io::Error::last_os_error();
-                match err.raw_os_error() {
-                    Some(libc::EINTR) => continue,
-                    // The kernel dropped notifications because the queue was full.
-                    Some(libc::ENOBUFS) => {
-                        self.gatherer.pending.clear();
-                        return Ok(Notice::Lost);
-                    }
-                    _ => {
-                        return Err(NlError::Io {
-                            op: "monitor recv",
-                            source: err,
-                        })
-                    }
+            let n = match self.sock.recv(&mut self.buf) {
+                Ok(Received::Datagram(n)) => n,
+                // The kernel dropped notifications (a full queue), or one did not fit.
+                Ok(Received::Overflow | Received::Truncated(_)) => {
+                    self.gatherer.pending.clear();
+                    return Ok(Notice::Lost);
                 }
-            }
-            let n = n as usize;
-            if n > self.buf.len() {
-                self.gatherer.pending.clear();
-                return Ok(Notice::Lost);
-            }
+                Err(source) => {
+                    return Err(NlError::Io {
+                        op: "monitor recv",
+                        source,
+                    })
+                }
+            };
             let mut done = self.gatherer.feed(&self.buf[..n]);
             if let Some(mut all) = done.pop() {
                 for t in done {

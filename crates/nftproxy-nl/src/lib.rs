@@ -10,9 +10,12 @@
 //!   number (so kernel errors can be traced back to the operation that caused them);
 //! - a [`Socket`] that sends a batch with ONE `sendmsg` and collects the kernel's error reports,
 //!   and answers the few get/dump requests the applier needs;
-//! - the `NFTNL_UDATA` TLV format (module [`udata`]) nft uses for set metadata.
+//! - the `NFTNL_UDATA` TLV format (module [`udata`]) nft uses for set metadata;
+//! - a [`RawSocket`] for callers that build their own netlink messages (ctnetlink, nf_tables
+//!   notifications), and the few plain libc calls of module [`os`].
 //!
-//! It knows nothing about nftproxy's IR; `apply::netlink` lowers the IR into it.
+//! It knows nothing about nftproxy's IR; `apply::netlink` in the main crate lowers the IR into it.
+//! The main crate forbids `unsafe_code`: every unsafe line of nftproxy is in this crate.
 //!
 //! Why not libnftnl's own `nftnl_batch`: it splits the batch into pages, and sending page by page
 //! breaks above 128 KiB; nft itself sends all pages in one `sendmsg` with an iovec. A single flat
@@ -24,10 +27,12 @@
 //! is set, and [`Batch`] reserves (zero-initialised) room for that bound before letting libnftnl
 //! write.
 
-#![allow(unsafe_code)]
-
-pub mod monitor;
+pub mod alloc;
+pub mod os;
+pub mod socket;
 pub mod udata;
+
+pub use socket::{RawSocket, Received};
 
 use std::ffi::{CStr, CString};
 use std::os::raw::{c_char, c_int, c_void};

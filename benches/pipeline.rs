@@ -8,10 +8,11 @@ use std::time::Instant;
 
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use nftproxy::config::{NodePortAddresses, ProxyConfig};
-use nftproxy::engine::{key_of, Batch, Engine};
+use nftproxy::k8s::inbox::{key_of, Batch};
+use nftproxy::model::NodeInfo;
 use nftproxy::nft::{compile, plan, render};
-use nftproxy::snapshot::{self, NodeInfo};
+use nftproxy::pipeline::config::{NodePortAddresses, ProxyConfig};
+use nftproxy::pipeline::{self, Engine};
 
 fn objects(n: usize, e: usize) -> (Vec<Service>, Vec<EndpointSlice>) {
     let mut svcs = Vec::with_capacity(n);
@@ -83,7 +84,7 @@ fn main() {
 
     let t = Instant::now();
     let mut p = Vec::new();
-    let state = snapshot::proxy_state(&svcs, &slices, &[], &node, &mut p);
+    let state = pipeline::proxy_state(&svcs, &slices, &[], &node, &mut p);
     let t_state = ms(t);
     let t = Instant::now();
     let rs = compile::compile(&state, &cc).expect("compile");

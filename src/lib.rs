@@ -1,29 +1,23 @@
 //! nftproxy: a kube-proxy replacement that programs nftables.
 //!
-//! Data flow: watchers -> stores -> `model` -> `proxy` (ProxyState) -> `nft::compile` (Ruleset)
-//! -> `nft::plan` (Transaction) -> `apply` (one atomic netlink batch) -> health/metrics.
+//! The modules in pipeline order (ARCHITECTURE.md has the diagram and the rules each keeps):
+//! `k8s` (watches, inbox, objects, events) -> `model` (objects to service ports and endpoints)
+//! -> `proxy` (endpoint choice) -> `pipeline` (the incremental engine) -> `nft` (IR, compile,
+//! plan, render) -> `apply` (one atomic netlink batch) -> `sync` (the loop, the only kernel
+//! writer) -> `observe` (health, metrics: read the sync's Reports). `net` is the vocabulary they
+//! share; `cmd` wires them into commands; `conntrack` and `trace` serve sync and the tests.
 
-pub mod affinity;
-pub mod agent;
 pub mod apply;
-pub mod config;
+pub mod cmd;
 pub mod conntrack;
-pub mod diff_cmd;
-pub mod engine;
-pub mod events;
-pub mod health;
 pub mod k8s;
-pub mod kpconfig;
-pub mod metrics;
 pub mod model;
+pub mod net;
 pub mod nft;
-pub mod objects;
-pub mod preflight;
+pub mod observe;
+pub mod pipeline;
 pub mod proxy;
-pub mod render_cmd;
-pub mod snapshot;
 pub mod sync;
 #[doc(hidden)]
 pub mod testutil;
 pub mod trace;
-pub mod udp;

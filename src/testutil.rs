@@ -25,9 +25,16 @@ pub fn in_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T 
     h.join().unwrap_or_else(|e| std::panic::resume_unwind(e))
 }
 
+/// The objects of the shared test cluster (`tests/flows/cluster.yaml`: two nodes, node-a and
+/// node-b, and a Service of each kind).
+pub fn cluster_objects() -> crate::k8s::objects::Objects {
+    crate::k8s::objects::Objects::parse(include_str!("../tests/flows/cluster.yaml"))
+        .expect("tests/flows/cluster.yaml parses")
+}
+
 /// The proxy state of node-a for a scenario's objects (the scenario files name their nodes).
-pub fn node_a_state(objs: &crate::objects::Objects) -> crate::proxy::ProxyState {
-    let node = crate::render_cmd::pick_node(objs, Some("node-a"));
+pub fn node_a_state(objs: &crate::k8s::objects::Objects) -> crate::proxy::ProxyState {
+    let node = objs.node_info(Some("node-a"));
     let mut p = Vec::new();
-    crate::snapshot::proxy_state(&objs.services, &objs.slices, &[], &node, &mut p)
+    crate::pipeline::proxy_state(&objs.services, &objs.slices, &[], &node, &mut p)
 }

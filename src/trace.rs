@@ -11,7 +11,8 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
-use crate::nft::ir::{Action, ChainType, Element, Family, Field, Hook, Match, Proto, Table, Value};
+use crate::net::{Family, Proto};
+use crate::nft::ir::{Action, ChainType, Element, Field, Hook, Match, Table, Value};
 
 /// Where a packet comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -149,7 +149,7 @@ fn daemonset_runs_on_every_node_with_host_network_and_probes() {
     use clap::Parser;
     let mut argv = vec!["nftproxy".to_string()];
     argv.extend(args);
-    nftproxy::config::Cli::try_parse_from(argv).expect("daemonset args parse");
+    nftproxy::cmd::args::Cli::try_parse_from(argv).expect("daemonset args parse");
 }
 
 #[test]

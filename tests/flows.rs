@@ -7,7 +7,8 @@ mod common;
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 
-use nftproxy::nft::ir::{Family, Proto, Ruleset};
+use nftproxy::net::{Family, Proto};
+use nftproxy::nft::ir::Ruleset;
 use nftproxy::trace::{Origin, Outcome, Packet, Tracer};
 
 const NODE_A: &str = "192.168.0.2";
@@ -15,11 +16,12 @@ const NODE_A: &str = "192.168.0.2";
 fn ruleset(masquerade_all: bool) -> Ruleset {
     let path = common::root().join("tests/flows/cluster.yaml");
     let objs = common::load_objects(&path);
-    let node = nftproxy::render_cmd::pick_node(&objs, Some("node-a"));
+    let node = objs.node_info(Some("node-a"));
     let mut cfg = common::proxy_config("node-a");
     cfg.masquerade_all = masquerade_all;
-    let (rs, problems) =
-        nftproxy::render_cmd::compile_objects(&objs, &cfg, &node).expect("compile");
+    let (rs, problems) = nftproxy::pipeline::from_objects(&objs, &cfg, &node)
+        .map(|o| (o.ruleset, o.problems))
+        .expect("compile");
     assert!(problems.is_empty(), "{problems:?}");
     rs
 }

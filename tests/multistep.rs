@@ -8,16 +8,18 @@ use std::collections::BTreeSet;
 
 use nftproxy::apply::fake::FakeApplier;
 use nftproxy::apply::{Applier, ApplyError};
-use nftproxy::nft::ir::{Family, Ruleset};
+use nftproxy::k8s::objects::Objects;
+use nftproxy::net::Family;
+use nftproxy::nft::ir::Ruleset;
 use nftproxy::nft::plan;
 use nftproxy::nft::render;
 use nftproxy::nft::tx::Op;
-use nftproxy::objects::Objects;
 
 fn compile(objs: &Objects) -> Ruleset {
-    let node = nftproxy::render_cmd::pick_node(objs, Some("node-a"));
+    let node = objs.node_info(Some("node-a"));
     let (rs, problems) =
-        nftproxy::render_cmd::compile_objects(objs, &common::proxy_config("node-a"), &node)
+        nftproxy::pipeline::from_objects(objs, &common::proxy_config("node-a"), &node)
+            .map(|o| (o.ruleset, o.problems))
             .expect("compile");
     assert!(problems.is_empty(), "{problems:?}");
     rs
@@ -278,9 +280,10 @@ fn conflicting_services_do_not_break_the_commit() {
     dup.metadata.name = Some("zz-dup".into());
     dup.spec.as_mut().unwrap().cluster_ip = Some("172.30.0.10".into());
     objs.services.push(dup);
-    let node = nftproxy::render_cmd::pick_node(&objs, Some("node-a"));
+    let node = objs.node_info(Some("node-a"));
     let (next, problems) =
-        nftproxy::render_cmd::compile_objects(&objs, &common::proxy_config("node-a"), &node)
+        nftproxy::pipeline::from_objects(&objs, &common::proxy_config("node-a"), &node)
+            .map(|o| (o.ruleset, o.problems))
             .expect("compile");
     assert_eq!(problems.len(), 1, "{problems:?}");
     assert!(

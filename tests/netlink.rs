@@ -10,7 +10,8 @@ use std::collections::BTreeSet;
 use nftproxy::apply::fake::FakeApplier;
 use nftproxy::apply::netlink::NetlinkApplier;
 use nftproxy::apply::{Applier, ApplyError};
-use nftproxy::nft::ir::{Family, Ruleset};
+use nftproxy::net::Family;
+use nftproxy::nft::ir::Ruleset;
 use nftproxy::nft::{plan, render};
 
 fn listing(families: &[Family]) -> String {
@@ -127,9 +128,10 @@ fn fake_and_kernel_agree() {
     let mut objs = common::load_objects(&path);
     objs.services
         .retain(|s| s.metadata.name.as_deref() != Some("web"));
-    let node = nftproxy::render_cmd::pick_node(&objs, Some("node-a"));
+    let node = objs.node_info(Some("node-a"));
     let (changed, _) =
-        nftproxy::render_cmd::compile_objects(&objs, &common::proxy_config("node-a"), &node)
+        nftproxy::pipeline::from_objects(&objs, &common::proxy_config("node-a"), &node)
+            .map(|o| (o.ruleset, o.problems))
             .expect("compile");
     let (rs2, changed2) = (rs.clone(), changed.clone());
     let kernel = common::in_netns(move || {

@@ -4,7 +4,7 @@
 
 mod common;
 
-use nftproxy::nft::ir::Family;
+use nftproxy::net::Family;
 use nftproxy::nft::render;
 
 #[test]

@@ -6,8 +6,9 @@
 use std::collections::VecDeque;
 
 use super::{Applier, ApplyError};
+use crate::net::Family;
 use crate::nft::ir::{
-    Action, Decl, Element, Family, Field, FieldType, Match, Rule, Ruleset, SetDef, Table, Value,
+    Action, Decl, Element, Field, FieldType, Match, Rule, Ruleset, SetDef, Table, Value,
 };
 use crate::nft::tx::{Op, Transaction};
 
@@ -43,7 +44,7 @@ fn what(op: &Op) -> String {
 
 fn field_type(f: Family, x: &Field) -> FieldType {
     match x {
-        Field::Saddr | Field::Daddr | Field::CtOrigSaddr | Field::CtOrigDaddr => f.addr_type(),
+        Field::Saddr | Field::Daddr | Field::CtOrigSaddr | Field::CtOrigDaddr => FieldType::addr(f),
         Field::L4proto => FieldType::InetProto,
         Field::ThDport | Field::CtOrigProtoDst => FieldType::InetService,
         Field::Numgen(_) => FieldType::Slot,

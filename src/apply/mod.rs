@@ -4,10 +4,12 @@
 pub mod fake;
 pub mod monitor;
 pub mod netlink;
+pub mod preflight;
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::nft::ir::{Element, Family, Table};
+use crate::net::Family;
+use crate::nft::ir::{Element, Table};
 use crate::nft::tx::Transaction;
 
 /// Kernel errno classes that decide what the sync loop does next.

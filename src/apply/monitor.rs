@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use nftproxy_nl::{consts, message_attrs, NlError, RawSocket, Received};
 
-use crate::nft::ir::Family;
+use crate::net::Family;
 
 /// `NFNLGRP_NFTABLES` (linux/netfilter/nfnetlink.h).
 const NFNLGRP_NFTABLES: u32 = 7;

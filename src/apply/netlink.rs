@@ -28,13 +28,16 @@ use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::{Duration, Instant};
 
-use nftproxy_nl::{self as nl, consts::*, flags::*, Batch, Cmd, Expr, KernelError, NlError, Payload};
 use super::{Applier, ApplyError};
+use crate::net::{Family, Proto};
 use crate::nft::ir::{
-    Action, BaseChain, ChainType, Decl, Element, Family, Field, FieldType, Hook, Match, Proto,
-    Rule, SetDef, Table, Value,
+    Action, BaseChain, ChainType, Decl, Element, Field, FieldType, Hook, Match, Rule, SetDef,
+    Table, Value,
 };
 use crate::nft::tx::{Op, Transaction};
+use nftproxy_nl::{
+    self as nl, consts::*, flags::*, Batch, Cmd, Expr, KernelError, NlError, Payload,
+};
 
 /// nft's datatype ids (`enum datatypes`), stored in `NFTA_SET_KEY_TYPE`/`DATA_TYPE`; a
 /// concatenation stacks them 6 bits apart, first component highest.
@@ -684,7 +687,9 @@ fn host_endian(f: Field) -> bool {
 
 fn field_value_type(f: Field, fam: Family) -> FieldType {
     match f {
-        Field::Saddr | Field::Daddr | Field::CtOrigSaddr | Field::CtOrigDaddr => fam.addr_type(),
+        Field::Saddr | Field::Daddr | Field::CtOrigSaddr | Field::CtOrigDaddr => {
+            FieldType::addr(fam)
+        }
         Field::L4proto => FieldType::InetProto,
         Field::ThDport | Field::CtOrigProtoDst => FieldType::InetService,
         Field::Numgen(_) => FieldType::Slot,

@@ -10,7 +10,10 @@ use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
-use crate::nft::ir::{Family, Proto};
+use crate::net::{Family, Proto};
+
+pub mod node;
+pub use node::{service_cidrs, NodeInfo, AUTOSCALER_TAINT};
 
 /// Label that hands a Service to another proxy implementation.
 pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";

@@ -8,34 +8,7 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-/// Address family of a table. nftproxy keeps one table per family (no `inet` table) because a
-/// set of addresses can only hold one family.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Family {
-    Ip,
-    Ip6,
-}
-
-impl Family {
-    pub fn keyword(self) -> &'static str {
-        match self {
-            Family::Ip => "ip",
-            Family::Ip6 => "ip6",
-        }
-    }
-    pub fn addr_type(self) -> FieldType {
-        match self {
-            Family::Ip => FieldType::Ipv4Addr,
-            Family::Ip6 => FieldType::Ipv6Addr,
-        }
-    }
-    pub fn of(ip: &IpAddr) -> Family {
-        match ip {
-            IpAddr::V4(_) => Family::Ip,
-            IpAddr::V6(_) => Family::Ip6,
-        }
-    }
-}
+use crate::net::{Family, Proto};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Hook {
@@ -115,6 +88,13 @@ pub enum FieldType {
 // A byte length, not a container: there is no emptiness to ask about.
 #[allow(clippy::len_without_is_empty)]
 impl FieldType {
+    /// The address type of a family.
+    pub fn addr(f: Family) -> FieldType {
+        match f {
+            Family::Ip => FieldType::Ipv4Addr,
+            Family::Ip6 => FieldType::Ipv6Addr,
+        }
+    }
     /// Bytes on the wire (before register padding).
     pub fn len(self) -> usize {
         match self {
@@ -146,31 +126,6 @@ pub enum Value {
     Proto(Proto),
     Port(u16),
     Slot(u32),
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Proto {
-    Tcp,
-    Udp,
-    Sctp,
-}
-
-impl Proto {
-    pub fn number(self) -> u8 {
-        match self {
-            Proto::Tcp => 6,
-            Proto::Udp => 17,
-            Proto::Sctp => 132,
-        }
-    }
-    pub fn keyword(self) -> &'static str {
-        match self {
-            Proto::Tcp => "tcp",
-            Proto::Udp => "udp",
-            Proto::Sctp => "sctp",
-        }
-    }
-    pub const ALL: [Proto; 3] = [Proto::Tcp, Proto::Udp, Proto::Sctp];
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -4,9 +4,9 @@
 use std::fmt::Write;
 
 use super::ir::{
-    Action, Decl, Element, Family, Field, FieldType, Match, Rule, Ruleset, SetDef, Table, Value,
-    TABLE_NAME,
+    Action, Decl, Element, Field, FieldType, Match, Rule, Ruleset, SetDef, Table, Value, TABLE_NAME,
 };
+use crate::net::Family;
 
 pub fn field(f: Family, x: &Field) -> String {
     let a = f.keyword();

@@ -2,8 +2,9 @@
 //! IR at start-up. It understands exactly the constructs of [`super::ir`], written for the ip
 //! family (the ip6 table is derived from it).
 
-use super::ir::{Action, Proto};
+use super::ir::Action;
 use super::ir::{BaseChain, ChainType, Decl, Field, FieldType, Hook, Match, Rule, SetDef, Value};
+use crate::net::Proto;
 
 /// The skeleton text compiled into the binary.
 pub const SKELETON: &str = include_str!("../../nft-templates/skeleton.nft");

@@ -1,7 +1,8 @@
 //! A transaction: the ordered operations of one atomic commit. `plan` produces it, the appliers
 //! (netlink, fake) execute it all-or-nothing.
 
-use super::ir::{BaseChain, Element, Family, Rule, SetDef};
+use super::ir::{BaseChain, Element, Rule, SetDef};
+use crate::net::Family;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Op {

@@ -10,7 +10,7 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 
 use crate::model::{Endpoint, PortEndpoints, PortKey, ServicePort};
-use crate::nft::ir::Family;
+use crate::net::Family;
 
 /// An endpoint address chosen for the data path.
 pub type Backend = (IpAddr, u16);

@@ -1,6 +1,6 @@
 use super::*;
 use crate::model::{PortKey, ServiceName};
-use crate::nft::ir::Proto;
+use crate::net::Proto;
 
 fn sp(internal_local: bool, external_local: bool, node_port: bool) -> ServicePort {
     ServicePort {

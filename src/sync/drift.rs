@@ -11,7 +11,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use crate::apply::KernelTable;
 use crate::model::PortKey;
-use crate::nft::ir::{Action, Chain, Decl, Element, Family, Ruleset, SetDef, Table, Value};
+use crate::net::Family;
+use crate::nft::ir::{Action, Chain, Decl, Element, Ruleset, SetDef, Table, Value};
 use crate::nft::render;
 use crate::proxy::ProxyState;
 
@@ -295,7 +296,7 @@ pub fn kernel_view(
 
 /// The elements of `set` with the backends of each entry renumbered in sorted order, when
 /// `set` is a backends map: two rulesets that differ only in which slot holds which backend
-/// (history, not API objects: see `engine::stable_slots`) compare equal this way.
+/// (history, not API objects: see `pipeline::stable_slots`) compare equal this way.
 pub fn canonical_slots(set: &str, elements: Vec<Element>) -> Vec<Element> {
     if !crate::nft::compile::is_backends_map(set) {
         return elements;
@@ -349,8 +350,7 @@ mod tests {
     use crate::nft::tx::{Op, Transaction};
 
     fn applied() -> (FakeApplier, Ruleset, ProxyState) {
-        let objs = crate::objects::Objects::parse(include_str!("../../tests/flows/cluster.yaml"))
-            .expect("objects");
+        let objs = crate::testutil::cluster_objects();
         let state = crate::testutil::node_a_state(&objs);
         let cfg = crate::nft::compile::CompileConfig {
             cluster_cidrs: vec!["10.0.0.0/8".parse().expect("cidr")],

@@ -4,6 +4,7 @@
 //! dropped (so the next sync rebuilds everything), and the sync is retried with backoff. It never
 //! exits on a sync error. All timing uses tokio time, so tests run on paused time.
 
+pub mod affinity;
 pub mod drift;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -15,7 +16,8 @@ use tokio::time::Instant;
 
 use crate::apply::monitor::{self, Notice, Touched};
 use crate::apply::{Applier, ApplyError, KernelTable};
-use crate::nft::ir::{Family, Ruleset};
+use crate::net::Family;
+use crate::nft::ir::Ruleset;
 use crate::nft::plan;
 use crate::nft::tx::Transaction;
 use crate::proxy::ProxyState;

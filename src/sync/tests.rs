@@ -1,15 +1,15 @@
 use super::*;
 use crate::apply::fake::FakeApplier;
-use crate::config::{NodePortAddresses, ProxyConfig};
+use crate::k8s::objects::Objects;
 use crate::nft::tx::Op;
-use crate::objects::Objects;
+use crate::pipeline::config::{NodePortAddresses, ProxyConfig};
 
 fn objects() -> Objects {
-    Objects::parse(include_str!("../../tests/flows/cluster.yaml")).expect("objects")
+    crate::testutil::cluster_objects()
 }
 
 fn desired_of(objs: &Objects) -> Desired {
-    let node = crate::render_cmd::pick_node(objs, Some("node-a"));
+    let node = objs.node_info(Some("node-a"));
     let cfg = ProxyConfig {
         node_name: "node-a".into(),
         cluster_cidrs: vec!["10.0.0.0/8".parse().unwrap()],
@@ -20,7 +20,9 @@ fn desired_of(objs: &Objects) -> Desired {
             cidrs: vec![],
         },
     };
-    let (ruleset, _) = crate::render_cmd::compile_objects(objs, &cfg, &node).expect("compile");
+    let (ruleset, _) = crate::pipeline::from_objects(objs, &cfg, &node)
+        .map(|o| (o.ruleset, o.problems))
+        .expect("compile");
     Desired {
         ruleset,
         state: Arc::new(ProxyState::default()),

@@ -4,10 +4,10 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use nftproxy::config::{NodePortAddresses, ProxyConfig};
+use nftproxy::k8s::objects::Objects;
 use nftproxy::nft::ir::Ruleset;
-use nftproxy::objects::Objects;
-use nftproxy::render_cmd;
+use nftproxy::pipeline;
+use nftproxy::pipeline::config::{NodePortAddresses, ProxyConfig};
 
 pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -40,9 +40,11 @@ pub fn load_objects(path: &Path) -> Objects {
 /// Compile a scenario file for `node` (the first Node in the file when empty).
 pub fn compile_file(path: &Path, node: &str) -> Ruleset {
     let objs = load_objects(path);
-    let info = render_cmd::pick_node(&objs, if node.is_empty() { None } else { Some(node) });
+    let info = objs.node_info(if node.is_empty() { None } else { Some(node) });
     let cfg = proxy_config(&info.name);
-    let (rs, problems) = render_cmd::compile_objects(&objs, &cfg, &info).expect("compile");
+    let (rs, problems) = pipeline::from_objects(&objs, &cfg, &info)
+        .map(|o| (o.ruleset, o.problems))
+        .expect("compile");
     assert!(problems.is_empty(), "{problems:?}");
     rs
 }

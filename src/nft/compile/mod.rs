@@ -13,11 +13,11 @@ use rustc_hash::FxHashMap;
 use ipnet::IpNet;
 
 use super::ir::{
-    Action, Chain, Decl, Element, Family, Field, FieldType, Match, Proto, Rule, Ruleset, SetDef,
-    Table, Value,
+    Action, Chain, Decl, Element, Field, FieldType, Match, Rule, Ruleset, SetDef, Table, Value,
 };
 use super::template::{self, Template};
 use crate::model::{PortKey, ServiceName};
+use crate::net::{Family, Proto};
 use crate::proxy::{Backend, PortState, ProxyState};
 
 /// The node-level settings compile needs (from flags and the Node object).
@@ -132,7 +132,11 @@ fn entry_types(f: Family, nodeport: bool) -> Vec<FieldType> {
     if nodeport {
         vec![FieldType::InetProto, FieldType::InetService]
     } else {
-        vec![f.addr_type(), FieldType::InetProto, FieldType::InetService]
+        vec![
+            FieldType::addr(f),
+            FieldType::InetProto,
+            FieldType::InetService,
+        ]
     }
 }
 
@@ -569,14 +573,14 @@ fn instantiate_skeleton(f: Family, cfg: &CompileConfig, tpl: &Template) -> Table
         if let Decl::Type(ts) = &mut def.key {
             for x in ts.iter_mut() {
                 if *x == FieldType::Ipv4Addr {
-                    *x = f.addr_type();
+                    *x = FieldType::addr(f);
                 }
             }
         }
         if let Some(Decl::Type(ts)) = &mut def.data {
             for x in ts.iter_mut() {
                 if *x == FieldType::Ipv4Addr {
-                    *x = f.addr_type();
+                    *x = FieldType::addr(f);
                 }
             }
         }

@@ -1,13 +1,13 @@
-//! Compile regressions found by the engine's property test (`engine::tests`).
+//! Compile regressions found by the engine's property test (`pipeline::tests`).
 
 use k8s_openapi::api::core::v1::Service;
 
 use super::*;
 use crate::apply::fake::FakeApplier;
 use crate::apply::Applier;
-use crate::engine::Model;
+use crate::model::NodeInfo;
 use crate::nft::plan;
-use crate::snapshot::NodeInfo;
+use crate::pipeline::Model;
 
 fn node() -> NodeInfo {
     NodeInfo {

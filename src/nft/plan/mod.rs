@@ -9,8 +9,9 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use imbl::ordset::DiffItem;
 
-use super::ir::{Element, Elements, Family, Ruleset, Table};
+use super::ir::{Element, Elements, Ruleset, Table};
 use super::tx::{Op, Transaction};
+use crate::net::Family;
 
 /// Create a whole table from nothing (after `AddTable`).
 fn create_table(f: Family, t: &Table, ops: &mut Vec<Op>) {

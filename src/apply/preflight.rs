@@ -5,9 +5,10 @@
 //! feature is reported in one line that says what is missing and how to fix it.
 
 use crate::apply::ApplyError;
+use crate::net::{Family, Proto};
 use crate::nft::ir::{
-    Action, BaseChain, ChainType, Decl, Family, Field, FieldType, Hook, Match, Proto, Rule, SetDef,
-    SetFlags, Value,
+    Action, BaseChain, ChainType, Decl, Field, FieldType, Hook, Match, Rule, SetDef, SetFlags,
+    Value,
 };
 use crate::nft::tx::{Op, Transaction};
 

@@ -13,135 +13,17 @@ use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
+use crate::k8s::inbox::{key_of, Batch, ObjKey};
+use crate::k8s::objects::Objects;
+use crate::model::NodeInfo;
 use crate::model::{self, PortKey, Problem, ServiceName, ServicePort, SliceInfo};
+use crate::net::Family;
 use crate::nft::compile::{self, CompileConfig, CompileError, Compiled};
-use crate::nft::ir::{Family, Ruleset};
+use crate::nft::ir::Ruleset;
 use crate::proxy::{self, Backend, ProxyState};
-use crate::snapshot::NodeInfo;
 
-/// Namespace and name of an object.
-pub type ObjKey = (String, String);
-
-/// What a watch delivered for one kind since the engine last looked: the latest version of each
-/// changed object (None: deleted), or, after a relist, the whole new list. The engine keeps only
-/// its reduced model, so the objects are dropped once modelled: the agent holds no second copy
-/// of the cluster's Services and EndpointSlices.
-#[derive(Debug)]
-pub struct Pending<K> {
-    changed: HashMap<ObjKey, Option<K>>,
-    /// A relist being received (between Init and InitDone).
-    relisting: Option<HashMap<ObjKey, K>>,
-    /// A complete relist the engine has not taken yet (later events are folded into it).
-    replaced: Option<HashMap<ObjKey, K>>,
-    /// The first list has completed.
-    pub listed: bool,
-}
-
-impl<K> Default for Pending<K> {
-    fn default() -> Self {
-        Pending {
-            changed: HashMap::new(),
-            relisting: None,
-            replaced: None,
-            listed: false,
-        }
-    }
-}
-
-/// What the engine takes from a [`Pending`].
-#[derive(Debug)]
-pub struct Batch<K> {
-    /// Every object of the kind (a relist); `changed` is empty then.
-    pub replaced: Option<HashMap<ObjKey, K>>,
-    pub changed: HashMap<ObjKey, Option<K>>,
-}
-
-impl<K> Default for Batch<K> {
-    fn default() -> Self {
-        Batch {
-            replaced: None,
-            changed: HashMap::new(),
-        }
-    }
-}
-
-impl<K> Batch<K> {
-    pub fn is_empty(&self) -> bool {
-        self.replaced.is_none() && self.changed.is_empty()
-    }
-
-    /// A complete list.
-    pub fn all(objects: impl IntoIterator<Item = K>) -> Batch<K>
-    where
-        K: kube::Resource,
-    {
-        Batch {
-            replaced: Some(objects.into_iter().map(|o| (key_of(o.meta()), o)).collect()),
-            changed: HashMap::new(),
-        }
-    }
-}
-
-impl<K: kube::Resource> Pending<K> {
-    /// Record one watch event.
-    pub fn event(&mut self, ev: kube::runtime::watcher::Event<K>) {
-        use kube::runtime::watcher::Event;
-        match ev {
-            Event::Apply(o) => {
-                let key = key_of(o.meta());
-                match &mut self.replaced {
-                    Some(all) => {
-                        all.insert(key, o);
-                    }
-                    None => {
-                        self.changed.insert(key, Some(o));
-                    }
-                }
-            }
-            Event::Delete(o) => {
-                let key = key_of(o.meta());
-                match &mut self.replaced {
-                    Some(all) => {
-                        all.remove(&key);
-                    }
-                    None => {
-                        self.changed.insert(key, None);
-                    }
-                }
-            }
-            Event::Init => self.relisting = Some(HashMap::new()),
-            Event::InitApply(o) => {
-                self.relisting
-                    .get_or_insert_with(HashMap::new)
-                    .insert(key_of(o.meta()), o);
-            }
-            Event::InitDone => {
-                // The new list supersedes every change before it.
-                self.replaced = Some(self.relisting.take().unwrap_or_default());
-                self.changed.clear();
-                self.listed = true;
-            }
-        }
-    }
-
-    pub fn take(&mut self) -> Batch<K> {
-        Batch {
-            replaced: self.replaced.take(),
-            changed: std::mem::take(&mut self.changed),
-        }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.replaced.is_none() && self.changed.is_empty()
-    }
-}
-
-pub fn key_of(meta: &kube::api::ObjectMeta) -> ObjKey {
-    (
-        meta.namespace.clone().unwrap_or_else(|| "default".into()),
-        meta.name.clone().unwrap_or_default(),
-    )
-}
+pub mod config;
+use config::ProxyConfig;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Kind {
@@ -535,6 +417,46 @@ impl Engine {
         );
         Ok(out)
     }
+}
+
+/// Build the proxy state from whole object lists (the engine's from-scratch path).
+pub fn proxy_state<'a>(
+    services: impl IntoIterator<Item = &'a Service>,
+    slices: impl IntoIterator<Item = &'a EndpointSlice>,
+    cidrs: &[IpNet],
+    node: &NodeInfo,
+    problems: &mut Vec<Problem>,
+) -> ProxyState {
+    let m = Model::from_objects(services, slices, cidrs, node);
+    problems.extend(m.problems());
+    m.state().clone()
+}
+
+/// The ruleset a set of objects compiles to on `node`, the proxy state it was compiled from and
+/// the problems found on the way: exactly what `run` would program. The one from-scratch entry
+/// used by `render`, `diff`, the tests and the benchmark.
+#[derive(Debug, Clone)]
+pub struct FromScratch {
+    pub ruleset: Ruleset,
+    pub state: ProxyState,
+    pub problems: Vec<Problem>,
+}
+
+pub fn from_objects(
+    objs: &Objects,
+    cfg: &ProxyConfig,
+    node: &NodeInfo,
+) -> Result<FromScratch, CompileError> {
+    let mut problems = Vec::new();
+    let cidrs = model::service_cidrs(&objs.service_cidrs, &mut problems);
+    let state = proxy_state(&objs.services, &objs.slices, &cidrs, node, &mut problems);
+    let (ruleset, mut conflicts) = compile::compile_checked(&state, &cfg.compile_config(node))?;
+    problems.append(&mut conflicts);
+    Ok(FromScratch {
+        ruleset,
+        state,
+        problems,
+    })
 }
 
 #[cfg(test)]

@@ -36,7 +36,7 @@ pub struct GoDuration(pub Duration);
 impl<'de> Deserialize<'de> for GoDuration {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        crate::config::parse_duration(&s)
+        crate::cmd::args::parse_duration(&s)
             .map(GoDuration)
             .map_err(serde::de::Error::custom)
     }
@@ -230,7 +230,7 @@ impl KubeProxyConfiguration {
             out.cluster_cidrs = Some(cidrs);
         }
         if let Some(n) = self.node_port_addresses.as_ref().filter(|n| !n.is_empty()) {
-            crate::config::NodePortAddresses::parse(n)
+            crate::pipeline::config::NodePortAddresses::parse(n)
                 .map_err(|e| field("nodePortAddresses", e.to_string()))?;
             out.nodeport_addresses = Some(n.clone());
         }

@@ -6,10 +6,14 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
+use std::process::ExitCode;
 
+use super::args::DiffArgs;
 use crate::apply::{Applier, ApplyError, KernelTable};
-use crate::nft::ir::{Family, Ruleset};
+use crate::net::Family;
+use crate::nft::ir::Ruleset;
 use crate::nft::render;
+use crate::pipeline::{self, FromScratch};
 use crate::proxy::ProxyState;
 use crate::sync::drift::{self, Owners};
 
@@ -150,13 +154,13 @@ pub fn compare(
 pub async fn list_objects(
     client: kube::Client,
     node: &str,
-) -> Result<crate::objects::Objects, kube::Error> {
+) -> Result<crate::k8s::objects::Objects, kube::Error> {
     use k8s_openapi::api::core::v1::{Node, Service};
     use k8s_openapi::api::discovery::v1::EndpointSlice;
     use k8s_openapi::api::networking::v1::ServiceCIDR;
     use kube::api::{Api, ListParams};
-    let svc = ListParams::default().labels(crate::k8s::SERVICE_SELECTOR);
-    let eps = ListParams::default().labels(crate::k8s::SLICE_SELECTOR);
+    let svc = ListParams::default().labels(crate::k8s::watch::SERVICE_SELECTOR);
+    let eps = ListParams::default().labels(crate::k8s::watch::SLICE_SELECTOR);
     let services = Api::<Service>::all(client.clone()).list(&svc).await?.items;
     let slices = Api::<EndpointSlice>::all(client.clone())
         .list(&eps)
@@ -175,12 +179,86 @@ pub async fn list_objects(
         Err(kube::Error::Api(e)) if e.code == 404 => Vec::new(),
         Err(e) => return Err(e),
     };
-    Ok(crate::objects::Objects {
+    Ok(crate::k8s::objects::Objects {
         services,
         slices,
         nodes,
         service_cidrs,
     })
+}
+
+/// `nftproxy diff`: exit 0 when the kernel holds what `run` would program, 1 when not, 2 when
+/// the comparison could not be made.
+pub fn diff(args: DiffArgs) -> ExitCode {
+    let fail = |e: String| {
+        eprintln!("nftproxy diff: {e}");
+        ExitCode::from(2)
+    };
+    let mut cfg = match args.proxy.proxy_config() {
+        Ok(c) => c,
+        Err(e) => return fail(e.to_string()),
+    };
+    let objs = match &args.file {
+        Some(f) => match super::read_objects(f) {
+            Ok(o) => o,
+            Err(e) => return fail(e),
+        },
+        None => {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => return fail(format!("cannot start the runtime: {e}")),
+            };
+            let listed = rt.block_on(async {
+                let (client, _) =
+                    super::run::client(args.kubeconfig.as_deref(), args.master.as_deref())
+                        .await
+                        .map_err(|e| e.to_string())?;
+                list_objects(client, &cfg.node_name)
+                    .await
+                    .map_err(|e| format!("listing from the API: {e}"))
+            });
+            match listed {
+                Ok(o) => o,
+                Err(e) => return fail(e),
+            }
+        }
+    };
+    // From a file, like `render`: the named node, else the file's only Node.
+    let node = match &args.file {
+        Some(_) => objs.node_info(args.proxy.hostname_override.as_deref()),
+        None => objs.node_info(Some(&cfg.node_name)),
+    };
+    cfg.node_name = node.name.clone();
+    let FromScratch {
+        ruleset: desired,
+        state,
+        problems,
+    } = match pipeline::from_objects(&objs, &cfg, &node) {
+        Ok(x) => x,
+        Err(e) => return fail(e.to_string()),
+    };
+    for p in problems {
+        eprintln!("skipped: {}: {}", p.object, p.reason);
+    }
+    let mut applier = match crate::apply::netlink::NetlinkApplier::new() {
+        Ok(a) => a,
+        Err(e) => return fail(e.to_string()),
+    };
+    let (kernel, extra) = match read_kernel(&mut applier, &desired) {
+        Ok(k) => k,
+        Err(e) => return fail(e.to_string()),
+    };
+    let report = compare(&desired, &kernel, &extra, &state);
+    if report.is_empty() {
+        println!("no differences: the kernel holds what nftproxy would program");
+        ExitCode::SUCCESS
+    } else {
+        print!("{}", report.text());
+        ExitCode::from(1)
+    }
 }
 
 #[cfg(test)]
@@ -192,8 +270,7 @@ mod tests {
     use crate::nft::tx::{Op, Transaction};
 
     fn setup() -> (FakeApplier, Ruleset, ProxyState) {
-        let objs = crate::objects::Objects::parse(include_str!("../tests/flows/cluster.yaml"))
-            .expect("objects");
+        let objs = crate::testutil::cluster_objects();
         let state = crate::testutil::node_a_state(&objs);
         let rs = crate::nft::compile::compile(&state, &Default::default()).expect("compile");
         let mut fake = FakeApplier::new();

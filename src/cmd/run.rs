@@ -15,22 +15,23 @@ use crate::apply::{Applier, FaultInjecting};
 
 /// The kernel applier with its test seam.
 type AgentApplier = FaultInjecting<NetlinkApplier>;
-use crate::config::{ProxyConfig, RunArgs};
-use crate::events::{Events, Warning};
-use crate::health::agent::AgentHealth;
-use crate::health::service::{Probe, Servers, TcpBinder, Wanted};
-use crate::k8s::{self, Stores};
-use crate::metrics::{self, Metrics};
+use crate::cmd::args::RunArgs;
+use crate::k8s::events::{Events, Warning};
+use crate::k8s::watch::{self, Stores};
 use crate::model::ServiceName;
-use crate::nft::ir::Family;
+use crate::model::{self, NodeInfo};
+use crate::net::Family;
+use crate::observe::health::agent::AgentHealth;
+use crate::observe::health::service::{Probe, Servers, TcpBinder, Wanted};
+use crate::observe::metrics::{self, Metrics};
+use crate::pipeline::config::ProxyConfig;
 use crate::proxy::ProxyState;
-use crate::snapshot::{self, NodeInfo};
 use crate::sync::{Desired, Observer, Report, SharedStatus, SyncConfig, SyncKind, Syncer};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     #[error("configuration: {0}")]
-    Config(#[from] crate::config::ConfigError),
+    Config(#[from] crate::cmd::args::ConfigError),
     #[error("kubeconfig: {0}")]
     Kubeconfig(String),
     #[error("kubernetes client: {0}")]
@@ -38,7 +39,7 @@ pub enum AgentError {
     #[error("netlink: {0}")]
     Netlink(#[from] crate::apply::ApplyError),
     #[error("preflight: {0}")]
-    Preflight(#[from] crate::preflight::PreflightError),
+    Preflight(#[from] crate::apply::preflight::PreflightError),
     #[error("the configuration file {} changed; exiting to restart with it", .0.display())]
     ConfigChanged(std::path::PathBuf),
     #[error("cannot listen on {addr}: {error}")]
@@ -423,7 +424,7 @@ impl Observer for AgentObserver {
         if affinity_lost(r.previous.as_deref(), &r.state) {
             let families: Vec<Family> = r.state.families.keys().copied().collect();
             let mut a = self.applier.lock().unwrap_or_else(|e| e.into_inner());
-            match crate::affinity::clean(&mut *a, &r.state, &families) {
+            match crate::sync::affinity::clean(&mut *a, &r.state, &families) {
                 Ok(n) if n > 0 => tracing::info!(
                     deleted = n,
                     "removed affinity entries pointing to gone endpoints"
@@ -437,8 +438,11 @@ impl Observer for AgentObserver {
             .lock()
             .map(|n| n.clone())
             .unwrap_or_default();
-        let flows =
-            crate::udp::stale_udp_flows(r.previous.as_deref(), &r.state, nodeport_ips.as_deref());
+        let flows = crate::conntrack::stale::stale_udp_flows(
+            r.previous.as_deref(),
+            &r.state,
+            nodeport_ips.as_deref(),
+        );
         if !flows.is_empty() {
             match self.conntrack.delete_stale(&flows) {
                 Ok(n) => {
@@ -538,8 +542,8 @@ fn health_addrs(cfg: &ProxyConfig, node: &NodeInfo) -> Vec<IpAddr> {
 
 /// Probe the kernel features and privileges the ruleset needs (throwaway table, nothing left).
 pub fn preflight() -> Result<(), AgentError> {
-    let mut probe = NetlinkApplier::with_table(crate::preflight::PROBE_TABLE)?;
-    crate::preflight::check(&mut |tx| probe.apply(tx))?;
+    let mut probe = NetlinkApplier::with_table(crate::apply::preflight::PROBE_TABLE)?;
+    crate::apply::preflight::check(&mut |tx| probe.apply(tx))?;
     Ok(())
 }
 
@@ -576,7 +580,7 @@ async fn file_changed(path: Option<std::path::PathBuf>) -> std::path::PathBuf {
 }
 
 async fn run_until_stopped(args: RunArgs) -> Result<(), AgentError> {
-    let cfg = ProxyConfig::from_args(&args.proxy)?;
+    let cfg = args.proxy.proxy_config()?;
     tracing::info!(node = %cfg.node_name, "starting nftproxy");
     preflight()?;
     let applier = FaultInjecting {
@@ -609,7 +613,7 @@ async fn run_until_stopped(args: RunArgs) -> Result<(), AgentError> {
         sync_period: args.sync_period,
         node_eligible: node_eligible.clone(),
     };
-    crate::health::agent::serve(args.healthz_bind_address, health.clone())
+    crate::observe::health::agent::serve(args.healthz_bind_address, health.clone())
         .await
         .map_err(|error| AgentError::Listen {
             addr: args.healthz_bind_address,
@@ -625,7 +629,7 @@ async fn run_until_stopped(args: RunArgs) -> Result<(), AgentError> {
     let (changes_tx, changes_rx) = mpsc::channel(1);
     let lists_done = Arc::new(std::sync::atomic::AtomicBool::new(false));
     spawn_api_probe(api, status.clone(), lists_done.clone());
-    let stores = k8s::start(client, &cfg.node_name, changes_tx.clone()).await;
+    let stores = watch::start(client, &cfg.node_name, changes_tx.clone()).await;
     {
         let (ready, done) = (stores.ready.clone(), lists_done);
         tokio::spawn(async move {
@@ -690,7 +694,7 @@ async fn run_until_stopped(args: RunArgs) -> Result<(), AgentError> {
         events: events.clone(),
         health_addrs: health_addrs_cell.clone(),
         nodeport_ips,
-        engine: crate::engine::Engine::default(),
+        engine: crate::pipeline::Engine::default(),
     };
     let desired = move || ctx.compute();
 
@@ -737,7 +741,7 @@ struct DesiredCtx {
     events: Events,
     health_addrs: Arc<Mutex<Vec<IpAddr>>>,
     nodeport_ips: Arc<Mutex<Option<Vec<IpAddr>>>>,
-    engine: crate::engine::Engine,
+    engine: crate::pipeline::Engine,
 }
 
 impl DesiredCtx {
@@ -782,7 +786,7 @@ impl DesiredCtx {
             .as_ref()
             .map(|s| s.state().into_iter().map(|o| (*o).clone()).collect())
             .unwrap_or_default();
-        let cidrs = snapshot::service_cidrs(&cidr_objs, &mut found);
+        let cidrs = model::service_cidrs(&cidr_objs, &mut found);
         if let Ok(mut a) = self.health_addrs.lock() {
             *a = health_addrs(&self.cfg, &node);
         }
@@ -931,7 +935,6 @@ async fn shutdown_signal() {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::objects::Objects;
 
     use crate::testutil::node_a_state as state;
 
@@ -989,7 +992,7 @@ mod tests {
 
     #[test]
     fn health_wants_follow_changes_incrementally() {
-        let mut objs = Objects::parse(include_str!("../tests/flows/cluster.yaml")).unwrap();
+        let mut objs = crate::testutil::cluster_objects();
         let before = state(&objs);
         let mut wanted = BTreeMap::new();
         update_wanted(&mut wanted, None, &before);

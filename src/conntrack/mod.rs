@@ -22,7 +22,9 @@
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use crate::nft::ir::Family;
+use crate::net::Family;
+
+pub mod stale;
 
 /// A UDP flow steering rule to clean: conntrack entries whose ORIGINAL destination is `dst:port`
 /// (a ClusterIP/externalIP/LB IP with its service port, or any local address with a NodePort when

@@ -17,7 +17,7 @@ use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client, Resource, ResourceExt};
 use tokio::sync::mpsc;
 
-use crate::engine::Pending;
+use crate::k8s::inbox::{Inbox, Pending, SharedInbox};
 
 /// Upstream kube-proxy's selector: Services and slices handed to another proxy, and headless
 /// Services' slices, are not ours.
@@ -50,16 +50,6 @@ impl Stores {
             .is_ok_and(|r| r.is_ok())
     }
 }
-
-/// Services and EndpointSlices as delivered by their watches, waiting for the engine (which
-/// keeps only its reduced model of them: there is no store of whole objects).
-#[derive(Debug, Default)]
-pub struct Inbox {
-    pub services: Pending<Service>,
-    pub slices: Pending<EndpointSlice>,
-}
-
-pub type SharedInbox = Arc<std::sync::Mutex<Inbox>>;
 
 /// Drive a reflector and nudge `changes` on every event. The reflector has updated its store
 /// before the event reaches `on_event`.
@@ -352,12 +342,12 @@ pub fn name<K: ResourceExt>(o: &K) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::objects::Objects;
-    use crate::snapshot::{self, NodeInfo};
+    use crate::k8s::objects::Objects;
+    use crate::model::NodeInfo;
 
     #[test]
     fn slimming_changes_nothing_nftproxy_reads() {
-        let objs = Objects::parse(include_str!("../tests/flows/cluster.yaml")).expect("objects");
+        let objs = crate::testutil::cluster_objects();
         let mut slim = objs.clone();
         for s in slim.services.iter_mut() {
             s.slim();
@@ -387,7 +377,7 @@ mod tests {
             let node = NodeInfo::from_node(&o.nodes[0]);
             let mut p = Vec::new();
             (
-                snapshot::proxy_state(&o.services, &o.slices, &[], &node, &mut p),
+                crate::pipeline::proxy_state(&o.services, &o.slices, &[], &node, &mut p),
                 node,
             )
         };

@@ -5,6 +5,8 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::ServiceCIDR;
 use serde::Deserialize;
 
+use crate::model::NodeInfo;
+
 #[derive(Debug, Default, Clone)]
 pub struct Objects {
     pub services: Vec<Service>,
@@ -26,6 +28,27 @@ pub enum ObjectsError {
 }
 
 impl Objects {
+    /// The node a file's objects are rendered for: the named one, else the only Node in the
+    /// file (an unknown name gives a Node with only that name).
+    pub fn node_info(&self, name: Option<&str>) -> NodeInfo {
+        let objs = self;
+        let found = match name {
+            Some(n) => objs
+                .nodes
+                .iter()
+                .find(|x| x.metadata.name.as_deref() == Some(n)),
+            None if objs.nodes.len() == 1 => objs.nodes.first(),
+            None => None,
+        };
+        match found {
+            Some(n) => NodeInfo::from_node(n),
+            None => NodeInfo {
+                name: name.unwrap_or_default().to_string(),
+                ..Default::default()
+            },
+        }
+    }
+
     /// Parse multi-document YAML or JSON (a JSON document is valid YAML): single objects, `List`s
     /// and arrays. Unknown kinds are ignored.
     pub fn parse(text: &str) -> Result<Objects, ObjectsError> {

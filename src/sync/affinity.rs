@@ -6,7 +6,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::apply::{Applier, ApplyError};
-use crate::nft::ir::{Element, Family, Value};
+use crate::net::Family;
+use crate::nft::ir::{Element, Value};
 use crate::nft::tx::{Op, Transaction};
 use crate::proxy::ProxyState;
 
@@ -132,7 +133,7 @@ mod tests {
     fn only_entries_to_gone_endpoints_are_stale() {
         let entry = vec![
             Value::Addr("172.30.0.19".parse().unwrap()),
-            Value::Proto(crate::nft::ir::Proto::Tcp),
+            Value::Proto(crate::net::Proto::Tcp),
             Value::Port(80),
         ];
         let valid: BTreeMap<_, _> =
@@ -150,7 +151,7 @@ mod tests {
         let mut other_key = vec![
             Value::Addr("10.0.1.52".parse().unwrap()),
             Value::Addr("172.30.0.99".parse().unwrap()),
-            Value::Proto(crate::nft::ir::Proto::Tcp),
+            Value::Proto(crate::net::Proto::Tcp),
             Value::Port(80),
         ];
         let orphan = Element {

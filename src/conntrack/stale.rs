@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use std::net::IpAddr;
 
 use crate::conntrack::StaleFlow;
-use crate::nft::ir::Proto;
+use crate::net::Proto;
 use crate::proxy::{PortState, ProxyState};
 
 fn serving(ps: &PortState) -> BTreeSet<IpAddr> {
@@ -71,7 +71,7 @@ pub fn stale_udp_flows(
             if let Some(np) = sp.node_port {
                 match nodeport_ips {
                     Some(ips) => {
-                        for ip in ips.iter().filter(|ip| crate::nft::ir::Family::of(ip) == *f) {
+                        for ip in ips.iter().filter(|ip| crate::net::Family::of(ip) == *f) {
                             out.push(StaleFlow {
                                 dst: Some(*ip),
                                 port: np,
@@ -96,13 +96,12 @@ pub fn stale_udp_flows(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::objects::Objects;
 
     use crate::testutil::node_a_state as state;
 
     #[test]
     fn only_udp_ports_that_lost_endpoints() {
-        let mut objs = Objects::parse(include_str!("../tests/flows/cluster.yaml")).unwrap();
+        let mut objs = crate::testutil::cluster_objects();
         let before = state(&objs);
         assert!(
             stale_udp_flows(None, &before, None).is_empty(),
@@ -123,7 +122,7 @@ mod tests {
             vec![StaleFlow {
                 dst: Some("172.30.0.20".parse().unwrap()),
                 port: 53,
-                family: crate::nft::ir::Family::Ip,
+                family: crate::net::Family::Ip,
                 keep: vec![]
             }]
         );
@@ -135,7 +134,7 @@ mod tests {
 
     #[test]
     fn nodeport_flows_use_the_node_addresses_when_known() {
-        let mut objs = Objects::parse(include_str!("../tests/flows/cluster.yaml")).unwrap();
+        let mut objs = crate::testutil::cluster_objects();
         for s in objs
             .services
             .iter_mut()

@@ -14,7 +14,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use crate::nft::ir::{Element, Family as IpFamily, Value};
+use crate::net::Family as IpFamily;
+use crate::nft::ir::{Element, Value};
 use crate::proxy::ProxyState;
 use crate::sync::{Report, SyncKind};
 
@@ -316,7 +317,7 @@ mod tests {
     #[test]
     fn counters_are_monotonic_across_element_readds() {
         let m = Metrics::new();
-        let key = vec![Value::Proto(crate::nft::ir::Proto::Tcp), Value::Port(30013)];
+        let key = vec![Value::Proto(crate::net::Proto::Tcp), Value::Port(30013)];
         let owners: BTreeMap<Vec<Value>, ServiceLabel> = [(
             key.clone(),
             ServiceLabel {

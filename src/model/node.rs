@@ -1,16 +1,14 @@
-//! A consistent view of the watched objects, and the pure path from it to the proxy state.
-//! Used by the sync loop (from the reflector stores) and by `nftproxy render` (from a file).
+//! What the Node and the ServiceCIDR objects tell the proxy: this node's name, zone, addresses and
+//! eligibility, and the cluster's Service CIDRs.
 
 use std::net::IpAddr;
 
 use ipnet::IpNet;
-use k8s_openapi::api::core::v1::{Node, Service};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::api::networking::v1::ServiceCIDR;
 
 use crate::model::{self, Problem};
-use crate::nft::ir::Family;
-use crate::proxy::ProxyState;
+use crate::net::Family;
 
 /// What the node tells us about itself.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -82,17 +80,4 @@ pub fn service_cidrs(objs: &[ServiceCIDR], problems: &mut Vec<Problem>) -> Vec<I
         }
     }
     out
-}
-
-/// Build the proxy state from whole object lists (the engine's from-scratch path).
-pub fn proxy_state<'a>(
-    services: impl IntoIterator<Item = &'a Service>,
-    slices: impl IntoIterator<Item = &'a EndpointSlice>,
-    cidrs: &[IpNet],
-    node: &NodeInfo,
-    problems: &mut Vec<Problem>,
-) -> ProxyState {
-    let m = crate::engine::Model::from_objects(services, slices, cidrs, node);
-    problems.extend(m.problems());
-    m.state().clone()
 }

@@ -27,7 +27,7 @@ pub struct Inputs {
     /// Drift found in the kernel and not (yet) shown repaired.
     pub drift: Option<String>,
     /// The agent cannot reach the API server at the only address it was given (see
-    /// `agent::unreachable_api_message`).
+    /// `cmd::run::unreachable_api_message`).
     pub bootstrap: Option<String>,
 }
 

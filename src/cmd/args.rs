@@ -1,14 +1,12 @@
-//! Command-line flags (kube-proxy's names and defaults) and the validated configuration.
+//! Command-line flags, with kube-proxy's names and defaults.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use ipnet::IpNet;
 
-use crate::nft::compile::CompileConfig;
-use crate::nft::ir::Family;
-use crate::snapshot::NodeInfo;
+use crate::pipeline::config::{NodePortAddressError, NodePortAddresses, ProxyConfig};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -124,7 +122,7 @@ impl RunArgs {
     /// `from_cli(id)` tells whether flag `id` (clap's id: the field name) was given.
     pub fn apply_file(
         &mut self,
-        f: &crate::kpconfig::FromFile,
+        f: &crate::cmd::kpconfig::FromFile,
         from_cli: &dyn Fn(&str) -> bool,
     ) -> Result<(), ConfigError> {
         let unset = |id: &str| !from_cli(id);
@@ -273,79 +271,16 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("--nodeport-addresses: {0:?} is neither a CIDR nor `primary`")]
-    NodePortAddress(String),
+    #[error(transparent)]
+    NodePortAddress(#[from] NodePortAddressError),
     #[error("configuration file: {0}")]
     File(String),
 }
 
-/// Where NodePorts listen, before the Node's addresses are known.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NodePortAddresses {
-    pub primary: bool,
-    pub cidrs: Vec<IpNet>,
-}
-
-impl NodePortAddresses {
-    pub fn parse(raw: &[String]) -> Result<Self, ConfigError> {
-        let mut out = NodePortAddresses {
-            primary: false,
-            cidrs: Vec::new(),
-        };
-        for r in raw.iter().map(|r| r.trim()).filter(|r| !r.is_empty()) {
-            if r == "primary" {
-                out.primary = true;
-            } else {
-                out.cidrs.push(
-                    r.parse::<IpNet>()
-                        .map_err(|_| ConfigError::NodePortAddress(r.to_string()))?
-                        .trunc(),
-                );
-            }
-        }
-        if out.cidrs.is_empty() {
-            out.primary = true;
-        }
-        Ok(out)
-    }
-
-    /// Resolve against the node: `primary` becomes the InternalIP of each family.
-    pub fn resolve(&self, node: &NodeInfo) -> Vec<IpNet> {
-        let mut out = self.cidrs.clone();
-        if self.primary {
-            for f in [Family::Ip, Family::Ip6] {
-                if let Some(ip) = node.primary(f) {
-                    out.push(IpNet::from(ip));
-                }
-            }
-        }
-        out
-    }
-
-    /// Whether NodePorts accept every address of `f` (health servers then bind the wildcard).
-    pub fn matches_all(&self, f: Family) -> bool {
-        self.cidrs.iter().any(|n| {
-            n.prefix_len() == 0
-                && matches!(
-                    (n, f),
-                    (IpNet::V4(_), Family::Ip) | (IpNet::V6(_), Family::Ip6)
-                )
-        })
-    }
-}
-
-/// Validated, immutable settings shaping the ruleset.
-#[derive(Debug, Clone)]
-pub struct ProxyConfig {
-    pub node_name: String,
-    pub cluster_cidrs: Vec<IpNet>,
-    pub masquerade_all: bool,
-    pub masquerade_bit: u32,
-    pub nodeport: NodePortAddresses,
-}
-
-impl ProxyConfig {
-    pub fn from_args(a: &ProxyArgs) -> Result<Self, ConfigError> {
+impl ProxyArgs {
+    /// The validated settings these flags describe.
+    pub fn proxy_config(&self) -> Result<ProxyConfig, ConfigError> {
+        let a = self;
         let node_name = a
             .hostname_override
             .clone()
@@ -359,41 +294,12 @@ impl ProxyConfig {
             nodeport: NodePortAddresses::parse(&a.nodeport_addresses)?,
         })
     }
-
-    /// The families this node serves: those it has an InternalIP of (both on dual-stack); with no
-    /// addresses known yet, IPv4 only.
-    pub fn families(node: &NodeInfo) -> Vec<Family> {
-        let fams: Vec<Family> = [Family::Ip, Family::Ip6]
-            .into_iter()
-            .filter(|f| node.primary(*f).is_some())
-            .collect();
-        if fams.is_empty() {
-            vec![Family::Ip]
-        } else {
-            fams
-        }
-    }
-
-    pub fn compile_config(&self, node: &NodeInfo) -> CompileConfig {
-        CompileConfig {
-            masquerade_mark: 1u32 << self.masquerade_bit,
-            masquerade_all: self.masquerade_all,
-            cluster_cidrs: self.cluster_cidrs.clone(),
-            nodeport_cidrs: self.nodeport.resolve(node),
-            node_ips: node.internal_ips.clone(),
-            families: Self::families(node),
-        }
-    }
 }
 
 fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_lowercase())
         .unwrap_or_default()
-}
-
-pub fn parse_ip_list(s: &str) -> Vec<IpAddr> {
-    s.split(',').filter_map(|x| x.trim().parse().ok()).collect()
 }
 
 #[cfg(test)]
@@ -472,7 +378,7 @@ mod tests {
 
     #[test]
     fn flags_win_over_the_config_file() {
-        let file = crate::kpconfig::FromFile {
+        let file = crate::cmd::kpconfig::FromFile {
             cluster_cidrs: Some(vec!["10.244.0.0/16".into()]),
             sync_period: Some(Duration::from_secs(45)),
             min_sync_period: Some(Duration::from_secs(1)),
@@ -505,24 +411,5 @@ mod tests {
             r.kubeconfig.as_deref(),
             Some(std::path::Path::new("/var/lib/kube-proxy/kubeconfig.conf"))
         );
-    }
-
-    #[test]
-    fn nodeport_addresses() {
-        let n = NodeInfo {
-            internal_ips: vec!["192.168.0.2".parse().unwrap(), "fd00::2".parse().unwrap()],
-            ..Default::default()
-        };
-        let p = NodePortAddresses::parse(&["primary".into()]).unwrap();
-        assert_eq!(
-            p.resolve(&n),
-            vec![
-                "192.168.0.2/32".parse::<IpNet>().unwrap(),
-                "fd00::2/128".parse().unwrap()
-            ]
-        );
-        let c = NodePortAddresses::parse(&["0.0.0.0/0".into()]).unwrap();
-        assert!(c.matches_all(Family::Ip) && !c.matches_all(Family::Ip6));
-        assert!(NodePortAddresses::parse(&["nope".into()]).is_err());
     }
 }

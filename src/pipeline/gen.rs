@@ -26,8 +26,8 @@ use proptest::prelude::*;
 use serde_json::{json, Value};
 
 use super::ObjKey;
-use crate::config::{NodePortAddresses, ProxyConfig};
-use crate::snapshot::NodeInfo;
+use crate::model::NodeInfo;
+use crate::pipeline::config::{NodePortAddresses, ProxyConfig};
 
 /// This node's name.
 pub const NODE: &str = "node-a";
@@ -721,7 +721,7 @@ impl NodeSpec {
         }
         let mut node = json!({"metadata": meta, "status": {"addresses": addresses}});
         if self.draining {
-            node["spec"] = json!({"taints": [{"key": crate::snapshot::AUTOSCALER_TAINT,
+            node["spec"] = json!({"taints": [{"key": crate::model::AUTOSCALER_TAINT,
                 "effect": "NoSchedule"}]});
         }
         let node: k8s_openapi::api::core::v1::Node =

@@ -12,7 +12,7 @@
 //!
 //! ```text
 //! PROPTEST_CASES=20000 NFTPROXY_PROP_STEPS=400 \
-//!     cargo test --release --lib engine::tests::incremental_equals_from_scratch
+//!     cargo test --release --lib pipeline::tests::incremental_equals_from_scratch
 //! ```
 //!
 //! A failure prints the shrunk sequence and records its seed in
@@ -25,6 +25,7 @@ use proptest::prelude::*;
 use super::*;
 use crate::apply::fake::FakeApplier;
 use crate::apply::Applier;
+use crate::k8s::inbox::Pending;
 use crate::nft::{plan, render};
 
 #[derive(Default)]

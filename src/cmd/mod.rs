@@ -1,0 +1,138 @@
+//! The commands: wiring only. Each reads its inputs, calls the pipeline and the edges, and prints.
+
+use std::io::Read;
+use std::process::ExitCode;
+
+use clap::{CommandFactory, FromArgMatches};
+
+use crate::k8s::objects::Objects;
+use args::{Cli, Command, LogFormat, RunArgs};
+
+pub mod args;
+pub mod cleanup;
+pub mod diff;
+pub mod kpconfig;
+pub mod render;
+pub mod run;
+
+/// The program: parse the command line (kube-proxy's, with no subcommand, means `run`) and
+/// dispatch.
+pub fn main(argv: Vec<std::ffi::OsString>) -> ExitCode {
+    let argv = args::with_default_command(argv);
+    let matches = Cli::command().get_matches_from(argv);
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
+    match cli.command {
+        Command::Render(a) => render::render(a),
+        Command::Run(a) => start(a, &matches),
+        Command::Diff(a) => diff::diff(a),
+        Command::Cleanup(a) => cleanup::cleanup(a.kube_proxy),
+    }
+}
+
+/// `nftproxy run` (also kube-proxy's command line, with no subcommand): apply the configuration
+/// file under the flags, set up logging and the OOM score, then run the agent until SIGTERM.
+fn start(mut args: RunArgs, matches: &clap::ArgMatches) -> ExitCode {
+    let mut ignored = Vec::new();
+    if let Some(path) = args.config.clone() {
+        let path = path.display().to_string();
+        let sub = matches.subcommand_matches("run");
+        let from_cli = |id: &str| {
+            sub.and_then(|m| m.value_source(id)).is_some_and(|s| {
+                matches!(
+                    s,
+                    clap::parser::ValueSource::CommandLine | clap::parser::ValueSource::EnvVariable
+                )
+            })
+        };
+        let applied = kpconfig::KubeProxyConfiguration::read(&path)
+            .and_then(|c| c.settings(&path))
+            .map_err(|e| e.to_string())
+            .and_then(|f| {
+                ignored = f.ignored.clone();
+                args.apply_file(&f, &from_cli).map_err(|e| e.to_string())
+            });
+        if let Err(e) = applied {
+            eprintln!("nftproxy: --config {e}");
+            return ExitCode::from(2);
+        }
+    }
+    if args.cleanup {
+        return cleanup::cleanup(false);
+    }
+    init_tracing(args.log_format, args.verbosity);
+    for i in &ignored {
+        tracing::info!(field = %i, "configuration file: not used");
+    }
+    set_oom_score_adj(args.oom_score_adj);
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("nftproxy: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run::run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("nftproxy: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// kube-proxy lowers its OOM score so the kernel kills workloads before the node's proxy
+/// (cmd/kube-proxy/app/server_linux.go, `OOMScoreAdj` default -999). Best effort: lowering it
+/// needs CAP_SYS_RESOURCE.
+fn set_oom_score_adj(v: i32) {
+    match std::fs::write("/proc/self/oom_score_adj", v.to_string()) {
+        Ok(()) => tracing::debug!(oom_score_adj = v, "set the OOM score adjustment"),
+        Err(e) => {
+            tracing::info!(oom_score_adj = v, error = %e, "cannot set the OOM score adjustment (needs CAP_SYS_RESOURCE to lower it)")
+        }
+    }
+}
+
+/// Read objects from a file or standard input (`-`).
+pub(crate) fn read_objects(file: &str) -> Result<Objects, String> {
+    let text = if file == "-" {
+        let mut s = String::new();
+        std::io::stdin()
+            .read_to_string(&mut s)
+            .map_err(|e| format!("reading stdin: {e}"))?;
+        s
+    } else {
+        std::fs::read_to_string(file).map_err(|e| format!("{file}: {e}"))?
+    };
+    Objects::parse(&text).map_err(|e| format!("{file}: {e}"))
+}
+
+fn init_tracing(format: LogFormat, verbosity: u8) {
+    let level = match verbosity {
+        0 => "warn",
+        1 => "info",
+        2 => "debug",
+        _ => "trace",
+    };
+    // RUST_LOG, when set, refines the verbosity flag (e.g. RUST_LOG=nftproxy=debug,kube=warn).
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(format!("{level},kube=warn,hyper=warn,tower=warn"))
+    });
+    // Colours only for a person at a terminal: `kubectl logs` shows escape codes verbatim.
+    use std::io::IsTerminal;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}

@@ -1,0 +1,5 @@
+//! What the node shows the outside: health-check servers and metrics. Everything here reads the
+//! sync loop's `Report`s; nothing here writes the kernel.
+
+pub mod health;
+pub mod metrics;

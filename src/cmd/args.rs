@@ -3,6 +3,8 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+pub use super::kpconfig::parse_duration;
+
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use ipnet::IpNet;
 
@@ -223,51 +225,6 @@ pub fn with_default_command(mut argv: Vec<std::ffi::OsString>) -> Vec<std::ffi::
     argv
 }
 
-/// Parse a duration as Go writes them (`30s`, `100ms`, `1m30s`, `2h22m`, `1.5h`, `0`), or plain
-/// seconds (`30`): the form kube-proxy's flags and config files use.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    if s.is_empty() {
-        return Err("empty duration".into());
-    }
-    if let Ok(n) = s.parse::<f64>() {
-        // A bare number: seconds (a Go duration allows only "0" bare; seconds is friendlier).
-        return if n.is_finite() && n >= 0.0 {
-            Ok(Duration::from_secs_f64(n))
-        } else {
-            Err(format!("bad duration {s:?}"))
-        };
-    }
-    let mut total = 0.0f64;
-    let mut rest = s;
-    while !rest.is_empty() {
-        let num_end = rest
-            .find(|c: char| !c.is_ascii_digit() && c != '.')
-            .ok_or_else(|| format!("bad duration {s:?}: a number without a unit"))?;
-        let unit_end = rest[num_end..]
-            .find(|c: char| c.is_ascii_digit() || c == '.')
-            .map_or(rest.len(), |i| num_end + i);
-        let n: f64 = rest[..num_end]
-            .parse()
-            .map_err(|_| format!("bad duration {s:?}"))?;
-        let scale = match &rest[num_end..unit_end] {
-            "ns" => 1e-9,
-            "us" | "µs" => 1e-6,
-            "ms" => 1e-3,
-            "s" => 1.0,
-            "m" => 60.0,
-            "h" => 3600.0,
-            u => {
-                return Err(format!(
-                    "bad duration unit {u:?} in {s:?} (use ns, us, ms, s, m, h)"
-                ))
-            }
-        };
-        total += n * scale;
-        rest = &rest[unit_end..];
-    }
-    Ok(Duration::from_secs_f64(total))
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -306,26 +263,6 @@ fn hostname() -> String {
 mod tests {
     use super::*;
 
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
-        assert_eq!(parse_duration("100ms").unwrap(), Duration::from_millis(100));
-        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
-        assert_eq!(parse_duration("5").unwrap(), Duration::from_secs(5));
-        // Go's forms, as kube-proxy's flags and files carry them.
-        assert_eq!(parse_duration("1m30s").unwrap(), Duration::from_secs(90));
-        assert_eq!(parse_duration("2h22m").unwrap(), Duration::from_secs(8520));
-        assert_eq!(parse_duration("1.5h").unwrap(), Duration::from_secs(5400));
-        assert_eq!(parse_duration("0s").unwrap(), Duration::ZERO);
-        assert_eq!(
-            parse_duration("1s500ms").unwrap(),
-            Duration::from_millis(1500)
-        );
-        assert_eq!(parse_duration("250us").unwrap(), Duration::from_micros(250));
-        for bad in ["5x", "", "m", "1m30", "-5s", "1.2.3s"] {
-            assert!(parse_duration(bad).is_err(), "{bad:?}");
-        }
-    }
 
     fn run_args(argv: &[&str]) -> (RunArgs, clap::ArgMatches) {
         use clap::{CommandFactory, FromArgMatches};

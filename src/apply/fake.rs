@@ -22,6 +22,8 @@ pub struct FakeApplier {
     pub committed: Vec<Transaction>,
     /// Number of apply calls, committed or not.
     pub calls: usize,
+    /// Errors for particular apply calls (1-based call number), for a failure after successes.
+    pub fail_call: std::collections::BTreeMap<usize, ApplyError>,
 }
 
 fn what(op: &Op) -> String {
@@ -138,6 +140,13 @@ impl FakeApplier {
             els.remove(e);
         }
         self.generation += 1;
+    }
+
+    /// The packet path added an element (`update @set`, as the affinity maps are written).
+    pub fn packet_path_add_element(&mut self, f: Family, set: &str, e: Element) {
+        if let Some(t) = self.state.tables.get_mut(&f) {
+            t.elements.entry(set.to_string()).or_default().insert(e);
+        }
     }
 
     /// Some other component committed something in this network namespace.
@@ -408,6 +417,9 @@ impl FakeApplier {
 impl Applier for FakeApplier {
     fn apply(&mut self, tx: &Transaction) -> Result<(), ApplyError> {
         self.calls += 1;
+        if let Some(e) = self.fail_call.remove(&self.calls) {
+            return Err(e);
+        }
         if let Some(e) = self.fail.pop_front() {
             return Err(e);
         }

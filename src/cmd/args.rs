@@ -225,7 +225,6 @@ pub fn with_default_command(mut argv: Vec<std::ffi::OsString>) -> Vec<std::ffi::
     argv
 }
 
-
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error(transparent)]
@@ -262,7 +261,6 @@ fn hostname() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
 
     fn run_args(argv: &[&str]) -> (RunArgs, clap::ArgMatches) {
         use clap::{CommandFactory, FromArgMatches};

@@ -213,7 +213,7 @@ pub fn diff(args: DiffArgs) -> ExitCode {
             };
             let listed = rt.block_on(async {
                 let (client, _) =
-                    super::run::client(args.kubeconfig.as_deref(), args.master.as_deref())
+                    crate::k8s::client::client(args.kubeconfig.as_deref(), args.master.as_deref())
                         .await
                         .map_err(|e| e.to_string())?;
                 list_objects(client, &cfg.node_name)

@@ -432,7 +432,6 @@ mod tests {
         }
     }
 
-
     /// What `kubeadm init` (v1.36) writes into ConfigMap kube-system/kube-proxy, key config.conf.
     const KUBEADM: &str = r#"apiVersion: kubeproxy.config.k8s.io/v1alpha1
 bindAddress: 0.0.0.0

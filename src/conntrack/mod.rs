@@ -93,6 +93,16 @@ impl Conntrack for FakeConntrack {
     }
 }
 
+/// Conntrack cleanup switched off (no ctnetlink on this node): keeps nothing, deletes nothing.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct DisabledConntrack;
+
+impl Conntrack for DisabledConntrack {
+    fn delete_stale(&mut self, _flows: &[StaleFlow]) -> Result<usize, ConntrackError> {
+        Ok(0)
+    }
+}
+
 /// Kernel ABI numbers (from the stable uAPI headers `linux/netlink.h`,
 /// `linux/netfilter/nfnetlink.h`, `linux/netfilter/nfnetlink_conntrack.h`).
 mod abi {

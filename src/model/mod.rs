@@ -533,3 +533,16 @@ pub fn merge_slices<'a>(slices: impl IntoIterator<Item = &'a SliceInfo>) -> Port
 
 #[cfg(test)]
 mod tests;
+
+/// The annotation the EndpointSlice controller sets to when the change it reflects was made.
+pub const TRIGGER_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+
+/// When the change a slice reflects was made (network programming latency starts there).
+pub fn trigger_time(slice: &EndpointSlice) -> Option<std::time::SystemTime> {
+    let raw = slice
+        .metadata
+        .annotations
+        .as_ref()?
+        .get(TRIGGER_ANNOTATION)?;
+    humantime::parse_rfc3339_weak(raw).ok()
+}

@@ -2,6 +2,7 @@
 
 pub mod compile;
 pub mod ir;
+pub mod names;
 pub mod plan;
 pub mod render;
 pub mod template;

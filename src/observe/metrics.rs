@@ -1,5 +1,6 @@
 //! Prometheus metrics (`--metrics-bind-address`, `/metrics`).
 
+use crate::nft::names;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
@@ -56,6 +57,7 @@ pub struct Metrics {
     pub no_endpoint_rejects: Family<ServiceLabel, Counter>,
     pub conntrack_deleted: Counter,
     pub bad_objects: Counter,
+    pub affinity_cleanup_failures: Counter,
     /// Times the kernel was found to differ from what was applied (each then repaired).
     pub ruleset_drift: Counter,
     /// Last counter value seen per (set, element): nft counters restart when an element is re-added.
@@ -92,6 +94,7 @@ impl Metrics {
             no_endpoint_rejects: Family::default(),
             conntrack_deleted: Counter::default(),
             bad_objects: Counter::default(),
+            affinity_cleanup_failures: Counter::default(),
             ruleset_drift: Counter::default(),
             seen: Mutex::new(BTreeMap::new()),
         };
@@ -121,7 +124,7 @@ impl Metrics {
             m.ruleset_drift.clone(),
         );
         registry.register(
-            "services",
+            names::SERVICES,
             "Service ports programmed (all families)",
             m.services.clone(),
         );
@@ -164,6 +167,11 @@ impl Metrics {
             "bad_objects",
             "Objects or fields skipped as malformed",
             m.bad_objects.clone(),
+        );
+        registry.register(
+            "affinity_cleanup_failures",
+            "Failed deletions of ClientIP affinity entries pointing at gone endpoints (retried)",
+            m.affinity_cleanup_failures.clone(),
         );
         Metrics { registry, ..m }
     }

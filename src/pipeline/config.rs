@@ -2,6 +2,8 @@
 //! Built once from the command line or the configuration file (`cmd`), then turned into the
 //! compiler's [`CompileConfig`] for the current Node.
 
+use std::net::IpAddr;
+
 use ipnet::IpNet;
 
 use crate::model::NodeInfo;
@@ -91,6 +93,55 @@ impl ProxyConfig {
         } else {
             fams
         }
+    }
+
+    /// The addresses the healthCheckNodePort servers listen on: where NodePorts are served.
+    pub fn health_addrs(&self, node: &NodeInfo) -> Vec<IpAddr> {
+        let cfg = self;
+        let all4 = cfg.nodeport.matches_all(Family::Ip);
+        let all6 = cfg.nodeport.matches_all(Family::Ip6);
+        let mut out = Vec::new();
+        if all4 {
+            out.push(IpAddr::from([0u8, 0, 0, 0]));
+        }
+        if all6 {
+            out.push(IpAddr::from(std::net::Ipv6Addr::UNSPECIFIED));
+        }
+        for net in cfg.nodeport.resolve(node) {
+            let host = net.prefix_len() == net.max_prefix_len();
+            let covered = match net.addr() {
+                IpAddr::V4(_) => all4,
+                IpAddr::V6(_) => all6,
+            };
+            if covered || net.addr().is_loopback() {
+                continue;
+            }
+            if host {
+                out.push(net.addr());
+            } else if !out
+                .iter()
+                .any(|a| a.is_unspecified() && a.is_ipv4() == net.addr().is_ipv4())
+            {
+                // A CIDR (not a single address): listen everywhere for that family.
+                out.push(if net.addr().is_ipv4() {
+                    IpAddr::from([0u8, 0, 0, 0])
+                } else {
+                    IpAddr::from(std::net::Ipv6Addr::UNSPECIFIED)
+                });
+            }
+        }
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    /// The NodePort addresses on `node` when they are single addresses (None: CIDRs, which
+    /// mean any address of the node).
+    pub fn nodeport_ips(&self, node: &NodeInfo) -> Option<Vec<IpAddr>> {
+        let nets = self.nodeport.resolve(node);
+        nets.iter()
+            .all(|n| n.prefix_len() == n.max_prefix_len())
+            .then(|| nets.iter().map(|n| n.addr()).collect())
     }
 
     pub fn compile_config(&self, node: &NodeInfo) -> CompileConfig {

@@ -3,7 +3,10 @@
 //! its client on a dead pod until then. After each sync, entries whose endpoint is no longer a
 //! backend of their entry point are deleted.
 
+use crate::nft::names;
 use std::collections::{BTreeMap, BTreeSet};
+
+use imbl::ordmap::DiffItem;
 
 use crate::apply::{Applier, ApplyError};
 use crate::net::Family;
@@ -46,6 +49,29 @@ fn backends(state: &ProxyState, f: Family) -> (Valid, Valid) {
     (ip, np)
 }
 
+/// Whether an affinity service port lost an endpoint (its affinity entries may point to it).
+pub fn lost(prev: &ProxyState, current: &ProxyState) -> bool {
+    let empty = imbl::OrdMap::new();
+    prev.families.iter().any(|(f, fs)| {
+        let now = current.families.get(f).map(|c| &c.ports).unwrap_or(&empty);
+        fs.ports.diff(now).any(|d| match d {
+            DiffItem::Remove(_, p) => p.sp.affinity_secs.is_some(),
+            DiffItem::Update {
+                old: (_, p),
+                new: (_, n),
+            } => {
+                p.sp.affinity_secs.is_some()
+                    && p.chosen
+                        .cluster
+                        .iter()
+                        .chain(&p.chosen.local)
+                        .any(|b| !n.chosen.cluster.contains(b) && !n.chosen.local.contains(b))
+            }
+            DiffItem::Add(..) => false,
+        })
+    })
+}
+
 /// The affinity elements that point to endpoints their entry no longer has.
 pub fn stale(
     elements: &[Element],
@@ -78,7 +104,7 @@ pub fn clean<A: Applier>(
         let (ip, np) = backends(state, f);
         for _attempt in 0..2 {
             let mut ops = Vec::new();
-            for (map, valid) in [("ip-affinity", &ip), ("np-affinity", &np)] {
+            for (map, valid) in [(names::IP_AFFINITY, &ip), (names::NP_AFFINITY, &np)] {
                 let els: Vec<Element> = a
                     .list_elements(f, map)?
                     .into_iter()
@@ -86,7 +112,7 @@ pub fn clean<A: Applier>(
                     .collect();
                 let dead = stale(&els, valid);
                 if !dead.is_empty() {
-                    let def = crate::nft::compile::affinity_def(f, map == "np-affinity");
+                    let def = crate::nft::compile::affinity_def(f, map == names::NP_AFFINITY);
                     ops.push(Op::DeleteElements {
                         family: f,
                         set: map.into(),
@@ -124,6 +150,19 @@ pub fn clean<A: Applier>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_affinity_port_losing_an_endpoint_is_noticed() {
+        let mut objs = crate::testutil::cluster_objects();
+        let before = crate::testutil::node_a_state(&objs);
+        for s in objs.slices.iter_mut() {
+            s.endpoints.clear();
+        }
+        let after = crate::testutil::node_a_state(&objs);
+        assert!(lost(&before, &after));
+        assert!(!lost(&after, &after));
+        assert!(!lost(&before, &before));
+    }
 
     fn v(ip: &str, port: u16) -> Vec<Value> {
         vec![Value::Addr(ip.parse().unwrap()), Value::Port(port)]

@@ -1,15 +1,21 @@
 //! The sync loop: coalesce changes, compute the desired ruleset, plan, apply atomically, report.
 //!
+//! It is the only code that talks to the kernel's nftables: commits, the ClientIP affinity
+//! cleanup after them, drift verification and repair, and the reads of the drop/reject counters
+//! all run here, on the one applier it owns. Observers get [`Report`]s with every fact they need.
+//!
 //! It owns error handling: a failed apply is logged and counted, the belief about the kernel is
-//! dropped (so the next sync rebuilds everything), and the sync is retried with backoff. It never
-//! exits on a sync error. All timing uses tokio time, so tests run on paused time.
+//! dropped (so the next sync rebuilds everything), and the sync is retried with backoff; a failed
+//! affinity cleanup is counted and retried the same way. It never exits on a sync error. All
+//! timing uses tokio time, so tests run on paused time.
 
 pub mod affinity;
 pub mod drift;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -17,7 +23,7 @@ use tokio::time::Instant;
 use crate::apply::monitor::{self, Notice, Touched};
 use crate::apply::{Applier, ApplyError, KernelTable};
 use crate::net::Family;
-use crate::nft::ir::Ruleset;
+use crate::nft::ir::{Element, Ruleset};
 use crate::nft::plan;
 use crate::nft::tx::Transaction;
 use crate::proxy::ProxyState;
@@ -77,6 +83,8 @@ pub struct SyncConfig {
     /// Run applies on a blocking thread (the kernel works inside `sendmsg`); tests with the
     /// in-memory applier run them inline.
     pub blocking_apply: bool,
+    /// How often the drop/reject counters are read for the observers (None: never).
+    pub counter_period: Option<Duration>,
 }
 
 impl Default for SyncConfig {
@@ -86,6 +94,7 @@ impl Default for SyncConfig {
             sync_period: Duration::from_secs(30),
             chain_delete_grace: Duration::from_secs(1),
             blocking_apply: true,
+            counter_period: None,
         }
     }
 }
@@ -95,6 +104,52 @@ impl Default for SyncConfig {
 pub struct Desired {
     pub ruleset: Ruleset,
     pub state: Arc<ProxyState>,
+    /// What the observers need to know about this node along with the state.
+    pub node: NodeFacts,
+    /// When the changes this state includes were made (EndpointSlice trigger times), for the
+    /// programming latency.
+    pub triggers: Vec<SystemTime>,
+}
+
+impl Desired {
+    pub fn new(ruleset: Ruleset, state: Arc<ProxyState>) -> Desired {
+        Desired {
+            ruleset,
+            state,
+            node: NodeFacts::default(),
+            triggers: Vec::new(),
+        }
+    }
+}
+
+/// Facts about this node that travel with a desired state to the observers.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeFacts {
+    /// Being deleted or marked for removal: /healthz fails so load balancers drain the node.
+    pub ineligible: bool,
+    /// Where the healthCheckNodePort servers listen.
+    pub health_addrs: Vec<IpAddr>,
+    /// The NodePort addresses when they are single addresses (None: CIDRs, i.e. any address).
+    pub nodeport_ips: Option<Vec<IpAddr>>,
+}
+
+/// The counter sets the loop reads for the observers: (set, whether it counts drops).
+pub const COUNTER_SETS: [(&str, bool); 4] = [
+    (crate::nft::names::NO_ENDPOINT_DROP, true),
+    (crate::nft::names::NODEPORT_NO_ENDPOINT_DROP, true),
+    (crate::nft::names::NO_ENDPOINT_REJECT, false),
+    (crate::nft::names::NODEPORT_NO_ENDPOINT_REJECT, false),
+];
+
+/// One counter set as read from the kernel.
+#[derive(Debug, Clone)]
+pub struct Counters {
+    pub family: Family,
+    pub set: &'static str,
+    /// Drops (true) or rejects.
+    pub drops: bool,
+    /// Each element with its (packets, bytes) counter.
+    pub elements: Vec<(Element, Option<(u64, u64)>)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -129,6 +184,13 @@ pub struct Report {
     pub ruleset_elements: usize,
     pub ruleset_chains: usize,
     pub ruleset_rules: usize,
+    /// This node's facts as of this state.
+    pub node: NodeFacts,
+    /// Trigger times of every change this commit made visible (also of changes whose first
+    /// sync failed).
+    pub triggers: Vec<SystemTime>,
+    /// Affinity entries deleted after the commit because their endpoint is gone.
+    pub affinity_deleted: usize,
 }
 
 /// Observes the loop: successes and failures.
@@ -137,6 +199,10 @@ pub trait Observer: Send {
     fn failed(&mut self, kind: SyncKind, error: &str);
     /// The kernel was found to differ from what was applied (already logged); a repair follows.
     fn drifted(&mut self, _findings: &[drift::Finding]) {}
+    /// The affinity cleanup after a commit failed (already logged); it is retried.
+    fn cleanup_failed(&mut self, _error: &str) {}
+    /// The drop/reject counters of one set, read every `counter_period`.
+    fn counters(&mut self, _read: &[Counters], _state: &Arc<ProxyState>) {}
 }
 
 /// Findings logged one by one; the rest are summed up in one line.
@@ -177,6 +243,13 @@ pub struct Syncer<A: Applier + 'static> {
     repairing: Option<Option<Touched>>,
     /// When every element was last read back, and what it cost (bounds the periodic check).
     last_full_verify: Option<(Instant, Duration)>,
+    /// Affinity entries may point at endpoints that are gone: clean them (again, after a failure).
+    affinity_due: bool,
+    /// Trigger times of changes not yet committed.
+    triggers: Vec<SystemTime>,
+    /// When the last commit succeeded (wall clock, as trigger times are): an older trigger time
+    /// was programmed already (its slice changed again in a way that did not move it).
+    last_commit_wall: Option<SystemTime>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -200,6 +273,9 @@ impl<A: Applier + 'static> Syncer<A> {
             adopt: true,
             repairing: None,
             last_full_verify: None,
+            affinity_due: false,
+            triggers: Vec::new(),
+            last_commit_wall: None,
         }
     }
 
@@ -335,6 +411,76 @@ impl<A: Applier + 'static> Syncer<A> {
         true
     }
 
+    /// Delete affinity entries that point at endpoints `state` no longer has (a second, small
+    /// transaction after the commit: the entries are written by the packet path, so they must be
+    /// listed first). A failure is logged, counted and retried with the next sync.
+    async fn clean_affinity(
+        &mut self,
+        state: &Arc<ProxyState>,
+        observer: &mut dyn Observer,
+    ) -> usize {
+        if !self.affinity_due {
+            return 0;
+        }
+        let (st, families) = (
+            state.clone(),
+            state.families.keys().copied().collect::<Vec<_>>(),
+        );
+        match self
+            .call(move |a| affinity::clean(a, &st, &families))
+            .await
+            .and_then(|r| r)
+        {
+            Ok(n) => {
+                self.affinity_due = false;
+                if n > 0 {
+                    tracing::info!(
+                        deleted = n,
+                        "removed affinity entries pointing to gone endpoints"
+                    );
+                }
+                n
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "affinity cleanup failed; retrying with the next sync");
+                self.failures += 1;
+                observer.cleanup_failed(&e.to_string());
+                0
+            }
+        }
+    }
+
+    /// Read the drop/reject counters of every applied table (targeted set dumps, never the
+    /// whole table) and hand them to the observer.
+    async fn read_counters(&mut self, observer: &mut dyn Observer) {
+        let (Some(applied), Some(state)) = (&self.applied, self.previous_state.clone()) else {
+            return;
+        };
+        let families: Vec<Family> = applied.tables.keys().copied().collect();
+        let read = self
+            .call(move |a| {
+                let mut out = Vec::new();
+                for f in families {
+                    for (set, drops) in COUNTER_SETS {
+                        match a.list_elements(f, set) {
+                            Ok(elements) => out.push(Counters {
+                                family: f,
+                                set,
+                                drops,
+                                elements,
+                            }),
+                            Err(e) => tracing::debug!(set, error = %e, "cannot read counters"),
+                        }
+                    }
+                }
+                out
+            })
+            .await;
+        if let Ok(read) = read {
+            observer.counters(&read, &state);
+        }
+    }
+
     /// Access the applier (tests inspect the fake).
     pub fn applier(&self) -> Arc<Mutex<A>> {
         self.applier.clone()
@@ -464,6 +610,14 @@ impl<A: Applier + 'static> Syncer<A> {
             self.periodic_check(observer).await;
         }
         let adopted = self.applied.is_none() && self.adopt && self.adopt(&desired.ruleset).await;
+        let last = self.last_commit_wall;
+        self.triggers.extend(
+            desired
+                .triggers
+                .iter()
+                .filter(|t| last.is_none_or(|c| **t >= c))
+                .copied(),
+        );
         let now = Instant::now();
         let due: BTreeSet<(Family, String)> = self
             .stale
@@ -521,6 +675,7 @@ impl<A: Applier + 'static> Syncer<A> {
             }
         }
         self.failures = 0;
+        self.last_commit_wall = Some(SystemTime::now());
         let applied = match (&self.applied, &p) {
             (Some(a), Some(p)) => {
                 for c in &p.flushed_stale {
@@ -546,6 +701,10 @@ impl<A: Applier + 'static> Syncer<A> {
             .map(|e| e.len())
             .sum();
         self.applied = Some(applied);
+        if let Some(prev) = &self.previous_state {
+            self.affinity_due |= affinity::lost(prev, &desired.state);
+        }
+        let affinity_deleted = self.clean_affinity(&desired.state, observer).await;
         let report = Report {
             kind,
             duration: start.elapsed(),
@@ -558,6 +717,9 @@ impl<A: Applier + 'static> Syncer<A> {
             ruleset_elements,
             ruleset_chains: chains,
             ruleset_rules: rules,
+            node: desired.node,
+            triggers: std::mem::take(&mut self.triggers),
+            affinity_deleted,
         };
         {
             let mut st = lock(&self.status);
@@ -592,7 +754,7 @@ impl<A: Applier + 'static> Syncer<A> {
         // Far away unless a retry or a chain deletion is pending: the periodic check runs on
         // its own timer and only rebuilds when the kernel lost our tables.
         let mut next = last_sync + Duration::from_secs(365 * 86400);
-        if self.applied.is_none() && self.failures > 0 {
+        if (self.applied.is_none() || self.affinity_due) && self.failures > 0 {
             let backoff = Duration::from_millis(200)
                 .saturating_mul(1 << self.failures.min(8))
                 .min(self.cfg.sync_period);
@@ -617,6 +779,7 @@ impl<A: Applier + 'static> Syncer<A> {
         let mut last_sync = Instant::now() - self.cfg.min_sync_period;
         let mut bucket = TokenBucket::new(SYNC_BURST, self.cfg.min_sync_period);
         let mut last_check = Instant::now();
+        let mut counters = self.cfg.counter_period.map(tokio::time::interval);
         let mut need_sync = true; // the first sync runs at once
         let mut outside = self.outside.take();
         loop {
@@ -665,6 +828,9 @@ impl<A: Applier + 'static> Syncer<A> {
                     last_check = Instant::now();
                     need_sync = self.periodic_check(observer).await;
                 }
+                _ = next_tick(&mut counters) => {
+                    self.read_counters(observer).await;
+                }
                 notice = next_notice(&mut outside) => {
                     let Some(notice) = notice else {
                         tracing::warn!("the nftables change monitor stopped; drift is found by the periodic check only");
@@ -705,6 +871,16 @@ fn drain_notices(
         });
     }
     scope
+}
+
+/// The next tick of an optional interval, or never without one.
+async fn next_tick(i: &mut Option<tokio::time::Interval>) {
+    match i {
+        Some(i) => {
+            i.tick().await;
+        }
+        None => std::future::pending().await,
+    }
 }
 
 /// The next notice of the monitor, or never without one.

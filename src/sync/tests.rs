@@ -23,10 +23,7 @@ fn desired_of(objs: &Objects) -> Desired {
     let (ruleset, _) = crate::pipeline::from_objects(objs, &cfg, &node)
         .map(|o| (o.ruleset, o.problems))
         .expect("compile");
-    Desired {
-        ruleset,
-        state: Arc::new(ProxyState::default()),
-    }
+    Desired::new(ruleset, Arc::new(ProxyState::default()))
 }
 
 #[derive(Default)]
@@ -51,6 +48,7 @@ fn cfg() -> SyncConfig {
         sync_period: Duration::from_secs(30),
         chain_delete_grace: Duration::from_secs(1),
         blocking_apply: false,
+        counter_period: None,
     }
 }
 
@@ -432,4 +430,104 @@ async fn an_idle_agent_syncs_at_once_even_right_after_a_sync() {
         );
         settle(Duration::from_millis(20)).await;
     }
+}
+
+/// The affinity cleanup runs in the loop, right after the commit that removed an endpoint, on
+/// the loop's own applier; a failed cleanup is reported and retried without a new change.
+#[tokio::test(start_paused = true)]
+async fn affinity_entries_of_gone_endpoints_are_cleaned_and_retried() {
+    use crate::net::Family;
+    use crate::nft::ir::{Element, Value};
+    let node_objs = objects();
+    let real_desired = move |objs: &Objects| {
+        let node = node_objs.node_info(Some("node-a"));
+        let out = crate::pipeline::from_objects(
+            objs,
+            &ProxyConfig {
+                node_name: "node-a".into(),
+                cluster_cidrs: vec!["10.0.0.0/8".parse().unwrap()],
+                masquerade_all: false,
+                masquerade_bit: 14,
+                nodeport: NodePortAddresses {
+                    primary: true,
+                    cidrs: vec![],
+                },
+            },
+            &node,
+        )
+        .expect("compile");
+        Desired::new(out.ruleset, Arc::new(out.state))
+    };
+    let objs: Shared = Arc::new(Mutex::new(objects()));
+    let mut fake = FakeApplier::new();
+    // Call 1: the first full sync; call 2: the commit dropping an endpoint; call 3: the cleanup.
+    fake.fail_call
+        .insert(3, ApplyError::Io("injected cleanup failure".into()));
+    let mut syncer = Syncer::new(cfg(), fake, Arc::default());
+    let applier = syncer.applier();
+    let (tx, rx) = mpsc::channel(16);
+    #[derive(Default)]
+    struct Seen {
+        deleted: usize,
+        cleanup_failures: usize,
+    }
+    struct Obs(Arc<Mutex<Seen>>);
+    impl Observer for Obs {
+        fn applied(&mut self, r: &Report) {
+            lock(&self.0).deleted += r.affinity_deleted;
+        }
+        fn failed(&mut self, _: SyncKind, _: &str) {}
+        fn cleanup_failed(&mut self, _: &str) {
+            lock(&self.0).cleanup_failures += 1;
+        }
+    }
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let (o, s) = (objs.clone(), seen.clone());
+    tokio::spawn(async move {
+        syncer
+            .run(rx, move || Some(real_desired(&lock(&o))), &mut Obs(s))
+            .await
+    });
+    settle(Duration::from_millis(10)).await;
+    // A client stuck to 10.0.2.11 through the affinity Service's ClusterIP.
+    let entry = Element {
+        key: vec![
+            Value::Addr("10.9.9.9".parse().unwrap()),
+            Value::Addr("172.30.0.19".parse().unwrap()),
+            Value::Proto(crate::net::Proto::Tcp),
+            Value::Port(80),
+        ],
+        value: Some(vec![
+            Value::Addr("10.0.2.11".parse().unwrap()),
+            Value::Port(8080),
+        ]),
+    };
+    lock(&applier).packet_path_add_element(Family::Ip, "ip-affinity", entry.clone());
+    {
+        let mut o = lock(&objs);
+        let s = o
+            .slices
+            .iter_mut()
+            .find(|s| s.metadata.name.as_deref() == Some("affinity-ipv4"))
+            .expect("slice");
+        s.endpoints.retain(|e| e.addresses != ["10.0.2.11"]);
+    }
+    tx.send(()).await.unwrap();
+    settle(Duration::from_millis(200)).await;
+    let held = |a: &FakeApplier| {
+        a.state.tables[&Family::Ip]
+            .elements
+            .get("ip-affinity")
+            .is_some_and(|e| e.contains(&entry))
+    };
+    assert_eq!(
+        lock(&seen).cleanup_failures,
+        1,
+        "the injected failure was reported"
+    );
+    // Retried with backoff, without any new change.
+    settle(Duration::from_secs(2)).await;
+    assert!(!held(&lock(&applier)), "the stale entry is gone");
+    assert_eq!(lock(&seen).deleted, 1);
+    assert_eq!(lock(&applier).calls, 4);
 }

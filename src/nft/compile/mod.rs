@@ -4,6 +4,7 @@
 //! elements. The only state-dependent skeleton parts are one set + one rule per endpoint count in
 //! use (`numgen random mod N` needs N in the rule) and per ClientIP affinity timeout in use.
 
+use crate::nft::names;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::sync::OnceLock;
@@ -110,10 +111,10 @@ impl Pick {
     }
     fn backends(self) -> &'static str {
         match self {
-            Pick::IpCluster => "ip-cluster-backends",
-            Pick::IpLocal => "ip-local-backends",
-            Pick::NpCluster => "np-cluster-backends",
-            Pick::NpLocal => "np-local-backends",
+            Pick::IpCluster => names::IP_CLUSTER_BACKENDS,
+            Pick::IpLocal => names::IP_LOCAL_BACKENDS,
+            Pick::NpCluster => names::NP_CLUSTER_BACKENDS,
+            Pick::NpLocal => names::NP_LOCAL_BACKENDS,
         }
     }
     fn nodeport(self) -> bool {
@@ -202,24 +203,24 @@ fn contribute(
     if !claim(&cip, &sp.key) {
         return out;
     }
-    out.add("cluster-ips", vec![Value::Addr(sp.cluster_ip)], None);
+    out.add(names::CLUSTER_IPS, vec![Value::Addr(sp.cluster_ip)], None);
 
     // ClusterIP: internal traffic policy decides the endpoint set.
     if sp.internal_local {
-        out.add("clusterip-local", cip.clone(), None);
+        out.add(names::CLUSTERIP_LOCAL, cip.clone(), None);
         if !c.local.is_empty() {
             out.pick(Pick::IpLocal, &cip, &c.local);
         } else if c.has_any {
-            out.add("no-endpoint-drop", cip.clone(), None);
+            out.add(names::NO_ENDPOINT_DROP, cip.clone(), None);
         } else {
-            out.add("no-endpoint-reject", cip.clone(), None);
+            out.add(names::NO_ENDPOINT_REJECT, cip.clone(), None);
         }
     } else {
-        out.add("clusterip", cip.clone(), None);
+        out.add(names::CLUSTERIP, cip.clone(), None);
         if !c.cluster.is_empty() {
             out.pick(Pick::IpCluster, &cip, &c.cluster);
         } else {
-            out.add("no-endpoint-reject", cip.clone(), None);
+            out.add(names::NO_ENDPOINT_REJECT, cip.clone(), None);
         }
     }
 
@@ -247,15 +248,18 @@ fn contribute(
             (Pick::IpCluster, Pick::IpLocal)
         };
         let (reject, drop) = if *nodeport {
-            ("nodeport-no-endpoint-reject", "nodeport-no-endpoint-drop")
+            (
+                names::NODEPORT_NO_ENDPOINT_REJECT,
+                names::NODEPORT_NO_ENDPOINT_DROP,
+            )
         } else {
-            ("no-endpoint-reject", "no-endpoint-drop")
+            (names::NO_ENDPOINT_REJECT, names::NO_ENDPOINT_DROP)
         };
         let class = match (*nodeport, sp.external_local) {
-            (false, false) => "external",
-            (false, true) => "external-local",
-            (true, false) => "nodeport",
-            (true, true) => "nodeport-local",
+            (false, false) => names::EXTERNAL,
+            (false, true) => names::EXTERNAL_LOCAL,
+            (true, false) => names::NODEPORT,
+            (true, true) => names::NODEPORT_LOCAL,
         };
         out.add(class, entry.clone(), None);
         if c.cluster.is_empty() {
@@ -284,7 +288,7 @@ fn contribute(
             let Some(lb) = lb else {
                 continue;
             };
-            out.add("firewall", entry.clone(), None);
+            out.add(names::FIREWALL, entry.clone(), None);
             let mut ranges: Vec<IpNet> = sp.source_ranges.clone();
             if allow_node {
                 ranges.push(IpNet::from(*lb));
@@ -292,7 +296,7 @@ fn contribute(
             for r in IpNet::aggregate(&ranges) {
                 let mut k = entry.clone();
                 k.push(Value::Prefix(r));
-                out.add("firewall-allow", k, None);
+                out.add(names::FIREWALL_ALLOW, k, None);
             }
         }
     }
@@ -312,7 +316,11 @@ fn contribute(
     }
 
     for ip in &ps.local_ips {
-        out.add("hairpin", vec![Value::Addr(*ip), Value::Addr(*ip)], None);
+        out.add(
+            names::HAIRPIN,
+            vec![Value::Addr(*ip), Value::Addr(*ip)],
+            None,
+        );
     }
     out
 }
@@ -372,13 +380,13 @@ impl FamilyTable {
             }
         }
         for net in family_nets(f, &cfg.cluster_cidrs) {
-            ft.insert("cluster-cidrs", vec![Value::Prefix(net)]);
+            ft.insert(names::CLUSTER_CIDRS, vec![Value::Prefix(net)]);
         }
         for net in subtract(&family_nets(f, &cfg.nodeport_cidrs), &loopback(f)) {
-            ft.insert("nodeport-addrs", vec![Value::Prefix(net)]);
+            ft.insert(names::NODEPORT_ADDRS, vec![Value::Prefix(net)]);
         }
         for net in family_nets(f, service_cidrs) {
-            ft.insert("service-cidrs", vec![Value::Prefix(net)]);
+            ft.insert(names::SERVICE_CIDRS, vec![Value::Prefix(net)]);
         }
         ft
     }
@@ -491,9 +499,14 @@ impl FamilyTable {
     /// entry class sets.
     fn entry_taken(&self, entry: &[Value]) -> bool {
         let classes: &[&str] = if matches!(entry.first(), Some(Value::Addr(_))) {
-            &["clusterip", "clusterip-local", "external", "external-local"]
+            &[
+                names::CLUSTERIP,
+                names::CLUSTERIP_LOCAL,
+                names::EXTERNAL,
+                names::EXTERNAL_LOCAL,
+            ]
         } else {
-            &["nodeport", "nodeport-local"]
+            &[names::NODEPORT, names::NODEPORT_LOCAL]
         };
         let probe = Element {
             key: entry.to_vec(),
@@ -508,7 +521,7 @@ impl FamilyTable {
     }
 }
 
-const AFFINITY_CHAIN: &str = "affinity-update";
+const AFFINITY_CHAIN: &str = names::AFFINITY_UPDATE;
 
 fn family_nets(f: Family, nets: &[IpNet]) -> Vec<IpNet> {
     let v: Vec<IpNet> = nets
@@ -659,9 +672,9 @@ pub fn is_backends_map(set: &str) -> bool {
 /// The definition of the affinity maps (as the skeleton declares them).
 pub fn affinity_def(f: Family, nodeport: bool) -> SetDef {
     let name = if nodeport {
-        "np-affinity"
+        names::NP_AFFINITY
     } else {
-        "ip-affinity"
+        names::IP_AFFINITY
     };
     match skeleton()
         .ok()
@@ -908,7 +921,7 @@ impl FamilyTable {
                     },
                     Match::Lookup {
                         key: vec![Field::L4proto],
-                        set: "l4protos".into(),
+                        set: names::L4PROTOS.into(),
                         negate: false,
                     },
                 ],
@@ -924,9 +937,9 @@ impl FamilyTable {
         for &(nodeport, t) in self.affinity.keys() {
             let set = affinity_set(nodeport, t);
             let map = if nodeport {
-                "np-affinity"
+                names::NP_AFFINITY
             } else {
-                "ip-affinity"
+                names::IP_AFFINITY
             };
             self.table
                 .sets
@@ -955,7 +968,7 @@ impl FamilyTable {
                 if nodeport {
                     matches.push(Match::Lookup {
                         key: vec![Field::CtOrigDaddr],
-                        set: "nodeport-addrs".into(),
+                        set: names::NODEPORT_ADDRS.into(),
                         negate: false,
                     });
                 }

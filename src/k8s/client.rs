@@ -1,0 +1,163 @@
+//! The API client: which server it talks to and where that address came from, so that an
+//! unreachable `kubernetes` Service address (which only a running proxy makes reachable) can be
+//! explained instead of waited on.
+
+use kube::Client;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("kubeconfig: {0}")]
+    Kubeconfig(String),
+    #[error("kubernetes client: {0}")]
+    Client(#[from] kube::Error),
+}
+
+/// The API server the client talks to, and where its address came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiAddress {
+    pub url: String,
+    pub host: String,
+    pub port: u16,
+    pub source: ApiSource,
+}
+
+/// Where the API server address came from: it decides what an unreachable API means.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ApiSource {
+    /// `--master` / `NFTPROXY_MASTER`.
+    Master,
+    /// A kubeconfig file.
+    Kubeconfig,
+    /// The in-cluster `KUBERNETES_SERVICE_HOST`: the `kubernetes` Service, which on a node
+    /// without kube-proxy only nftproxy itself programs.
+    ServiceEnv,
+}
+
+/// Build the API client the way every Kubernetes client does: an explicit kubeconfig, else
+/// in-cluster service account, else $KUBECONFIG, else ~/.kube/config; `master` replaces the
+/// server address (credentials stay).
+pub async fn client(
+    kubeconfig: Option<&std::path::Path>,
+    master: Option<&str>,
+) -> Result<(Client, ApiAddress), ClientError> {
+    let mut config = match kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .map_err(|e| ClientError::Kubeconfig(format!("{}: {e}", path.display())))?;
+            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+                .await
+                .map_err(|e| ClientError::Kubeconfig(e.to_string()))?
+        }
+        None => kube::Config::infer()
+            .await
+            .map_err(|e| ClientError::Kubeconfig(e.to_string()))?,
+    };
+    let source = match master.filter(|m| !m.is_empty()) {
+        Some(m) => {
+            config.cluster_url = m
+                .parse()
+                .map_err(|e| ClientError::Kubeconfig(format!("--master {m:?}: {e}")))?;
+            ApiSource::Master
+        }
+        None if kubeconfig.is_none()
+            && std::env::var("KUBERNETES_SERVICE_HOST").is_ok_and(|h| {
+                config
+                    .cluster_url
+                    .host()
+                    .is_some_and(|u| u.trim_matches(|c| c == '[' || c == ']') == h)
+            }) =>
+        {
+            ApiSource::ServiceEnv
+        }
+        None => ApiSource::Kubeconfig,
+    };
+    let u = &config.cluster_url;
+    let addr = ApiAddress {
+        url: u.to_string(),
+        host: u
+            .host()
+            .unwrap_or_default()
+            .trim_matches(|c| c == '[' || c == ']')
+            .to_string(),
+        port: u.port_u16().unwrap_or(if u.scheme_str() == Some("http") {
+            80
+        } else {
+            443
+        }),
+        source,
+    };
+    tracing::info!(server = %addr.url, source = ?addr.source, "API server");
+    Ok((Client::try_from(config)?, addr))
+}
+
+/// What to say when the API server cannot be reached at `url` (None: nothing to add to the
+/// watchers' own retry lines). Pure.
+pub fn unreachable_api_message(url: &str, source: &ApiSource, error: &str) -> Option<String> {
+    match source {
+        ApiSource::ServiceEnv => Some(format!(
+            "cannot reach the API server at {url} ({error}): that address is the `kubernetes` \
+             Service (KUBERNETES_SERVICE_HOST), which nothing on this node programs before \
+             nftproxy has listed the Services (no kube-proxy); give nftproxy the API server's \
+             real address: key apiServer in ConfigMap kube-system/nftproxy, or --master \
+             (NFTPROXY_MASTER); /livez fails until the API answers"
+        )),
+        ApiSource::Master | ApiSource::Kubeconfig => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unreachable_service_address_is_explained() {
+        let m = unreachable_api_message(
+            "https://10.96.0.1:443/",
+            &ApiSource::ServiceEnv,
+            "connection refused",
+        )
+        .expect("explained");
+        for part in [
+            "10.96.0.1",
+            "connection refused",
+            "`kubernetes` Service",
+            "ConfigMap kube-system/nftproxy",
+            "--master",
+            "/livez",
+        ] {
+            assert!(m.contains(part), "{part}: {m}");
+        }
+        // An address the operator chose: the watchers' retry lines say enough.
+        for s in [ApiSource::Master, ApiSource::Kubeconfig] {
+            assert!(unreachable_api_message("https://api:6443/", &s, "refused").is_none());
+        }
+    }
+
+    #[tokio::test]
+    async fn master_overrides_the_kubeconfig_server() {
+        let dir = std::env::temp_dir().join(format!("nftproxy-kc-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let kc = dir.join("kubeconfig");
+        std::fs::write(
+            &kc,
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster: {server: 'https://10.96.0.1:443'}\n\
+             users:\n- name: u\n  user: {token: t}\ncontexts:\n- name: x\n  context: {cluster: c, user: u}\n\
+             current-context: x\n",
+        )
+        .unwrap();
+        let (_, a) = client(Some(&kc), None).await.expect("client");
+        assert_eq!(
+            (a.host.as_str(), a.port, &a.source),
+            ("10.96.0.1", 443, &ApiSource::Kubeconfig)
+        );
+        let (_, a) = client(Some(&kc), Some("https://192.168.0.1:6443"))
+            .await
+            .expect("client");
+        assert_eq!(
+            (a.host.as_str(), a.port, &a.source),
+            ("192.168.0.1", 6443, &ApiSource::Master)
+        );
+        assert!(client(Some(&kc), Some("not a url ::")).await.is_err());
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}

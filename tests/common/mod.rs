@@ -37,16 +37,36 @@ pub fn load_objects(path: &Path) -> Objects {
     .expect("objects")
 }
 
-/// Compile a scenario file for `node` (the first Node in the file when empty).
+/// Compile a scenario file for `node` (the first Node in the file when empty). The problems it
+/// reports must be exactly those in NAME.problems (none when there is no such file);
+/// `BLESS=1` rewrites that file.
 pub fn compile_file(path: &Path, node: &str) -> Ruleset {
     let objs = load_objects(path);
     let info = objs.node_info(if node.is_empty() { None } else { Some(node) });
     let cfg = proxy_config(&info.name);
-    let (rs, problems) = pipeline::from_objects(&objs, &cfg, &info)
-        .map(|o| (o.ruleset, o.problems))
-        .expect("compile");
-    assert!(problems.is_empty(), "{problems:?}");
-    rs
+    let out = pipeline::from_objects(&objs, &cfg, &info).expect("compile");
+    let got: String = out
+        .problems
+        .iter()
+        .map(|p| format!("{}: {}\n", p.object, p.reason))
+        .collect();
+    let file = path.with_extension("problems");
+    if std::env::var("BLESS").as_deref() == Ok("1") && node.is_empty() {
+        if got.is_empty() {
+            let _ = std::fs::remove_file(&file);
+        } else {
+            std::fs::write(&file, &got).expect("write problems");
+        }
+    }
+    let want = std::fs::read_to_string(&file).unwrap_or_default();
+    assert_eq!(
+        got,
+        want,
+        "problems of {} differ from {} (BLESS=1 accepts)",
+        path.display(),
+        file.display()
+    );
+    out.ruleset
 }
 
 /// See [`nftproxy::testutil::privileged`].

@@ -2,6 +2,7 @@
 //! endpoints (pure stages only: model, endpoint choice, compile, plan, render). Prints figures;
 //! asserts nothing.
 #![allow(clippy::unwrap_used)] // a test: a panic is the failure report
+#![allow(clippy::disallowed_methods)] // a benchmark measures real time
 
 use std::collections::BTreeSet;
 use std::time::Instant;

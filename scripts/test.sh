@@ -6,12 +6,20 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup.sh
 export PATH="$HOME/.cargo/bin:$PATH"
-echo "== cargo fmt / clippy"
+echo "== cargo fmt / clippy (house rules: Cargo.toml [workspace.lints], clippy.toml)"
 cargo fmt --all -- --check
-cargo clippy --all-targets -q -- -D warnings
-echo "== cargo test (unit, golden, flows, netlink in fresh namespaces)"
+cargo clippy --workspace --all-targets -q -- -D warnings
+echo "== cargo test (unit, golden, flows, architecture; no privileges)"
 cargo build -q
-cargo test -q
+cargo test --workspace -q
+echo "== privileged tests (root; each in a fresh network namespace)"
+cargo test --workspace -q -- --ignored
+echo "== dependency policy (deny.toml)"
+if ! cargo deny --version >/dev/null 2>&1; then
+  echo "installing cargo-deny (once)"
+  cargo install -q --locked cargo-deny
+fi
+cargo deny --log-level error check licenses bans sources
 echo "== demo (the README's first command, as an end-to-end check)"
 python3 integration/demo.py
 if [ -f integration/bench/bench.py ]; then

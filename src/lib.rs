@@ -11,6 +11,7 @@ pub mod apply;
 pub mod cmd;
 pub mod conntrack;
 pub mod k8s;
+pub mod lock;
 pub mod model;
 pub mod net;
 pub mod nft;

@@ -1,15 +1,14 @@
-//! Helpers for privileged tests (unit tests here and the tests in `tests/`): one place that
-//! decides whether they may run and how they get a network namespace of their own.
+//! Test helpers shared by the unit tests and `tests/`: the shared test cluster, and how a
+//! privileged test checks for root and gets a network namespace of its own.
 
-/// Whether privileged tests may run: they need root (CI runs as root). Set
-/// NFTPROXY_SKIP_PRIVILEGED=1 to skip them knowingly; otherwise a non-root run panics rather
-/// than passing silently.
-pub fn privileged() -> bool {
-    if std::env::var("NFTPROXY_SKIP_PRIVILEGED").as_deref() == Ok("1") {
-        return false;
-    }
-    assert!(nftproxy_nl::os::is_root(), "privileged test: run as root (unshare, nftables, conntrack), or set NFTPROXY_SKIP_PRIVILEGED=1 to skip");
-    true
+/// Privileged tests (`#[ignore]`d, so plain `cargo test` runs without root and lists them as
+/// ignored) call this first: run on request without root, they fail with this message rather
+/// than pass without testing anything.
+pub fn require_root() {
+    assert!(
+        nftproxy_nl::os::is_root(),
+        "privileged test: run as root (unshare, nftables, conntrack)"
+    );
 }
 
 /// Run `f` on a thread of its own in a fresh network namespace. The namespace disappears with

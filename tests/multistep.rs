@@ -287,7 +287,7 @@ fn conflicting_services_do_not_break_the_commit() {
             .expect("compile");
     assert_eq!(problems.len(), 1, "{problems:?}");
     assert!(
-        problems[0].object == "Service ns/zz-dup"
+        problems[0].object.to_string() == "Service ns/zz-dup"
             && problems[0].reason.contains("already used by ns/web"),
         "{problems:?}"
     );

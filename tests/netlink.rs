@@ -33,10 +33,9 @@ fn scenario_files() -> Vec<std::path::PathBuf> {
 }
 
 #[test]
+#[ignore = "privileged (root, network namespaces): cargo test -- --ignored, or `just test-privileged`"]
 fn netlink_ruleset_lists_as_the_rendered_text() {
-    if !common::privileged() {
-        return;
-    }
+    common::require_root();
     for path in scenario_files() {
         let rs = common::compile_file(&path, "");
         let text = render::ruleset(&rs);
@@ -119,10 +118,9 @@ fn conformance<A: Applier>(a: &mut A, rs: &Ruleset, changed: &Ruleset) -> Vec<St
 }
 
 #[test]
+#[ignore = "privileged (root, network namespaces): cargo test -- --ignored, or `just test-privileged`"]
 fn fake_and_kernel_agree() {
-    if !common::privileged() {
-        return;
-    }
+    common::require_root();
     let path = common::root().join("tests/flows/cluster.yaml");
     let rs = common::compile_file(&path, "node-a");
     let mut objs = common::load_objects(&path);
@@ -154,11 +152,10 @@ fn fake_and_kernel_agree() {
 /// change made with `nft` from outside: a flushed map, a deleted element, a foreign element, a
 /// flushed chain, a foreign rule. The repair is the plan from the kernel's view.
 #[test]
+#[ignore = "privileged (root, network namespaces): cargo test -- --ignored, or `just test-privileged`"]
 fn kernel_read_back_sees_and_repairs_outside_changes() {
     use nftproxy::sync::drift::kernel_view;
-    if !common::privileged() {
-        return;
-    }
+    common::require_root();
     for path in scenario_files() {
         let rs = common::compile_file(&path, "");
         let name = path.display().to_string();

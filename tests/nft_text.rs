@@ -8,10 +8,9 @@ use nftproxy::net::Family;
 use nftproxy::nft::render;
 
 #[test]
+#[ignore = "privileged (root, network namespaces): cargo test -- --ignored, or `just test-privileged`"]
 fn rendered_scenarios_load_and_list_back_identically() {
-    if !common::privileged() {
-        return;
-    }
+    common::require_root();
     let dir = common::root().join("tests/scenarios");
     let mut files: Vec<_> = std::fs::read_dir(&dir)
         .expect("scenarios")

@@ -5,20 +5,20 @@
 //! thread; `nft` subprocesses spawned from that thread inherit it) and compare what the applier
 //! makes of a transaction with what `nft -f` makes of the hand-written canonical text: the
 //! `nft list table` output, every rule's expressions, every set's attributes (user data
-//! included) and every kernel element must be identical. They panic when not run as root unless
-//! NFTPROXY_SKIP_PRIVILEGED=1.
+//! included) and every kernel element must be identical. They are `#[ignore]`d (run them with
+//! `cargo test -- --ignored` as root) and panic when run without root.
 //!
 //! Address plan (inside the namespaces only): pods 10.0.0.0/8, services 172.30.0.0/16, nodes
 //! 192.168.0.0/24, external clients 203.0.113.0/24, LB IPs 192.0.2.0/24; IPv6 pods fd00::/8,
 //! services fd30::/64, LB 2001:db8::/64.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::Instant;
+use tokio::time::Instant;
 
 use super::*;
 use crate::apply::Applier;
 use crate::nft::ir::{Chain, SetFlags, Table};
-use crate::testutil::{in_netns, privileged};
+use crate::testutil::{in_netns, require_root};
 
 // ---------------------------------------------------------------------------------------------
 // IR helpers
@@ -1752,10 +1752,9 @@ fn listed(a: &mut NetlinkApplier, family: Family, set: &str) -> BTreeSet<Element
 }
 
 #[test]
+#[ignore = "privileged (root, network namespaces): cargo test -- --ignored, or `just test-privileged`"]
 fn conformance_ip_every_construct_matches_nft() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let (t, text) = ip_case();
     let (ours, by_nft) = load_both(Family::Ip, text, create_tx(Family::Ip, &t));
     assert_same(&ours, &by_nft);
@@ -1776,20 +1775,18 @@ fn conformance_ip_every_construct_matches_nft() {
 }
 
 #[test]
+#[ignore = "privileged (root, network namespaces): cargo test -- --ignored, or `just test-privileged`"]
 fn conformance_ip6_every_construct_matches_nft() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let (t, text) = ip6_case();
     let (ours, by_nft) = load_both(Family::Ip6, text, create_tx(Family::Ip6, &t));
     assert_same(&ours, &by_nft);
 }
 
 #[test]
+#[ignore = "privileged (root, network namespaces): cargo test -- --ignored, or `just test-privileged`"]
 fn list_elements_reads_back_every_set_kind() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     for (family, (t, _)) in [(Family::Ip, ip_case()), (Family::Ip6, ip6_case())] {
         in_netns(move || {
             let mut a = NetlinkApplier::new().unwrap();
@@ -1817,10 +1814,9 @@ fn list_elements_reads_back_every_set_kind() {
 }
 
 #[test]
+#[ignore = "privileged (root, network namespaces): cargo test -- --ignored, or `just test-privileged`"]
 fn ip6_affinity_update_loads_although_nft_cannot_write_it() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     use Field::*;
     let t = TableBuilder::default()
         .set(
@@ -1917,10 +1913,9 @@ fn backend(i: u32) -> Element {
 }
 
 #[test]
+#[ignore = "privileged (root, network namespaces): cargo test -- --ignored, or `just test-privileged`"]
 fn one_batch_of_100k_elements() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let (t, d) = backends_table();
     in_netns(move || {
         let mut a = NetlinkApplier::new().unwrap();
@@ -1979,10 +1974,9 @@ fn one_batch_of_100k_elements() {
 }
 
 #[test]
+#[ignore = "privileged (root, network namespaces): cargo test -- --ignored, or `just test-privileged`"]
 fn failed_batch_changes_nothing() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let (t, d) = backends_table();
     in_netns(move || {
         let mut a = NetlinkApplier::new().unwrap();
@@ -2049,10 +2043,9 @@ fn failed_batch_changes_nothing() {
 }
 
 #[test]
+#[ignore = "privileged (root, network namespaces): cargo test -- --ignored, or `just test-privileged`"]
 fn kernel_errors_are_classified_and_name_their_op() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let (t, d) = backends_table();
     in_netns(move || {
         let mut a = NetlinkApplier::new().unwrap();
@@ -2167,10 +2160,9 @@ fn kernel_errors_are_classified_and_name_their_op() {
 }
 
 #[test]
+#[ignore = "privileged (root, network namespaces): cargo test -- --ignored, or `just test-privileged`"]
 fn adds_are_idempotent_and_flush_chain_empties_a_chain() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let (t, _) = backends_table();
     in_netns(move || {
         let mut a = NetlinkApplier::new().unwrap();
@@ -2236,10 +2228,9 @@ fn adds_are_idempotent_and_flush_chain_empties_a_chain() {
 }
 
 #[test]
+#[ignore = "privileged (root, network namespaces): cargo test -- --ignored, or `just test-privileged`"]
 fn map_value_changes_by_delete_and_add_in_one_batch() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let (t, d) = backends_table();
     in_netns(move || {
         let mut a = NetlinkApplier::new().unwrap();
@@ -2291,10 +2282,9 @@ fn map_value_changes_by_delete_and_add_in_one_batch() {
 }
 
 #[test]
+#[ignore = "privileged (root, network namespaces): cargo test -- --ignored, or `just test-privileged`"]
 fn interval_elements_delete_like_nft() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let (t, text) = ip_case();
     let pod = t.sets["pod-cidrs"].clone();
     let fw = t.sets["fw-allow"].clone();
@@ -2371,10 +2361,9 @@ add element ip nftproxy fw-allow { 192.0.2.12 . sctp . 9 . 0.0.0.0/0 }
 /// sets created or flushed in the same batch, and must not fail when the set turns out to hold
 /// intervals already (including one that starts at 0).
 #[test]
+#[ignore = "privileged (root, network namespaces): cargo test -- --ignored, or `just test-privileged`"]
 fn leading_interval_end_is_harmless_on_existing_sets() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     in_netns(|| {
         let d = def(ty(&[V4]), None, fl(true, false, false));
         let add_set = |elems: Vec<Element>| Transaction {
@@ -2441,10 +2430,9 @@ fn leading_interval_end_is_harmless_on_existing_sets() {
 }
 
 #[test]
+#[ignore = "privileged (root, network namespaces): cargo test -- --ignored, or `just test-privileged`"]
 fn counters_are_read_back() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     use Field::*;
     in_netns(|| {
         let out = std::process::Command::new("ip")
@@ -2491,10 +2479,9 @@ fn counters_are_read_back() {
 }
 
 #[test]
+#[ignore = "privileged (root, network namespaces): cargo test -- --ignored, or `just test-privileged`"]
 fn cleanup_deletes_both_families_and_is_idempotent() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     in_netns(|| {
         let mut a = NetlinkApplier::new().unwrap();
         a.apply(&Transaction {

@@ -876,7 +876,7 @@ mod sock {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testutil::{in_netns, privileged};
+    use crate::testutil::{in_netns, require_root};
 
     // ---- hand-rolled wire helpers, independent of the encoder under test ----
 
@@ -1595,10 +1595,9 @@ table ip6 nftproxy_ct_test {
 "#;
 
     #[test]
+    #[ignore = "privileged (root, network namespaces): cargo test -- --ignored, or `just test-privileged`"]
     fn privileged_deletes_exactly_the_stale_udp_entries() {
-        if !privileged() {
-            return;
-        }
+        require_root();
         in_netns(|| {
             use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
             run("ip", &["link", "set", "lo", "up"], None);

@@ -2,6 +2,7 @@
 //! bound). Sync code hands events to a channel; a task publishes them, so the API never slows a
 //! sync and an unreachable API only costs a log line.
 
+use crate::model::ObjectRef;
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::Client;
@@ -19,16 +20,14 @@ pub struct Warning {
 
 impl Warning {
     /// From a model problem's object string ("Service ns/name").
-    pub fn from_problem(object: &str, reason_text: &str) -> Option<Warning> {
-        let (kind, rest) = object.split_once(' ')?;
-        let (ns, name) = rest.split_once('/')?;
-        if !matches!(kind, "Service" | "EndpointSlice") {
+    pub fn from_problem(object: &ObjectRef, reason_text: &str) -> Option<Warning> {
+        if !matches!(object.kind, "Service" | "EndpointSlice") {
             return None;
         }
         Some(Warning {
-            kind: kind.into(),
-            namespace: ns.into(),
-            name: name.into(),
+            kind: object.kind.into(),
+            namespace: object.namespace.clone(),
+            name: object.name.clone(),
             reason: "NftproxyInvalidInput".into(),
             note: reason_text.into(),
         })
@@ -133,7 +132,8 @@ mod tests {
 
     #[test]
     fn problems_become_warnings() {
-        let w = Warning::from_problem("Service ns/web", "bad externalIP").unwrap();
+        let w = Warning::from_problem(&ObjectRef::new("Service", "ns", "web"), "bad externalIP")
+            .unwrap();
         assert_eq!(
             (
                 w.kind.as_str(),
@@ -143,6 +143,6 @@ mod tests {
             ),
             ("Service", "ns", "web", "bad externalIP")
         );
-        assert!(Warning::from_problem("ServiceCIDR x", "bad").is_none());
+        assert!(Warning::from_problem(&ObjectRef::new("ServiceCIDR", "", "x"), "bad").is_none());
     }
 }

@@ -18,6 +18,7 @@ use kube::{Api, Client, Resource, ResourceExt};
 use tokio::sync::mpsc;
 
 use crate::k8s::inbox::{Inbox, Pending, SharedInbox};
+use crate::lock::lock;
 
 /// Upstream kube-proxy's selector: Services and slices handed to another proxy, and headless
 /// Services' slices, are not ours.
@@ -207,9 +208,7 @@ fn watch_into<K>(
 {
     drive(name, watch_stream(name, api, cfg), changes, move |ev| {
         let done = matches!(ev, watcher::Event::InitDone);
-        if let Ok(mut i) = inbox.lock() {
-            slot(&mut i).event(ev.clone());
-        }
+        slot(&mut lock(&inbox)).event(ev.clone());
         if done {
             listed.send_replace(true);
         }

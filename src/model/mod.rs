@@ -31,9 +31,38 @@ pub const MAX_ENDPOINTS_PER_SLICE: usize = 1000;
 /// Something in an object that nftproxy could not use. The caller logs it (and may emit an Event).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {
-    /// `Service ns/name` or `EndpointSlice ns/name`.
-    pub object: String,
+    /// The object the problem is in (Events are written to it).
+    pub object: ObjectRef,
     pub reason: String,
+}
+
+/// A Kubernetes object by kind, namespace and name; shown as `Service ns/name`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ObjectRef {
+    pub kind: &'static str,
+    /// Empty for cluster-scoped objects.
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ObjectRef {
+    pub fn new(kind: &'static str, namespace: &str, name: &str) -> ObjectRef {
+        ObjectRef {
+            kind,
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+        }
+    }
+}
+
+impl std::fmt::Display for ObjectRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.namespace.is_empty() {
+            write!(f, "{} {}", self.kind, self.name)
+        } else {
+            write!(f, "{} {}/{}", self.kind, self.namespace, self.name)
+        }
+    }
 }
 
 /// Identity of a Service: namespace and name.
@@ -116,15 +145,15 @@ pub struct Endpoint {
 pub type PortEndpoints = BTreeMap<(String, Proto), Vec<Endpoint>>;
 
 /// Record that something in `object` was skipped, and why.
-fn bad(problems: &mut Vec<Problem>, object: &str, reason: impl Into<String>) {
+fn bad(problems: &mut Vec<Problem>, object: &ObjectRef, reason: impl Into<String>) {
     problems.push(Problem {
-        object: object.to_string(),
+        object: object.clone(),
         reason: reason.into(),
     });
 }
 
-fn svc_object(ns: &str, name: &str) -> String {
-    format!("Service {ns}/{name}")
+fn svc_object(ns: &str, name: &str) -> ObjectRef {
+    ObjectRef::new("Service", ns, name)
 }
 
 fn parse_proto(p: Option<&str>) -> Result<Proto, String> {
@@ -155,7 +184,7 @@ pub fn service_ports(svc: &Service, problems: &mut Vec<Problem>) -> Vec<ServiceP
     let ns = svc.metadata.namespace.as_deref().unwrap_or("default");
     let Some(name) = svc.metadata.name.as_deref() else {
         problems.push(Problem {
-            object: "Service <unnamed>".into(),
+            object: ObjectRef::new("Service", "", "<unnamed>"),
             reason: "no metadata.name".into(),
         });
         return Vec::new();
@@ -380,7 +409,7 @@ pub fn slice_info(
 ) -> Option<SliceInfo> {
     let ns = slice.metadata.namespace.as_deref().unwrap_or("default");
     let name = slice.metadata.name.as_deref().unwrap_or("<unnamed>");
-    let object = format!("EndpointSlice {ns}/{name}");
+    let object = ObjectRef::new("EndpointSlice", ns, name);
     let labels = slice.metadata.labels.as_ref();
     if labels
         .is_some_and(|l| l.contains_key(SERVICE_PROXY_NAME_LABEL) || l.contains_key(HEADLESS_LABEL))
@@ -531,9 +560,6 @@ pub fn merge_slices<'a>(slices: impl IntoIterator<Item = &'a SliceInfo>) -> Port
     merged
 }
 
-#[cfg(test)]
-mod tests;
-
 /// The annotation the EndpointSlice controller sets to when the change it reflects was made.
 pub const TRIGGER_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
 
@@ -546,3 +572,6 @@ pub fn trigger_time(slice: &EndpointSlice) -> Option<std::time::SystemTime> {
         .get(TRIGGER_ANNOTATION)?;
     humantime::parse_rfc3339_weak(raw).ok()
 }
+
+#[cfg(test)]
+mod tests;

@@ -73,7 +73,11 @@ pub fn service_cidrs(objs: &[ServiceCIDR], problems: &mut Vec<Problem>) -> Vec<I
             match raw.parse::<IpNet>() {
                 Ok(n) => out.push(n.trunc()),
                 Err(_) => problems.push(Problem {
-                    object: format!("ServiceCIDR {}", o.metadata.name.as_deref().unwrap_or("")),
+                    object: model::ObjectRef::new(
+                        "ServiceCIDR",
+                        "",
+                        o.metadata.name.as_deref().unwrap_or(""),
+                    ),
                     reason: format!("bad CIDR {raw:?} skipped"),
                 }),
             }

@@ -83,7 +83,7 @@ fn bad_input_is_reported_and_skipped() {
     );
     let reasons: Vec<_> = p.iter().map(|p| p.reason.as_str()).collect();
     assert_eq!(p.len(), 7, "{reasons:#?}");
-    assert!(p.iter().all(|p| p.object == "Service ns/web"));
+    assert!(p.iter().all(|p| p.object.to_string() == "Service ns/web"));
     assert!(reasons.iter().any(|r| r.contains("192.0.2.300")));
     assert!(reasons.iter().any(|r| r.contains("70000")));
     assert!(reasons.iter().any(|r| r.contains("duplicate port")));

@@ -10,7 +10,8 @@ use imbl::ordmap::DiffItem;
 
 use crate::conntrack::Conntrack;
 use crate::k8s::events::{Events, Warning};
-use crate::model::ServiceName;
+use crate::lock::lock;
+use crate::model::{ObjectRef, ServiceName};
 use crate::net::Family;
 use crate::observe::health::agent::AgentHealth;
 use crate::observe::health::service::{Probe, Servers, TcpBinder, Wanted};
@@ -21,7 +22,7 @@ use crate::sync::{Counters, Observer, Report, SyncKind};
 /// Problems are logged once per (object, reason), not on every sync.
 #[derive(Default)]
 pub struct ProblemLog {
-    seen: BTreeSet<(String, String)>,
+    seen: BTreeSet<(ObjectRef, String)>,
 }
 
 impl ProblemLog {
@@ -31,7 +32,7 @@ impl ProblemLog {
         metrics: &Metrics,
         events: &Events,
     ) {
-        let now: BTreeSet<(String, String)> =
+        let now: BTreeSet<(ObjectRef, String)> =
             problems.into_iter().map(|p| (p.object, p.reason)).collect();
         for (object, reason) in now.difference(&self.seen) {
             tracing::warn!(object = %object, reason = %reason, "skipped bad input");
@@ -184,10 +185,9 @@ impl Observer for AgentObserver {
                 self.metrics.programming_latency.observe(d.as_secs_f64());
             }
         }
-        if let Ok(mut e) = self.node_eligible.lock() {
-            *e = !r.node.ineligible;
-        }
-        if let Ok(mut h) = self.health.lock() {
+        *lock(&self.node_eligible) = !r.node.ineligible;
+        {
+            let mut h = lock(&self.health);
             // Moving every server to new addresses; failures are retried by reconcile.
             let _ = h.servers.set_addrs(r.node.health_addrs.clone());
             update_wanted(&mut h.wanted, r.previous.as_deref(), &r.state);

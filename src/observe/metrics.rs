@@ -1,5 +1,6 @@
 //! Prometheus metrics (`--metrics-bind-address`, `/metrics`).
 
+use crate::lock::lock;
 use crate::nft::names;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -225,10 +226,10 @@ impl Metrics {
         family: IpFamily,
         set: &str,
         drops: bool,
-        elements: &[crate::apply::Counted],
+        elements: &[(Element, Option<(u64, u64)>)],
         owners: &BTreeMap<Vec<Value>, ServiceLabel>,
     ) {
-        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        let mut seen = lock(&self.seen);
         for (e, c) in elements {
             let Some((packets, _)) = c else { continue };
             let key = (family, set.to_string(), e.clone());

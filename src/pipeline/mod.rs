@@ -370,7 +370,7 @@ impl Engine {
     ) -> Result<Output, CompileError> {
         let model = self.model.get_or_insert_with(|| Model::empty(node, cidrs));
         let compiled = self.compiled.take();
-        let started = std::time::Instant::now();
+        let started = tokio::time::Instant::now();
         let old = model.state().clone();
         let mut changed = model.apply(services, slices);
         let modelled = started.elapsed();

@@ -218,7 +218,7 @@ fn from_scratch(
         .problems()
         .into_iter()
         .chain(c.problems())
-        .map(|p| (p.object, p.reason))
+        .map(|p| (p.object.to_string(), p.reason))
         .collect();
     (m.state().clone(), c.ruleset().clone(), problems)
 }
@@ -361,7 +361,7 @@ proptest! {
             prop_assert_eq!(sorted_backends(&out.state), state);
             prop_assert_eq!(sorted_slots(&out.ruleset), ruleset);
             let got: BTreeSet<(String, String)> =
-                out.problems.iter().map(|p| (p.object.clone(), p.reason.clone())).collect();
+                out.problems.iter().map(|p| (p.object.to_string(), p.reason.clone())).collect();
             prop_assert_eq!(got, problems);
             // And the plan between successive outputs brings a strict kernel there.
             let p = plan::partial(&applied, &out.ruleset, &BTreeSet::new());

@@ -22,6 +22,7 @@ use tokio::time::Instant;
 
 use crate::apply::monitor::{self, Notice, Touched};
 use crate::apply::{Applier, ApplyError, KernelTable};
+pub(crate) use crate::lock::lock;
 use crate::net::Family;
 use crate::nft::ir::{Element, Ruleset};
 use crate::nft::plan;
@@ -250,11 +251,6 @@ pub struct Syncer<A: Applier + 'static> {
     /// When the last commit succeeded (wall clock, as trigger times are): an older trigger time
     /// was programmed already (its slice changed again in a way that did not move it).
     last_commit_wall: Option<SystemTime>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // A panic while holding the lock leaves plain data behind; keep going with it.
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl<A: Applier + 'static> Syncer<A> {

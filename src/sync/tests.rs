@@ -463,7 +463,7 @@ async fn affinity_entries_of_gone_endpoints_are_cleaned_and_retried() {
     // Call 1: the first full sync; call 2: the commit dropping an endpoint; call 3: the cleanup.
     fake.fail_call
         .insert(3, ApplyError::Io("injected cleanup failure".into()));
-    let mut syncer = Syncer::new(cfg(), fake, Arc::default());
+    let syncer = Syncer::new(cfg(), fake, Arc::default());
     let applier = syncer.applier();
     let (tx, rx) = mpsc::channel(16);
     #[derive(Default)]

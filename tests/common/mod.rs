@@ -69,9 +69,9 @@ pub fn compile_file(path: &Path, node: &str) -> Ruleset {
     out.ruleset
 }
 
-/// See [`nftproxy::testutil::privileged`].
-pub fn privileged() -> bool {
-    nftproxy::testutil::privileged()
+/// See [`nftproxy::testutil::require_root`].
+pub fn require_root() {
+    nftproxy::testutil::require_root()
 }
 
 /// See [`nftproxy::testutil::in_netns`].

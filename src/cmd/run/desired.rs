@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use crate::k8s::events::Events;
 use crate::k8s::watch::Stores;
+use crate::lock::lock;
 use crate::model::{self, NodeInfo};
 use crate::observe::agent::ProblemLog;
 use crate::observe::metrics::Metrics;
@@ -42,8 +43,7 @@ impl DesiredSource {
                 ..Default::default()
             });
         let (services, slices) = {
-            // The one poisoning policy: the inbox holds plain data, valid after any panic.
-            let mut i = self.stores.inbox.lock().unwrap_or_else(|e| e.into_inner());
+            let mut i = lock(&self.stores.inbox);
             (i.services.take(), i.slices.take())
         };
         // Changes only: a relist's trigger times were programmed before (or by the start).

@@ -13,6 +13,7 @@ use crate::conntrack::{Conntrack, DisabledConntrack, NetlinkConntrack};
 use crate::k8s::client::{client, unreachable_api_message, ApiAddress};
 use crate::k8s::events::Events;
 use crate::k8s::watch;
+use crate::lock::lock;
 use crate::observe::agent::{AgentObserver, HealthProbe, HealthServers, HealthState, ProblemLog};
 use crate::observe::health::agent::AgentHealth;
 use crate::observe::health::service::{Servers, TcpBinder};
@@ -76,14 +77,10 @@ fn spawn_api_probe(
                 tracing::info!(server = %api.url, "the API server answers now");
                 said = false;
             }
-            if let Ok(mut st) = status.lock() {
-                st.bootstrap = message;
-            }
+            lock(&status).bootstrap = message;
             tokio::time::sleep(Duration::from_secs(5)).await;
         }
-        if let Ok(mut st) = status.lock() {
-            st.bootstrap = None;
-        }
+        lock(&status).bootstrap = None;
     });
 }
 
@@ -149,10 +146,7 @@ async fn run_until_stopped(args: RunArgs) -> Result<(), AgentError> {
     let metrics = Arc::new(Metrics::new());
     let status: SharedStatus = Arc::default();
     // Until the first sync, the start itself is the pending change (liveness covers a stuck start).
-    status
-        .lock()
-        .map(|mut s| s.pending_since = Some(tokio::time::Instant::now()))
-        .ok();
+    lock(&status).pending_since = Some(tokio::time::Instant::now());
     let node_eligible = Arc::new(Mutex::new(true));
     let health = AgentHealth {
         status: status.clone(),
@@ -273,10 +267,9 @@ fn spawn_health_retry(health: HealthServers, events: Events) {
         let mut tick = tokio::time::interval(Duration::from_secs(5));
         loop {
             tick.tick().await;
-            if let Ok(mut h) = health.lock() {
-                if h.failing {
-                    h.reconcile(&events);
-                }
+            let mut h = lock(&health);
+            if h.failing {
+                h.reconcile(&events);
             }
         }
     });

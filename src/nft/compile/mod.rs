@@ -478,7 +478,11 @@ impl FamilyTable {
                         .collect::<Vec<_>>()
                         .join(" . ");
                     problems.push(crate::model::Problem {
-                        object: format!("Service {}", port.service),
+                        object: crate::model::ObjectRef::new(
+                            "Service",
+                            &port.service.namespace,
+                            &port.service.name,
+                        ),
                         reason: format!("entry {what} is already used by {owner}; skipped"),
                     });
                     contested.insert(owner.service.clone());

@@ -13,6 +13,7 @@ use axum::routing::get;
 use axum::Router;
 use tokio::time::Instant;
 
+use crate::lock::lock;
 use crate::sync::SharedStatus;
 
 /// Inputs of the health decision at one moment.
@@ -102,14 +103,14 @@ pub struct AgentHealth {
 
 impl AgentHealth {
     pub fn inputs(&self) -> Inputs {
-        let st = self.status.lock().map(|s| s.clone()).unwrap_or_default();
+        let st = lock(&self.status).clone();
         Inputs {
             now: Instant::now(),
             wall_now: SystemTime::now(),
             last_success: st.last_success,
             pending_since: st.pending_since,
             sync_period: self.sync_period,
-            node_eligible: self.node_eligible.lock().map(|e| *e).unwrap_or(true),
+            node_eligible: *lock(&self.node_eligible),
             drift: st.drift,
             bootstrap: st.bootstrap,
         }

@@ -185,7 +185,7 @@ fn a_failed_apply_changes_nothing_and_full_sync_repairs_outside_changes() {
     let before = fake.dump();
     slice_mut(&mut objs, "web-ipv4").endpoints.pop();
     let next = compile(&objs);
-    fake.fail.push_back(ApplyError::Io("injected".into()));
+    fake.fail.push_back(ApplyError::Injected("test".into()));
     let p = plan::partial(&rs, &next, &BTreeSet::new());
     assert!(fake.apply(&p.tx).is_err());
     assert_eq!(fake.dump(), before, "atomic: nothing changed");

@@ -161,6 +161,21 @@ impl FakeApplier {
             .ok_or_else(|| ApplyError::NotFound { what: what(op) })
     }
 
+    /// An element operation carries the set definition it was built for (the netlink applier
+    /// encodes the elements by it): one that differs from the table's would be encoded wrongly
+    /// for the kernel's set, so it is refused here as a bug.
+    fn check_def(op: &Op, op_def: &SetDef, table_def: &SetDef) -> Result<(), ApplyError> {
+        if op_def != table_def {
+            return Err(ApplyError::Invalid {
+                what: what(op),
+                detail: format!(
+                    "the operation's set definition {op_def:?} differs from the table's {table_def:?}"
+                ),
+            });
+        }
+        Ok(())
+    }
+
     fn check_rule(t: &Table, f: Family, op: &Op, rule: &Rule) -> Result<(), ApplyError> {
         let check_lookup =
             |key: &[Field], set: &str, want_map: Option<bool>| -> Result<(), ApplyError> {
@@ -349,7 +364,7 @@ impl FakeApplier {
             Op::AddElements {
                 family,
                 set,
-                def: _,
+                def: op_def,
                 elements,
             } => {
                 let t = Self::table(state, op, *family)?;
@@ -358,6 +373,7 @@ impl FakeApplier {
                     .get(set)
                     .cloned()
                     .ok_or_else(|| ApplyError::NotFound { what: what(op) })?;
+                Self::check_def(op, op_def, &def)?;
                 let els = t.elements.entry(set.clone()).or_default();
                 for e in elements {
                     Self::check_element(*family, op, &def, e)?;
@@ -377,13 +393,14 @@ impl FakeApplier {
             Op::DeleteElements {
                 family,
                 set,
-                def: _,
+                def: op_def,
                 elements,
             } => {
                 let t = Self::table(state, op, *family)?;
-                if !t.sets.contains_key(set) {
+                let Some(def) = t.sets.get(set) else {
                     return Err(ApplyError::NotFound { what: what(op) });
-                }
+                };
+                Self::check_def(op, op_def, def)?;
                 let els = t.elements.entry(set.clone()).or_default();
                 for e in elements {
                     // The kernel deletes by key; the value in the request is ignored.
@@ -477,5 +494,45 @@ impl Applier for FakeApplier {
             .tables
             .get(&family)
             .map(|have| super::KernelTable::compare(have, like, sets)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nft::{compile, plan};
+
+    /// An element operation built for another definition of the set (here: its interval flag
+    /// flipped) is refused, as the kernel would mis-encode it; the same elements with the
+    /// table's definition are accepted.
+    #[test]
+    fn an_element_op_for_another_set_definition_is_refused() {
+        let state = crate::testutil::node_a_state(&crate::testutil::cluster_objects());
+        let rs = compile::compile(&state, &compile::CompileConfig::default()).expect("compile");
+        let mut fake = FakeApplier::new();
+        fake.apply(&plan::full(&rs)).expect("full");
+        let t = &fake.state.tables[&Family::Ip];
+        let (set, def) = t
+            .sets
+            .iter()
+            .find(|(n, _)| t.elements.get(*n).is_some_and(|e| !e.is_empty()))
+            .map(|(n, d)| (n.clone(), d.clone()))
+            .expect("a set with elements");
+        let elements: Vec<Element> = t.elements[&set].iter().take(1).cloned().collect();
+        let mut other = def.clone();
+        other.flags.interval = !other.flags.interval;
+        let del = |def: SetDef| Transaction {
+            ops: vec![Op::DeleteElements {
+                family: Family::Ip,
+                set: set.clone(),
+                def,
+                elements: elements.clone(),
+            }],
+        };
+        assert!(matches!(
+            fake.apply(&del(other)),
+            Err(ApplyError::Invalid { .. })
+        ));
+        fake.apply(&del(def)).expect("the table's own definition");
     }
 }

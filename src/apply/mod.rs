@@ -13,7 +13,7 @@ use crate::nft::ir::{Element, Table};
 use crate::nft::tx::Transaction;
 
 /// Kernel errno classes that decide what the sync loop does next.
-#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+#[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
     /// An object the transaction expected is missing (ENOENT): the table was changed from outside.
     #[error("{what}: not found (changed from outside?)")]
@@ -30,9 +30,44 @@ pub enum ApplyError {
     /// Missing privileges or kernel support.
     #[error("{what}: permission denied or unsupported: {detail}")]
     Unsupported { what: String, detail: String },
+    /// nftproxy could not encode an operation or decode what the kernel holds: a bug, or a
+    /// kernel form this version does not know.
+    #[error("{what}: {source}")]
+    Lower {
+        what: String,
+        #[source]
+        source: netlink::LowerError,
+    },
     /// Socket-level trouble (ENOBUFS, EINTR, ...); retrying may help.
-    #[error("netlink: {0}")]
-    Io(String),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: nftproxy_nl::NlError,
+    },
+    /// A failure injected on purpose (tests, `--fault-inject-file`).
+    #[error("fault injected: {0}")]
+    Injected(String),
+    /// The thread that runs the blocking netlink calls failed.
+    #[error("apply thread: {0}")]
+    Thread(String),
+}
+
+impl ApplyError {
+    /// An object the operation needs is missing (changed from outside, or an entry that
+    /// expired between a dump and a delete).
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, ApplyError::NotFound { .. })
+    }
+
+    /// Whether the same operation may succeed when tried again unchanged (transient kernel or
+    /// socket trouble); the others need a new plan or a fix.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            ApplyError::Io { .. } | ApplyError::Busy { .. } | ApplyError::Injected(_)
+        )
+    }
 }
 
 /// A cheap fingerprint of a table's skeleton: rules per chain (chains that have rules) and set
@@ -165,10 +200,7 @@ pub struct FaultInjecting<A> {
 impl<A: Applier> Applier for FaultInjecting<A> {
     fn apply(&mut self, tx: &Transaction) -> Result<(), ApplyError> {
         if let Some(p) = self.path.as_ref().filter(|p| p.exists()) {
-            return Err(ApplyError::Io(format!(
-                "fault injected: {} exists",
-                p.display()
-            )));
+            return Err(ApplyError::Injected(format!("{} exists", p.display())));
         }
         self.inner.apply(tx)
     }
@@ -210,7 +242,7 @@ mod tests {
         };
         a.apply(&tx).expect("no file: applies");
         std::fs::write(&path, b"").expect("create");
-        assert!(matches!(a.apply(&tx), Err(ApplyError::Io(_))));
+        assert!(matches!(a.apply(&tx), Err(ApplyError::Injected(_))));
         assert_eq!(a.inner.calls, 1, "nothing reached the applier");
         std::fs::remove_file(&path).expect("remove");
         a.apply(&tx).expect("applies again");

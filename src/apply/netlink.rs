@@ -218,9 +218,9 @@ impl Applier for NetlinkApplier {
         let started = Instant::now();
         let mut low = Lowering::new(&self.table, self.sock.peek_seq(), &self.interval_sets, tx);
         for (i, op) in tx.ops.iter().enumerate() {
-            low.op(i, op).map_err(|detail| ApplyError::Invalid {
+            low.op(i, op).map_err(|source| ApplyError::Lower {
                 what: describe(op, &self.table),
-                detail,
+                source,
             })?;
         }
         let Lowering {
@@ -318,11 +318,10 @@ impl Applier for NetlinkApplier {
             .sock
             .get_set(nfproto(family), &self.table, set)
             .map_err(|e| nl_error(&what, e))?;
-        let layout =
-            SetLayout::from_kernel(family, &info).map_err(|detail| ApplyError::Invalid {
-                what: what.clone(),
-                detail,
-            })?;
+        let layout = SetLayout::from_kernel(family, &info).map_err(|source| ApplyError::Lower {
+            what: what.clone(),
+            source,
+        })?;
         let elems = self
             .sock
             .dump_elems(nfproto(family), &self.table, set)
@@ -330,7 +329,7 @@ impl Applier for NetlinkApplier {
         let counters = info.expr_names.iter().any(|n| n == "counter");
         layout
             .decode(&elems, counters)
-            .map_err(|detail| ApplyError::Invalid { what, detail })
+            .map_err(|source| ApplyError::Lower { what, source })
     }
     fn read_table(
         &mut self,
@@ -359,9 +358,9 @@ impl Applier for NetlinkApplier {
                 continue;
             };
             let layout =
-                SetLayout::from_kernel(family, info).map_err(|detail| ApplyError::Invalid {
+                SetLayout::from_kernel(family, info).map_err(|source| ApplyError::Lower {
                     what: format!("{what}: set {name}"),
-                    detail,
+                    source,
                 })?;
             let counters = info.expr_names.iter().any(|n| n == "counter");
             let same = SetLayout::from_def(family, def).is_ok_and(|l| l == layout)
@@ -380,9 +379,9 @@ impl Applier for NetlinkApplier {
                 .map_err(|e| nl_error(&what, e))?;
             let listed = layout
                 .decode(&elems, counters)
-                .map_err(|detail| ApplyError::Invalid {
+                .map_err(|source| ApplyError::Lower {
                     what: format!("{what}: set {name}"),
-                    detail,
+                    source,
                 })?;
             out.elements
                 .insert(name.clone(), listed.into_iter().map(|(e, _)| e).collect());
@@ -415,10 +414,10 @@ impl Applier for NetlinkApplier {
             let mut want: Vec<Vec<String>> = Vec::with_capacity(chain.rules.len());
             for r in &chain.rules {
                 let lowered =
-                    lower_rule(family, &self.table, name, r, &lookup).map_err(|detail| {
-                        ApplyError::Invalid {
+                    lower_rule(family, &self.table, name, r, &lookup).map_err(|source| {
+                        ApplyError::Lower {
                             what: format!("{what}: chain {name}"),
-                            detail,
+                            source,
                         }
                     })?;
                 want.push(
@@ -524,7 +523,25 @@ pub fn delete_nftproxy_tables() -> Result<usize, ApplyError> {
 // ---------------------------------------------------------------------------------------------
 
 fn io_error(what: &str, e: NlError) -> ApplyError {
-    ApplyError::Io(format!("{what}: {e}"))
+    ApplyError::Io {
+        what: what.to_string(),
+        source: e,
+    }
+}
+
+/// Why an IR object could not be put into netlink form, or a kernel object read back into IR.
+#[derive(Debug, thiserror::Error)]
+pub enum LowerError {
+    /// The wrapper refused a value (a name too long, a message over its bound).
+    #[error(transparent)]
+    Nl(#[from] NlError),
+    /// The IR holds something the lowering cannot express (a value that does not fit its
+    /// field, an unsupported construct).
+    #[error("cannot encode: {0}")]
+    Encode(String),
+    /// The kernel holds something this version cannot read back into the IR.
+    #[error("cannot decode: {0}")]
+    Decode(String),
 }
 
 /// Wrapper errors of a request: kernel errnos are classified, everything else is socket trouble.
@@ -548,9 +565,10 @@ fn errno_error(what: String, e: &KernelError) -> ApplyError {
         libc::EPERM | libc::EOPNOTSUPP | libc::EAFNOSUPPORT => {
             ApplyError::Unsupported { what, detail }
         }
-        libc::ENOBUFS | libc::EINTR | libc::EAGAIN | libc::ENOMEM => {
-            ApplyError::Io(format!("{what}: {detail}"))
-        }
+        libc::ENOBUFS | libc::EINTR | libc::EAGAIN | libc::ENOMEM => ApplyError::Io {
+            what,
+            source: NlError::Kernel(e.clone()),
+        },
         _ => ApplyError::Invalid { what, detail },
     }
 }
@@ -721,17 +739,17 @@ struct Comp {
 }
 
 impl Comp {
-    fn of_type(ty: FieldType) -> Result<Comp, String> {
+    fn of_type(ty: FieldType) -> Result<Comp, LowerError> {
         let (type_id, byteorder) = match ty {
             FieldType::Ipv4Addr => (TYPE_IPADDR, BYTEORDER_BIG),
             FieldType::Ipv6Addr => (TYPE_IP6ADDR, BYTEORDER_BIG),
             // nft's inet_proto datatype has no byte order of its own.
             FieldType::InetProto => (TYPE_INET_PROTOCOL, BYTEORDER_INVALID),
             FieldType::InetService => (TYPE_INET_SERVICE, BYTEORDER_BIG),
-            FieldType::Slot => return Err(
+            FieldType::Slot => return Err(LowerError::Encode(
                 "a Slot component can only be declared with typeof (nft has no type name for it)"
                     .into(),
-            ),
+            )),
         };
         Ok(Comp {
             ty,
@@ -819,7 +837,7 @@ struct Layout {
 }
 
 impl Layout {
-    fn from_decl(d: &Decl, fam: Family) -> Result<Layout, String> {
+    fn from_decl(d: &Decl, fam: Family) -> Result<Layout, LowerError> {
         let (comps, typeof_) = match d {
             Decl::Type(ts) => (
                 ts.iter()
@@ -830,10 +848,12 @@ impl Layout {
             Decl::Typeof(fs) => (fs.iter().map(|f| Comp::of_field(*f, fam)).collect(), true),
         };
         if comps.is_empty() {
-            return Err("empty key/data declaration".into());
+            return Err(LowerError::Encode("empty key/data declaration".into()));
         }
         if comps.len() as u32 > NFT_REG32_COUNT - 1 {
-            return Err("concatenation has too many components".into());
+            return Err(LowerError::Encode(
+                "concatenation has too many components".into(),
+            ));
         }
         Ok(Layout { comps, typeof_ })
     }
@@ -892,13 +912,13 @@ impl Layout {
     }
 
     /// Split `bytes` (a key or data value as stored) into components.
-    fn split<'a>(&self, bytes: &'a [u8]) -> Result<Vec<&'a [u8]>, String> {
+    fn split<'a>(&self, bytes: &'a [u8]) -> Result<Vec<&'a [u8]>, LowerError> {
         if bytes.len() != self.len() {
-            return Err(format!(
+            return Err(LowerError::Decode(format!(
                 "value of {} bytes, layout wants {}",
                 bytes.len(),
                 self.len()
-            ));
+            )));
         }
         if !self.concat() {
             return Ok(vec![bytes]);
@@ -923,7 +943,7 @@ struct SetLayout {
 }
 
 impl SetLayout {
-    fn from_def(family: Family, def: &SetDef) -> Result<SetLayout, String> {
+    fn from_def(family: Family, def: &SetDef) -> Result<SetLayout, LowerError> {
         let key = Layout::from_decl(&def.key, family)?;
         let data = def
             .data
@@ -1005,9 +1025,9 @@ impl SetLayout {
 
     /// Recover the layout of an existing set from its kernel attributes: the `typeof` user data
     /// when present (it names fields that have no datatype), else the datatype ids.
-    fn from_kernel(family: Family, info: &nl::SetInfo) -> Result<SetLayout, String> {
+    fn from_kernel(family: Family, info: &nl::SetInfo) -> Result<SetLayout, LowerError> {
         use nl::udata;
-        let ud = udata::parse(&info.userdata).map_err(|e| e.to_string())?;
+        let ud = udata::parse(&info.userdata)?;
         let key = layout_from_kernel(
             family,
             info.key_type,
@@ -1037,7 +1057,7 @@ fn layout_from_kernel(
     type_id: u32,
     len: u32,
     typeof_ud: Option<&[u8]>,
-) -> Result<Layout, String> {
+) -> Result<Layout, LowerError> {
     if let Some(ud) = typeof_ud {
         if let Some(fields) = typeof_fields(ud, family)? {
             let layout = Layout {
@@ -1045,7 +1065,9 @@ fn layout_from_kernel(
                 typeof_: true,
             };
             if layout.len() != len as usize {
-                return Err(format!("typeof user data does not match key length {len}"));
+                return Err(LowerError::Encode(format!(
+                    "typeof user data does not match key length {len}"
+                )));
             }
             return Ok(layout);
         }
@@ -1071,32 +1093,38 @@ fn layout_from_kernel(
                 byteorder: BYTEORDER_HOST,
                 field: None,
             }),
-            other => Err(format!("datatype {other} is not one nftproxy uses")),
+            other => Err(LowerError::Encode(format!(
+                "datatype {other} is not one nftproxy uses"
+            ))),
         })
         .collect::<Result<Vec<_>, _>>()?;
     if comps.is_empty() {
-        return Err(format!("cannot decode datatype {type_id:#x}"));
+        return Err(LowerError::Encode(format!(
+            "cannot decode datatype {type_id:#x}"
+        )));
     }
     let layout = Layout {
         comps,
         typeof_: false,
     };
     if layout.len() != len as usize {
-        return Err(format!("datatype {type_id:#x} does not match length {len}"));
+        return Err(LowerError::Encode(format!(
+            "datatype {type_id:#x} does not match length {len}"
+        )));
     }
     Ok(layout)
 }
 
 /// Parse `typeof` user data back to fields; `None` for an empty (type-declared) concatenation.
-fn typeof_fields(ud: &[u8], family: Family) -> Result<Option<Vec<Field>>, String> {
+fn typeof_fields(ud: &[u8], family: Family) -> Result<Option<Vec<Field>>, LowerError> {
     use nl::udata::{as_u32, find, parse};
-    let top = parse(ud).map_err(|e| e.to_string())?;
+    let top = parse(ud)?;
     let ty = find(&top, 0)
         .and_then(|v| as_u32(&v))
-        .ok_or("typeof without expression type")?;
+        .ok_or_else(|| LowerError::Decode("typeof without expression type".into()))?;
     let data = find(&top, 1).unwrap_or_default();
     if ty == EXPR_CONCAT {
-        let comps = parse(&data).map_err(|e| e.to_string())?;
+        let comps = parse(&data)?;
         if comps.is_empty() {
             return Ok(None);
         }
@@ -1109,16 +1137,21 @@ fn typeof_fields(ud: &[u8], family: Family) -> Result<Option<Vec<Field>>, String
     Ok(Some(vec![typeof_field(ud, family)?]))
 }
 
-fn typeof_field(ud: &[u8], family: Family) -> Result<Field, String> {
+fn typeof_field(ud: &[u8], family: Family) -> Result<Field, LowerError> {
     use nl::udata::{as_u32, find, parse};
-    let top = parse(ud).map_err(|e| e.to_string())?;
+    let top = parse(ud)?;
     let ty = find(&top, 0)
         .and_then(|v| as_u32(&v))
-        .ok_or("typeof without expression type")?;
+        .ok_or_else(|| LowerError::Decode("typeof without expression type".into()))?;
     let raw = find(&top, 1).unwrap_or_default();
-    let data = parse(&raw).map_err(|e| e.to_string())?;
+    let data = parse(&raw)?;
     let a = |i: u8| find(&data, i).and_then(|v| as_u32(&v));
-    let unknown = || format!("typeof expression {ty} {:?} is not one nftproxy uses", data);
+    let unknown = || {
+        LowerError::Decode(format!(
+            "typeof expression {ty} {:?} is not one nftproxy uses",
+            data
+        ))
+    };
     Ok(match ty {
         EXPR_PAYLOAD => match (a(0), a(1), family) {
             (Some(PROTO_DESC_TH), Some(THDR_DPORT), _) => Field::ThDport,
@@ -1146,8 +1179,14 @@ fn typeof_field(ud: &[u8], family: Family) -> Result<Field, String> {
 
 /// Bytes of one component value. `big_endian_ints`: host-order integers are stored big-endian
 /// (interval sets, see the module docs).
-fn value_bytes(v: &Value, c: &Comp, big_endian_ints: bool) -> Result<Vec<u8>, String> {
-    let wrong = || format!("value {} does not fit a {:?} component", fmt_value(v), c.ty);
+fn value_bytes(v: &Value, c: &Comp, big_endian_ints: bool) -> Result<Vec<u8>, LowerError> {
+    let wrong = || {
+        LowerError::Encode(format!(
+            "value {} does not fit a {:?} component",
+            fmt_value(v),
+            c.ty
+        ))
+    };
     match (v, c.ty) {
         (Value::Addr(IpAddr::V4(a)), FieldType::Ipv4Addr) => Ok(a.octets().to_vec()),
         (Value::Addr(IpAddr::V6(a)), FieldType::Ipv6Addr) => Ok(a.octets().to_vec()),
@@ -1158,13 +1197,16 @@ fn value_bytes(v: &Value, c: &Comp, big_endian_ints: bool) -> Result<Vec<u8>, St
         } else {
             s.to_ne_bytes().to_vec()
         }),
-        (Value::Prefix(_), _) => Err(format!("prefix {} outside an interval set", fmt_value(v))),
+        (Value::Prefix(_), _) => Err(LowerError::Encode(format!(
+            "prefix {} outside an interval set",
+            fmt_value(v)
+        ))),
         _ => Err(wrong()),
     }
 }
 
 /// First and last value of a component in an interval set.
-fn value_range(v: &Value, c: &Comp) -> Result<(Vec<u8>, Vec<u8>), String> {
+fn value_range(v: &Value, c: &Comp) -> Result<(Vec<u8>, Vec<u8>), LowerError> {
     match (v, c.ty) {
         (Value::Prefix(ipnet::IpNet::V4(n)), FieldType::Ipv4Addr) => Ok((
             n.network().octets().to_vec(),
@@ -1174,11 +1216,11 @@ fn value_range(v: &Value, c: &Comp) -> Result<(Vec<u8>, Vec<u8>), String> {
             n.network().octets().to_vec(),
             n.broadcast().octets().to_vec(),
         )),
-        (Value::Prefix(_), _) => Err(format!(
+        (Value::Prefix(_), _) => Err(LowerError::Encode(format!(
             "prefix {} does not fit a {:?} component",
             fmt_value(v),
             c.ty
-        )),
+        ))),
         _ => {
             let b = value_bytes(v, c, true)?;
             Ok((b.clone(), b))
@@ -1203,14 +1245,14 @@ fn encode_values(
     vals: &[Value],
     layout: &Layout,
     big_endian_ints: bool,
-) -> Result<Vec<u8>, String> {
+) -> Result<Vec<u8>, LowerError> {
     if vals.len() != layout.comps.len() {
-        return Err(format!(
+        return Err(LowerError::Encode(format!(
             "{} has {} components, the set wants {}",
             fmt_values(vals),
             vals.len(),
             layout.comps.len()
-        ));
+        )));
     }
     let parts = vals
         .iter()
@@ -1263,8 +1305,8 @@ fn interval_open_udata() -> Result<Vec<u8>, NlError> {
     Ok(u.into_bytes())
 }
 
-fn nlerr(e: NlError) -> String {
-    e.to_string()
+fn nlerr(e: NlError) -> LowerError {
+    LowerError::Nl(e)
 }
 
 /// Kernel elements for adding (`add == true`) or deleting IR elements.
@@ -1272,14 +1314,20 @@ fn kernel_elements(
     layout: &SetLayout,
     elements: &[Element],
     add: bool,
-) -> Result<Vec<KElem>, String> {
+) -> Result<Vec<KElem>, LowerError> {
     let mut out = Vec::with_capacity(elements.len() * if layout.rbtree() { 2 } else { 1 });
-    let data_of = |e: &Element| -> Result<Option<Vec<u8>>, String> {
+    let data_of = |e: &Element| -> Result<Option<Vec<u8>>, LowerError> {
         match (&layout.data, &e.value) {
             (Some(d), Some(v)) => Ok(Some(encode_values(v, d, false)?)),
             (None, None) => Ok(None),
-            (Some(_), None) => Err(format!("map element {} has no value", fmt_element(e))),
-            (None, Some(_)) => Err(format!("set element {} has a value", fmt_element(e))),
+            (Some(_), None) => Err(LowerError::Encode(format!(
+                "map element {} has no value",
+                fmt_element(e)
+            ))),
+            (None, Some(_)) => Err(LowerError::Encode(format!(
+                "set element {} has a value",
+                fmt_element(e)
+            ))),
         }
     };
     if layout.rbtree() {
@@ -1287,11 +1335,11 @@ fn kernel_elements(
         let mut ranges = Vec::with_capacity(elements.len());
         for (i, e) in elements.iter().enumerate() {
             if e.key.len() != 1 {
-                return Err(format!(
+                return Err(LowerError::Encode(format!(
                     "{} has {} components, the set wants 1",
                     fmt_element(e),
                     e.key.len()
-                ));
+                )));
             }
             let (lo, hi) = value_range(&e.key[0], &layout.key.comps[0])?;
             ranges.push((lo, hi, i, if add { data_of(e)? } else { None }));
@@ -1329,12 +1377,12 @@ fn kernel_elements(
         let mut k = nl::SetElem::new().map_err(nlerr)?;
         if layout.pipapo() {
             if e.key.len() != layout.key.comps.len() {
-                return Err(format!(
+                return Err(LowerError::Encode(format!(
                     "{} has {} components, the set wants {}",
                     fmt_element(e),
                     e.key.len(),
                     layout.key.comps.len()
-                ));
+                )));
             }
             let (los, his): (Vec<_>, Vec<_>) = e
                 .key
@@ -1371,8 +1419,8 @@ fn kernel_elements(
 // Decoding dumped elements
 // ---------------------------------------------------------------------------------------------
 
-fn decode_comp(b: &[u8], c: &Comp, big_endian_ints: bool) -> Result<Value, String> {
-    let bad = || format!("{} bytes do not decode as {:?}", b.len(), c.ty);
+fn decode_comp(b: &[u8], c: &Comp, big_endian_ints: bool) -> Result<Value, LowerError> {
+    let bad = || LowerError::Decode(format!("{} bytes do not decode as {:?}", b.len(), c.ty));
     Ok(match c.ty {
         FieldType::Ipv4Addr => Value::Addr(IpAddr::V4(Ipv4Addr::from(
             <[u8; 4]>::try_from(b).map_err(|_| bad())?,
@@ -1386,7 +1434,9 @@ fn decode_comp(b: &[u8], c: &Comp, big_endian_ints: bool) -> Result<Value, Strin
                 Proto::ALL
                     .into_iter()
                     .find(|p| p.number() == n)
-                    .ok_or_else(|| format!("protocol {n} is not tcp/udp/sctp"))?,
+                    .ok_or_else(|| {
+                        LowerError::Decode(format!("protocol {n} is not tcp/udp/sctp"))
+                    })?,
             )
         }
         FieldType::InetService => Value::Port(u16::from_be_bytes(
@@ -1405,16 +1455,16 @@ fn decode_comp(b: &[u8], c: &Comp, big_endian_ints: bool) -> Result<Value, Strin
 
 /// A range of one component back to a value: a CIDR for addresses (`as_prefix` also for a single
 /// address), the value itself when first == last.
-fn decode_range(lo: &[u8], hi: &[u8], c: &Comp, as_prefix: bool) -> Result<Value, String> {
+fn decode_range(lo: &[u8], hi: &[u8], c: &Comp, as_prefix: bool) -> Result<Value, LowerError> {
     let is_addr = matches!(c.ty, FieldType::Ipv4Addr | FieldType::Ipv6Addr);
     if lo == hi && !(is_addr && as_prefix) {
         return decode_comp(lo, c, true);
     }
     if !is_addr {
-        return Err(format!(
+        return Err(LowerError::Decode(format!(
             "range {lo:02x?}-{hi:02x?} of a {:?} component cannot be expressed",
             c.ty
-        ));
+        )));
     }
     // A prefix: lo and hi agree on the leading bits and then lo is all zeros, hi all ones.
     let bits = lo.len() * 8;
@@ -1429,23 +1479,25 @@ fn decode_range(lo: &[u8], hi: &[u8], c: &Comp, as_prefix: bool) -> Result<Value
     for i in plen..bits {
         let (byte, bit) = (i / 8, 7 - i % 8);
         if (lo[byte] >> bit) & 1 != 0 || (hi[byte] >> bit) & 1 != 1 {
-            return Err(format!("range {lo:02x?}-{hi:02x?} is not a CIDR prefix"));
+            return Err(LowerError::Decode(format!(
+                "range {lo:02x?}-{hi:02x?} is not a CIDR prefix"
+            )));
         }
     }
     let net = match decode_comp(lo, c, true)? {
-        Value::Addr(IpAddr::V4(a)) => {
-            ipnet::IpNet::V4(ipnet::Ipv4Net::new(a, plen as u8).map_err(|e| e.to_string())?)
-        }
-        Value::Addr(IpAddr::V6(a)) => {
-            ipnet::IpNet::V6(ipnet::Ipv6Net::new(a, plen as u8).map_err(|e| e.to_string())?)
-        }
-        other => return Err(format!("unexpected {other:?}")),
+        Value::Addr(IpAddr::V4(a)) => ipnet::IpNet::V4(
+            ipnet::Ipv4Net::new(a, plen as u8).map_err(|e| LowerError::Decode(e.to_string()))?,
+        ),
+        Value::Addr(IpAddr::V6(a)) => ipnet::IpNet::V6(
+            ipnet::Ipv6Net::new(a, plen as u8).map_err(|e| LowerError::Decode(e.to_string()))?,
+        ),
+        other => return Err(LowerError::Decode(format!("unexpected {other:?}"))),
     };
     Ok(Value::Prefix(net))
 }
 
 impl SetLayout {
-    fn decode_data(&self, e: &nl::ElemInfo) -> Result<Option<Vec<Value>>, String> {
+    fn decode_data(&self, e: &nl::ElemInfo) -> Result<Option<Vec<Value>>, LowerError> {
         match (&self.data, &e.data) {
             (Some(d), Some(bytes)) => {
                 let parts = d.split(bytes)?;
@@ -1457,7 +1509,7 @@ impl SetLayout {
                         .collect::<Result<Vec<_>, _>>()?,
                 ))
             }
-            (Some(_), None) => Err("map element without data".into()),
+            (Some(_), None) => Err(LowerError::Decode("map element without data".into())),
             (None, _) => Ok(None),
         }
     }
@@ -1465,7 +1517,7 @@ impl SetLayout {
     /// Kernel elements back to IR elements. In interval sets an address component is decoded as
     /// a `Prefix` (a single address as /32 or /128) when it is the set's only component or the
     /// last of a concatenation, the places where nftproxy puts CIDRs.
-    fn decode(&self, elems: &[nl::ElemInfo], counters: bool) -> Result<Listed, String> {
+    fn decode(&self, elems: &[nl::ElemInfo], counters: bool) -> Result<Listed, LowerError> {
         let counter = |e: &nl::ElemInfo| {
             if counters {
                 Some(e.counter.unwrap_or((0, 0)))
@@ -1504,7 +1556,9 @@ impl SetLayout {
                 let hi = match sorted.get(i) {
                     Some(e) if !open && e.flags & NFT_SET_ELEM_INTERVAL_END != 0 => {
                         i += 1;
-                        be_decrement(&e.key).ok_or("interval end at 0 after a start")?
+                        be_decrement(&e.key).ok_or_else(|| {
+                            LowerError::Decode("interval end at 0 after a start".into())
+                        })?
                     }
                     _ => vec![0xff; s.key.len()],
                 };
@@ -1592,12 +1646,12 @@ struct RuleLowering<'a> {
 }
 
 impl RuleLowering<'_> {
-    fn push(&mut self, e: Result<Expr, NlError>) -> Result<(), String> {
+    fn push(&mut self, e: Result<Expr, NlError>) -> Result<(), LowerError> {
         self.rule.push(e.map_err(nlerr)?);
         Ok(())
     }
 
-    fn load(&mut self, f: Field, slot: u32) -> Result<(), String> {
+    fn load(&mut self, f: Field, slot: u32) -> Result<(), LowerError> {
         let reg = nft_reg(slot);
         let fam = self.family;
         let e = match f {
@@ -1618,7 +1672,7 @@ impl RuleLowering<'_> {
             Field::CtOrigProtoDst => Expr::ct_load(NFT_CT_PROTO_DST, Some(IP_CT_DIR_ORIGINAL), reg),
             Field::Numgen(n) => {
                 if n == 0 {
-                    return Err("numgen modulus 0".into());
+                    return Err(LowerError::Encode("numgen modulus 0".into()));
                 }
                 Expr::numgen(reg, n, NFT_NG_RANDOM, 0)
             }
@@ -1629,12 +1683,14 @@ impl RuleLowering<'_> {
     /// Load a (possibly concatenated) key from `slot` on. For interval sets nft converts
     /// host-endian parts to network order right after loading them: always inside a
     /// concatenation, for a lone key only when it is wider than a byte.
-    fn load_key(&mut self, fields: &[Field], slot: u32, interval: bool) -> Result<(), String> {
+    fn load_key(&mut self, fields: &[Field], slot: u32, interval: bool) -> Result<(), LowerError> {
         if fields.is_empty() {
-            return Err("empty key".into());
+            return Err(LowerError::Encode("empty key".into()));
         }
         if slot - 1 + key_slots(fields, self.family) > NFT_REG32_COUNT {
-            return Err("key and value do not fit the 16 registers".into());
+            return Err(LowerError::Encode(
+                "key and value do not fit the 16 registers".into(),
+            ));
         }
         let mut s = slot;
         for f in fields {
@@ -1667,7 +1723,7 @@ impl RuleLowering<'_> {
         bits: u32,
         op: u32,
         want: u32,
-    ) -> Result<(), String> {
+    ) -> Result<(), LowerError> {
         let r = nft_reg(1);
         self.push(load)?;
         self.push(Expr::bitwise(
@@ -1679,20 +1735,20 @@ impl RuleLowering<'_> {
         self.push(Expr::cmp(r, op, &want.to_ne_bytes()))
     }
 
-    fn fib_local(&mut self, flag: u32) -> Result<(), String> {
+    fn fib_local(&mut self, flag: u32) -> Result<(), LowerError> {
         let r = nft_reg(1);
         self.push(Expr::fib(flag, NFT_FIB_RESULT_ADDRTYPE, r))?;
         self.push(Expr::cmp(r, NFT_CMP_EQ, &RTN_LOCAL.to_ne_bytes()))
     }
 
-    fn mark_set(&mut self, mask: u32, xor: u32) -> Result<(), String> {
+    fn mark_set(&mut self, mask: u32, xor: u32) -> Result<(), LowerError> {
         let r = nft_reg(1);
         self.push(Expr::meta_load(NFT_META_MARK, r))?;
         self.push(Expr::bitwise(r, r, &mask.to_ne_bytes(), &xor.to_ne_bytes()))?;
         self.push(Expr::meta_set(NFT_META_MARK, r))
     }
 
-    fn lower_match(&mut self, m: &Match) -> Result<(), String> {
+    fn lower_match(&mut self, m: &Match) -> Result<(), LowerError> {
         match m {
             Match::CtStateNew => self.bit_test(
                 Expr::ct_load(NFT_CT_STATE, None, nft_reg(1)),
@@ -1727,7 +1783,7 @@ impl RuleLowering<'_> {
         }
     }
 
-    fn lower_action(&mut self, a: &Action) -> Result<(), String> {
+    fn lower_action(&mut self, a: &Action) -> Result<(), LowerError> {
         match a {
             Action::Jump(c) => self.push(Expr::verdict(NFT_JUMP, Some(c))),
             Action::Goto(c) => self.push(Expr::verdict(NFT_GOTO, Some(c))),
@@ -1788,7 +1844,7 @@ fn lower_rule(
     chain: &str,
     rule: &Rule,
     sets: &dyn Fn(&str) -> SetRef,
-) -> Result<nl::Rule, String> {
+) -> Result<nl::Rule, LowerError> {
     let mut l = RuleLowering {
         family,
         rule: nl::Rule::new(nfproto(family), table, chain).map_err(nlerr)?,
@@ -1890,7 +1946,7 @@ impl<'a> Lowering<'a> {
         flags: u16,
         p: Payload<'_>,
         tag: usize,
-    ) -> Result<u32, String> {
+    ) -> Result<u32, LowerError> {
         self.batch
             .push(cmd, nfproto(family), flags, p, tag)
             .map_err(nlerr)
@@ -1901,7 +1957,7 @@ impl<'a> Lowering<'a> {
     }
 
     /// The element-list carrier for `set`.
-    fn elems_carrier(&self, family: Family, set: &str) -> Result<nl::Set, String> {
+    fn elems_carrier(&self, family: Family, set: &str) -> Result<nl::Set, LowerError> {
         let mut s = nl::Set::new(nfproto(family), self.table, set).map_err(nlerr)?;
         if let Some(id) = self.set_id(family, set) {
             s.set_id(id);
@@ -1918,7 +1974,7 @@ impl<'a> Lowering<'a> {
         set: &str,
         elems: Vec<KElem>,
         tag: usize,
-    ) -> Result<(), String> {
+    ) -> Result<(), LowerError> {
         let mut carrier = self.elems_carrier(family, set)?;
         let mut origins = Vec::new();
         for k in elems {
@@ -1939,7 +1995,7 @@ impl<'a> Lowering<'a> {
         Ok(())
     }
 
-    fn op(&mut self, tag: usize, op: &Op) -> Result<(), String> {
+    fn op(&mut self, tag: usize, op: &Op) -> Result<(), LowerError> {
         let table = self.table;
         match op {
             Op::AddTable(f) => {
@@ -2088,7 +2144,7 @@ impl<'a> Lowering<'a> {
         set: &str,
         elements: &[Element],
         tag: usize,
-    ) -> Result<(), String> {
+    ) -> Result<(), LowerError> {
         let comp = &layout.key.comps[0];
         let mut lowest: Option<Vec<u8>> = None;
         for e in elements {

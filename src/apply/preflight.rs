@@ -288,8 +288,8 @@ pub fn check(
                     detail: e.to_string(),
                 });
             }
-            Err(ApplyError::Io(e)) if e.contains("ermission") => {
-                return Err(PreflightError::Privilege(e))
+            Err(e @ ApplyError::Io { .. }) if e.to_string().contains("ermission") => {
+                return Err(PreflightError::Privilege(e.to_string()))
             }
             Err(e) => {
                 return Err(PreflightError::Feature {

@@ -17,7 +17,7 @@ use crate::observe::health::agent::AgentHealth;
 use crate::observe::health::service::{Probe, Servers, TcpBinder, Wanted};
 use crate::observe::metrics::{self, Metrics};
 use crate::proxy::ProxyState;
-use crate::sync::{Counters, Observer, Report, SyncKind};
+use crate::sync::{Counters, Observer, Report, SyncError, SyncKind};
 
 /// Problems are logged once per (object, reason), not on every sync.
 #[derive(Default)]
@@ -216,8 +216,8 @@ impl Observer for AgentObserver {
             release_free_memory();
         }
     }
-    fn failed(&mut self, kind: SyncKind, _error: &str) {
-        self.metrics.record_failure(kind);
+    fn failed(&mut self, error: &SyncError) {
+        self.metrics.record_failure(error.kind);
     }
     fn cleanup_failed(&mut self, _error: &str) {
         self.metrics.affinity_cleanup_failures.inc();

@@ -139,7 +139,7 @@ pub fn clean<A: Applier>(
                     total += n;
                     break;
                 }
-                Err(ApplyError::NotFound { .. }) => continue,
+                Err(e) if e.is_not_found() => continue,
                 Err(e) => return Err(e),
             }
         }

@@ -161,6 +161,16 @@ pub enum SyncKind {
     Partial,
 }
 
+/// Why one sync did not reach the kernel. The loop logs, counts and retries it; the next sync
+/// is full, or reads the kernel back first after a failed partial one.
+#[derive(Debug, thiserror::Error)]
+#[error("{} sync failed: {source}", kind.as_str())]
+pub struct SyncError {
+    pub kind: SyncKind,
+    #[source]
+    pub source: ApplyError,
+}
+
 impl SyncKind {
     pub fn as_str(self) -> &'static str {
         match self {
@@ -197,7 +207,7 @@ pub struct Report {
 /// Observes the loop: successes and failures.
 pub trait Observer: Send {
     fn applied(&mut self, report: &Report);
-    fn failed(&mut self, kind: SyncKind, error: &str);
+    fn failed(&mut self, error: &SyncError);
     /// The kernel was found to differ from what was applied (already logged); a repair follows.
     fn drifted(&mut self, _findings: &[drift::Finding]) {}
     /// The affinity cleanup after a commit failed (already logged); it is retried.
@@ -490,7 +500,7 @@ impl<A: Applier + 'static> Syncer<A> {
         if self.cfg.blocking_apply {
             tokio::task::spawn_blocking(move || f(&mut lock(&applier)))
                 .await
-                .map_err(|e| ApplyError::Io(format!("apply thread: {e}")))
+                .map_err(|e| ApplyError::Thread(e.to_string()))
         } else {
             Ok(f(&mut lock(&applier)))
         }
@@ -600,7 +610,7 @@ impl<A: Applier + 'static> Syncer<A> {
         desired: Desired,
         check_kernel: bool,
         observer: &mut dyn Observer,
-    ) -> Result<Report, String> {
+    ) -> Result<Report, SyncError> {
         let start = Instant::now();
         if check_kernel && self.applied.is_some() {
             self.periodic_check(observer).await;
@@ -654,15 +664,15 @@ impl<A: Applier + 'static> Syncer<A> {
                     // next sync reads the kernel back and again sends only the difference; if
                     // that fails too (or a full one failed), it rebuilds everything.
                     self.adopt = kind == SyncKind::Partial && !adopted;
-                    let msg = e.to_string();
                     let next = if self.adopt {
                         "the next sync reads the kernel back"
                     } else {
                         "the next sync rebuilds everything"
                     };
-                    tracing::error!(kind = kind.as_str(), ops, error = %msg, "sync failed; {next}");
-                    observer.failed(kind, &msg);
-                    return Err(msg);
+                    tracing::error!(kind = kind.as_str(), ops, error = %e, retryable = e.is_retryable(), "sync failed; {next}");
+                    let err = SyncError { kind, source: e };
+                    observer.failed(&err);
+                    return Err(err);
                 }
             }
         } else if self.our_generation.is_none() {

@@ -37,7 +37,7 @@ impl Observer for Recorder {
     fn applied(&mut self, r: &Report) {
         self.applied.push((r.kind, r.skeleton_ops, r.elements));
     }
-    fn failed(&mut self, _: SyncKind, e: &str) {
+    fn failed(&mut self, e: &SyncError) {
         self.failed.push(e.to_string());
     }
 }
@@ -89,8 +89,8 @@ fn start_with(fake: FakeApplier, notices: Option<mpsc::Receiver<Notice>>) -> Run
             fn applied(&mut self, r: &Report) {
                 lock(&self.0).applied(r)
             }
-            fn failed(&mut self, k: SyncKind, e: &str) {
-                lock(&self.0).failed(k, e)
+            fn failed(&mut self, e: &SyncError) {
+                lock(&self.0).failed(e)
             }
             fn drifted(&mut self, f: &[drift::Finding]) {
                 lock(&self.0)
@@ -169,8 +169,8 @@ async fn bursts_are_coalesced() {
 #[tokio::test(start_paused = true)]
 async fn failures_retry_with_backoff_and_rebuild() {
     let mut fake = FakeApplier::new();
-    fake.fail.push_back(ApplyError::Io("injected 1".into()));
-    fake.fail.push_back(ApplyError::Io("injected 2".into()));
+    fake.fail.push_back(ApplyError::Injected("1".into()));
+    fake.fail.push_back(ApplyError::Injected("2".into()));
     let (_, _tx, applier, rec, status, _) = start(fake);
     settle(Duration::from_millis(10)).await;
     assert_eq!(lock(&rec).failed.len(), 1);
@@ -364,7 +364,7 @@ async fn unrepairable_drift_is_reported_unhealthy() {
     for _ in 0..50 {
         lock(&applier)
             .fail
-            .push_back(ApplyError::Io("injected".into()));
+            .push_back(ApplyError::Injected("test".into()));
     }
     ntx.send(Notice::Lost).await.unwrap();
     settle(Duration::from_secs(5)).await;
@@ -462,7 +462,7 @@ async fn affinity_entries_of_gone_endpoints_are_cleaned_and_retried() {
     let mut fake = FakeApplier::new();
     // Call 1: the first full sync; call 2: the commit dropping an endpoint; call 3: the cleanup.
     fake.fail_call
-        .insert(3, ApplyError::Io("injected cleanup failure".into()));
+        .insert(3, ApplyError::Injected("cleanup".into()));
     let syncer = Syncer::new(cfg(), fake, Arc::default());
     let applier = syncer.applier();
     let (tx, rx) = mpsc::channel(16);
@@ -476,7 +476,7 @@ async fn affinity_entries_of_gone_endpoints_are_cleaned_and_retried() {
         fn applied(&mut self, r: &Report) {
             lock(&self.0).deleted += r.affinity_deleted;
         }
-        fn failed(&mut self, _: SyncKind, _: &str) {}
+        fn failed(&mut self, _: &SyncError) {}
         fn cleanup_failed(&mut self, _: &str) {
             lock(&self.0).cleanup_failures += 1;
         }

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Service, ServiceSpec};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use crate::net::{Family, Proto};
@@ -205,157 +205,47 @@ pub fn service_ports(svc: &Service, problems: &mut Vec<Problem>) -> Vec<ServiceP
     if svc_type == "ExternalName" {
         return Vec::new();
     }
-    let mut cluster_ips: Vec<&str> = spec
-        .cluster_ips
-        .iter()
-        .flatten()
-        .map(String::as_str)
-        .collect();
-    if cluster_ips.is_empty() {
-        if let Some(ip) = spec.cluster_ip.as_deref() {
-            cluster_ips.push(ip);
-        }
-    }
-    if cluster_ips.is_empty() || cluster_ips.iter().any(|ip| *ip == "None" || ip.is_empty()) {
+    let Some(by_family) = cluster_ips(spec, &object, problems) else {
         return Vec::new(); // headless or not yet allocated
-    }
-    let mut by_family: BTreeMap<Family, IpAddr> = BTreeMap::new();
-    for raw in cluster_ips {
-        match parse_ip(raw) {
-            Some(ip) => {
-                by_family.entry(Family::of(&ip)).or_insert(ip);
-            }
-            None => bad(problems, &object, format!("bad clusterIP {raw:?}")),
-        }
-    }
-    // No cap on the number of ports: the API accepts any number and kube-proxy programs them
-    // all; each costs a few elements, like a Service of its own.
-    let ports = spec.ports.as_deref().unwrap_or_default();
+    };
     let node_port_type = matches!(svc_type, "NodePort" | "LoadBalancer");
-    let mut external_ips = Vec::new();
-    for raw in spec.external_ips.iter().flatten() {
-        match parse_ip(raw) {
-            Some(ip) => external_ips.push(ip),
-            None => bad(problems, &object, format!("bad externalIP {raw:?} skipped")),
-        }
-    }
-    let mut lb_ips = Vec::new();
-    if svc_type == "LoadBalancer" {
-        for ing in svc
-            .status
-            .iter()
-            .flat_map(|s| s.load_balancer.iter())
-            .flat_map(|lb| lb.ingress.iter().flatten())
-        {
-            if ing.ip_mode.as_deref() == Some("Proxy") {
-                continue; // the load balancer proxies; traffic arrives addressed to the node
-            }
-            let Some(raw) = ing.ip.as_deref() else {
-                continue;
-            }; // hostname-only ingress
-            match parse_ip(raw) {
-                Some(ip) => lb_ips.push(ip),
-                None => bad(
-                    problems,
-                    &object,
-                    format!("bad load balancer ingress IP {raw:?} skipped"),
-                ),
-            }
-        }
-    }
-    let mut source_ranges = Vec::new();
-    if svc_type == "LoadBalancer" {
-        for raw in spec.load_balancer_source_ranges.iter().flatten() {
-            match raw.trim().parse::<IpNet>() {
-                Ok(net) => source_ranges.push(net.trunc()),
-                Err(_) => bad(
-                    problems,
-                    &object,
-                    format!("bad loadBalancerSourceRange {raw:?} skipped"),
-                ),
-            }
-        }
-    }
+    let external_ips = parse_ips(
+        spec.external_ips.iter().flatten(),
+        "externalIP",
+        &object,
+        problems,
+    );
+    let (lb_ips, source_ranges) = if svc_type == "LoadBalancer" {
+        (
+            ingress_ips(svc, &object, problems),
+            source_ranges(spec, &object, problems),
+        )
+    } else {
+        (Vec::new(), Vec::new())
+    };
     let has_external = node_port_type || !external_ips.is_empty();
     let external_local = has_external && spec.external_traffic_policy.as_deref() == Some("Local");
     let internal_local = spec.internal_traffic_policy.as_deref() == Some("Local");
-    let affinity_secs = if spec.session_affinity.as_deref() == Some("ClientIP") {
-        let t = spec
-            .session_affinity_config
-            .as_ref()
-            .and_then(|c| c.client_ip.as_ref())
-            .and_then(|c| c.timeout_seconds)
-            .unwrap_or(DEFAULT_AFFINITY_SECS as i32);
-        if (1..=86400).contains(&t) {
-            Some(t as u32)
-        } else {
-            bad(problems, &object, format!("sessionAffinity timeout {t} out of range 1-86400; using {DEFAULT_AFFINITY_SECS}"));
-            Some(DEFAULT_AFFINITY_SECS)
-        }
-    } else {
-        None
-    };
+    let affinity_secs = affinity(spec, &object, problems);
     let health_check_node_port = if svc_type == "LoadBalancer" && external_local {
         spec.health_check_node_port
             .and_then(|p| parse_port(p, "healthCheckNodePort").ok())
     } else {
         None
     };
-
     let service = ServiceName {
         namespace: ns.to_string(),
         name: name.to_string(),
     };
+    // No cap on the number of ports: the API accepts any number and kube-proxy programs them
+    // all; each costs a few elements, like a Service of its own.
     let mut out = Vec::new();
     let mut seen = std::collections::BTreeSet::new();
-    for p in ports {
-        let port_name = p.name.clone().unwrap_or_default();
-        let proto = match parse_proto(p.protocol.as_deref()) {
-            Ok(proto) => proto,
-            Err(e) => {
-                bad(
-                    problems,
-                    &object,
-                    format!("port {port_name:?}: {e}; port skipped"),
-                );
-                continue;
-            }
-        };
-        let port = match parse_port(p.port, "port") {
-            Ok(port) => port,
-            Err(e) => {
-                bad(
-                    problems,
-                    &object,
-                    format!("port {port_name:?}: {e}; port skipped"),
-                );
-                continue;
-            }
-        };
-        if !seen.insert((port_name.clone(), proto)) {
-            bad(
-                problems,
-                &object,
-                format!(
-                    "duplicate port {port_name:?}/{}; later one skipped",
-                    proto.keyword()
-                ),
-            );
+    for p in spec.ports.as_deref().unwrap_or_default() {
+        let Some((port_name, proto, port, node_port)) =
+            read_port(p, node_port_type, &mut seen, &object, problems)
+        else {
             continue;
-        }
-        let node_port = match p.node_port {
-            Some(np) if node_port_type && np != 0 => match parse_port(np, "nodePort") {
-                Ok(np) => Some(np),
-                Err(e) => {
-                    bad(
-                        problems,
-                        &object,
-                        format!("port {port_name:?}: {e}; NodePort skipped"),
-                    );
-                    None
-                }
-            },
-            _ => None,
         };
         for (family, cluster_ip) in &by_family {
             let in_family = |ip: &&IpAddr| Family::of(ip) == *family;
@@ -373,12 +263,7 @@ pub fn service_ports(svc: &Service, problems: &mut Vec<Problem>) -> Vec<ServiceP
                 lb_ips: lb_ips.iter().filter(in_family).copied().collect(),
                 source_ranges: source_ranges
                     .iter()
-                    .filter(|n| {
-                        matches!(
-                            (n, family),
-                            (IpNet::V4(_), Family::Ip) | (IpNet::V6(_), Family::Ip6)
-                        )
-                    })
+                    .filter(|n| Family::of(&n.addr()) == *family)
                     .copied()
                     .collect(),
                 external_local,
@@ -389,6 +274,166 @@ pub fn service_ports(svc: &Service, problems: &mut Vec<Problem>) -> Vec<ServiceP
         }
     }
     out
+}
+
+/// The first ClusterIP of each family (`clusterIPs`, else the legacy `clusterIP`); None for a
+/// headless Service or one not allocated yet.
+fn cluster_ips(
+    spec: &ServiceSpec,
+    object: &ObjectRef,
+    problems: &mut Vec<Problem>,
+) -> Option<BTreeMap<Family, IpAddr>> {
+    let mut raws: Vec<&str> = spec
+        .cluster_ips
+        .iter()
+        .flatten()
+        .map(String::as_str)
+        .collect();
+    if raws.is_empty() {
+        raws.extend(spec.cluster_ip.as_deref());
+    }
+    if raws.is_empty() || raws.iter().any(|ip| *ip == "None" || ip.is_empty()) {
+        return None;
+    }
+    let mut by_family: BTreeMap<Family, IpAddr> = BTreeMap::new();
+    for raw in raws {
+        match parse_ip(raw) {
+            Some(ip) => {
+                by_family.entry(Family::of(&ip)).or_insert(ip);
+            }
+            None => bad(problems, object, format!("bad clusterIP {raw:?}")),
+        }
+    }
+    Some(by_family)
+}
+
+/// Addresses of a list field; a bad one is reported and skipped.
+fn parse_ips<'a>(
+    raws: impl IntoIterator<Item = &'a String>,
+    field: &str,
+    object: &ObjectRef,
+    problems: &mut Vec<Problem>,
+) -> Vec<IpAddr> {
+    let mut out = Vec::new();
+    for raw in raws {
+        match parse_ip(raw) {
+            Some(ip) => out.push(ip),
+            None => bad(problems, object, format!("bad {field} {raw:?} skipped")),
+        }
+    }
+    out
+}
+
+/// The load balancer's ingress IPs that reach this node addressed to themselves: not those of
+/// ipMode Proxy (the load balancer proxies; traffic arrives addressed to the node), not
+/// hostname-only entries.
+fn ingress_ips(svc: &Service, object: &ObjectRef, problems: &mut Vec<Problem>) -> Vec<IpAddr> {
+    let raws: Vec<&String> = svc
+        .status
+        .iter()
+        .flat_map(|s| s.load_balancer.iter())
+        .flat_map(|lb| lb.ingress.iter().flatten())
+        .filter(|ing| ing.ip_mode.as_deref() != Some("Proxy"))
+        .filter_map(|ing| ing.ip.as_ref())
+        .collect();
+    parse_ips(raws, "load balancer ingress IP", object, problems)
+}
+
+fn source_ranges(
+    spec: &ServiceSpec,
+    object: &ObjectRef,
+    problems: &mut Vec<Problem>,
+) -> Vec<IpNet> {
+    let mut out = Vec::new();
+    for raw in spec.load_balancer_source_ranges.iter().flatten() {
+        match raw.trim().parse::<IpNet>() {
+            Ok(net) => out.push(net.trunc()),
+            Err(_) => bad(
+                problems,
+                object,
+                format!("bad loadBalancerSourceRange {raw:?} skipped"),
+            ),
+        }
+    }
+    out
+}
+
+/// The ClientIP affinity timeout, or None without affinity.
+fn affinity(spec: &ServiceSpec, object: &ObjectRef, problems: &mut Vec<Problem>) -> Option<u32> {
+    if spec.session_affinity.as_deref() != Some("ClientIP") {
+        return None;
+    }
+    let t = spec
+        .session_affinity_config
+        .as_ref()
+        .and_then(|c| c.client_ip.as_ref())
+        .and_then(|c| c.timeout_seconds)
+        .unwrap_or(DEFAULT_AFFINITY_SECS as i32);
+    if (1..=86400).contains(&t) {
+        Some(t as u32)
+    } else {
+        bad(
+            problems,
+            object,
+            format!(
+                "sessionAffinity timeout {t} out of range 1-86400; using {DEFAULT_AFFINITY_SECS}"
+            ),
+        );
+        Some(DEFAULT_AFFINITY_SECS)
+    }
+}
+
+/// One entry of `spec.ports`: name, protocol, port and NodePort; None (reported) when it
+/// cannot be served or repeats an earlier (name, protocol).
+fn read_port(
+    p: &k8s_openapi::api::core::v1::ServicePort,
+    node_port_type: bool,
+    seen: &mut std::collections::BTreeSet<(String, Proto)>,
+    object: &ObjectRef,
+    problems: &mut Vec<Problem>,
+) -> Option<(String, Proto, u16, Option<u16>)> {
+    let port_name = p.name.clone().unwrap_or_default();
+    let skipped = |e: String| format!("port {port_name:?}: {e}; port skipped");
+    let proto = match parse_proto(p.protocol.as_deref()) {
+        Ok(proto) => proto,
+        Err(e) => {
+            bad(problems, object, skipped(e));
+            return None;
+        }
+    };
+    let port = match parse_port(p.port, "port") {
+        Ok(port) => port,
+        Err(e) => {
+            bad(problems, object, skipped(e));
+            return None;
+        }
+    };
+    if !seen.insert((port_name.clone(), proto)) {
+        bad(
+            problems,
+            object,
+            format!(
+                "duplicate port {port_name:?}/{}; later one skipped",
+                proto.keyword()
+            ),
+        );
+        return None;
+    }
+    let node_port = match p.node_port {
+        Some(np) if node_port_type && np != 0 => match parse_port(np, "nodePort") {
+            Ok(np) => Some(np),
+            Err(e) => {
+                bad(
+                    problems,
+                    object,
+                    format!("port {port_name:?}: {e}; NodePort skipped"),
+                );
+                None
+            }
+        },
+        _ => None,
+    };
+    Some((port_name, proto, port, node_port))
 }
 
 /// What one EndpointSlice contributes: its Service, family and endpoints per (port name, protocol).

@@ -631,55 +631,9 @@ impl<A: Applier + 'static> Syncer<A> {
             .filter(|(_, t)| now.duration_since(**t) >= self.cfg.chain_delete_grace)
             .map(|(k, _)| k.clone())
             .collect();
-        let (kind, tx, p) = match &self.applied {
-            Some(applied) => {
-                let p = plan::partial(applied, &desired.ruleset, &due);
-                if p.needs_full {
-                    (SyncKind::Full, plan::full(&desired.ruleset), None)
-                } else {
-                    (SyncKind::Partial, p.tx.clone(), Some(p))
-                }
-            }
-            None => (SyncKind::Full, plan::full(&desired.ruleset), None),
-        };
+        let (kind, tx, p) = self.plan_next(&desired.ruleset, &due);
         let (ops, elements, skeleton_ops) = (tx.ops.len(), tx.element_count(), tx.skeleton_ops());
-        let mut apply_time = Duration::ZERO;
-        if !tx.is_empty() {
-            let apply_start = Instant::now();
-            let tx: Transaction = tx;
-            let result = self
-                .call(move |a| -> Result<u32, ApplyError> {
-                    a.apply(&tx)?;
-                    a.generation()
-                })
-                .await
-                .and_then(|r| r);
-            apply_time = apply_start.elapsed();
-            match result {
-                Ok(generation) => self.our_generation = Some(generation),
-                Err(e) => {
-                    self.applied = None;
-                    self.failures += 1;
-                    // A failed commit changed nothing (atomic): after a routine partial one, the
-                    // next sync reads the kernel back and again sends only the difference; if
-                    // that fails too (or a full one failed), it rebuilds everything.
-                    self.adopt = kind == SyncKind::Partial && !adopted;
-                    let next = if self.adopt {
-                        "the next sync reads the kernel back"
-                    } else {
-                        "the next sync rebuilds everything"
-                    };
-                    tracing::error!(kind = kind.as_str(), ops, error = %e, retryable = e.is_retryable(), "sync failed; {next}");
-                    let err = SyncError { kind, source: e };
-                    observer.failed(&err);
-                    return Err(err);
-                }
-            }
-        } else if self.our_generation.is_none() {
-            if let Ok(Ok(g)) = self.call(|a| a.generation()).await {
-                self.our_generation = Some(g);
-            }
-        }
+        let apply_time = self.commit(tx, kind, adopted, observer).await?;
         self.failures = 0;
         self.last_commit_wall = Some(SystemTime::now());
         let applied = match (&self.applied, &p) {
@@ -695,17 +649,7 @@ impl<A: Applier + 'static> Syncer<A> {
                 desired.ruleset.clone()
             }
         };
-        let (mut chains, mut rules) = (0, 0);
-        for t in applied.tables.values() {
-            chains += t.chains.len();
-            rules += t.chains.values().map(|c| c.rules.len()).sum::<usize>();
-        }
-        let ruleset_elements = applied
-            .tables
-            .values()
-            .flat_map(|t| t.elements.values())
-            .map(|e| e.len())
-            .sum();
+        let (ruleset_elements, chains, rules) = size_of(&applied);
         self.applied = Some(applied);
         if let Some(prev) = &self.previous_state {
             self.affinity_due |= affinity::lost(prev, &desired.state);
@@ -753,6 +697,78 @@ impl<A: Applier + 'static> Syncer<A> {
             }
         }
         Ok(report)
+    }
+
+    /// The transaction that takes the kernel from what was applied to `desired`: the
+    /// difference (with the plan, needed to update the belief afterwards), or everything.
+    fn plan_next(
+        &self,
+        desired: &Ruleset,
+        due: &BTreeSet<(Family, String)>,
+    ) -> (SyncKind, Transaction, Option<plan::Plan>) {
+        match &self.applied {
+            Some(applied) => {
+                let p = plan::partial(applied, desired, due);
+                if p.needs_full {
+                    (SyncKind::Full, plan::full(desired), None)
+                } else {
+                    (SyncKind::Partial, p.tx.clone(), Some(p))
+                }
+            }
+            None => (SyncKind::Full, plan::full(desired), None),
+        }
+    }
+
+    /// Commit `tx` (nothing to send: only learn the generation once). On failure the belief is
+    /// dropped, the failure counted and reported, and the next sync reads the kernel back
+    /// (after a routine partial commit) or rebuilds everything. Returns the commit's time.
+    async fn commit(
+        &mut self,
+        tx: Transaction,
+        kind: SyncKind,
+        adopted: bool,
+        observer: &mut dyn Observer,
+    ) -> Result<Duration, SyncError> {
+        if tx.is_empty() {
+            if self.our_generation.is_none() {
+                if let Ok(Ok(g)) = self.call(|a| a.generation()).await {
+                    self.our_generation = Some(g);
+                }
+            }
+            return Ok(Duration::ZERO);
+        }
+        let ops = tx.ops.len();
+        let started = Instant::now();
+        let result = self
+            .call(move |a| -> Result<u32, ApplyError> {
+                a.apply(&tx)?;
+                a.generation()
+            })
+            .await
+            .and_then(|r| r);
+        match result {
+            Ok(generation) => {
+                self.our_generation = Some(generation);
+                Ok(started.elapsed())
+            }
+            Err(e) => {
+                self.applied = None;
+                self.failures += 1;
+                // A failed commit changed nothing (atomic): after a routine partial one, the
+                // next sync reads the kernel back and again sends only the difference; if
+                // that fails too (or a full one failed), it rebuilds everything.
+                self.adopt = kind == SyncKind::Partial && !adopted;
+                let next = if self.adopt {
+                    "the next sync reads the kernel back"
+                } else {
+                    "the next sync rebuilds everything"
+                };
+                tracing::error!(kind = kind.as_str(), ops, error = %e, retryable = e.is_retryable(), "sync failed; {next}");
+                let err = SyncError { kind, source: e };
+                observer.failed(&err);
+                Err(err)
+            }
+        }
     }
 
     /// When the next sync must run even without changes: retry after failure, chain deletion.
@@ -856,6 +872,17 @@ impl<A: Applier + 'static> Syncer<A> {
             }
         }
     }
+}
+
+/// Elements, chains and rules of a ruleset (for the report).
+fn size_of(rs: &Ruleset) -> (usize, usize, usize) {
+    let (mut elements, mut chains, mut rules) = (0, 0, 0);
+    for t in rs.tables.values() {
+        elements += t.elements.values().map(|e| e.len()).sum::<usize>();
+        chains += t.chains.len();
+        rules += t.chains.values().map(|c| c.rules.len()).sum::<usize>();
+    }
+    (elements, chains, rules)
 }
 
 /// Fold `first` and every notice already queued into one verification scope: None when there

@@ -1,6 +1,9 @@
-//! Compile regressions found by the engine's property test (`pipeline::tests`).
+//! Compile table tests (set membership per Service shape) and regressions found by the
+//! engine's property test (`pipeline::tests`).
 
 use k8s_openapi::api::core::v1::Service;
+
+use crate::nft::ir::Ruleset;
 
 use super::*;
 use crate::apply::fake::FakeApplier;
@@ -63,4 +66,146 @@ fn a_conflicting_lb_service_adds_no_source_ranges() {
     FakeApplier::new()
         .apply(&plan::full(c.ruleset()))
         .expect("the commit succeeds");
+}
+
+/// One row of the table: a Service (type, policies, affinity) and its endpoints on node-a or
+/// elsewhere, and the elements it must put in the sets that decide its traffic.
+struct Row {
+    name: &'static str,
+    spec: serde_json::Value,
+    /// (address, node, ready, serving, terminating)
+    endpoints: &'static [(&'static str, &'static str, bool, bool, bool)],
+    want: &'static [(&'static str, &'static [&'static str])],
+}
+
+fn rendered(rs: &Ruleset, set: &str) -> Vec<String> {
+    let mut out: Vec<String> = rs.tables[&Family::Ip]
+        .elements
+        .get(set)
+        .map(|els| els.iter().map(crate::nft::render::element).collect())
+        .unwrap_or_default();
+    out.sort();
+    out
+}
+
+/// Table test of the compiler's set membership per Service shape: entry points, the
+/// no-endpoint verdicts (reject when there are none anywhere, drop when only the policy rules
+/// them out), Local-policy sets, affinity and backends.
+#[test]
+fn set_membership_by_service_shape() {
+    use serde_json::json;
+    let rows = [
+        Row {
+            name: "ClusterIP, ready endpoints",
+            spec: json!({"type": "ClusterIP"}),
+            endpoints: &[("10.0.1.1", "node-b", true, true, false), ("10.0.1.2", "node-a", true, true, false)],
+            want: &[
+                ("clusterip", &["172.30.0.1 . tcp . 80"]),
+                ("no-endpoint-reject", &[]),
+                ("no-endpoint-drop", &[]),
+                ("ip-cluster-backends", &["172.30.0.1 . tcp . 80 . 0 : 10.0.1.1 . 8080", "172.30.0.1 . tcp . 80 . 1 : 10.0.1.2 . 8080"]),
+            ],
+        },
+        Row {
+            name: "ClusterIP, no endpoints: reject",
+            spec: json!({"type": "ClusterIP"}),
+            endpoints: &[],
+            want: &[("no-endpoint-reject", &["172.30.0.1 . tcp . 80"]), ("ip-cluster-backends", &[])],
+        },
+        Row {
+            name: "ClusterIP, only not-ready endpoints: reject",
+            spec: json!({"type": "ClusterIP"}),
+            endpoints: &[("10.0.1.1", "node-b", false, false, false)],
+            want: &[("no-endpoint-reject", &["172.30.0.1 . tcp . 80"])],
+        },
+        Row {
+            name: "ClusterIP, only terminating serving endpoints: used as a fallback",
+            spec: json!({"type": "ClusterIP"}),
+            endpoints: &[("10.0.1.1", "node-b", false, true, true)],
+            want: &[
+                ("no-endpoint-reject", &[]),
+                ("ip-cluster-backends", &["172.30.0.1 . tcp . 80 . 0 : 10.0.1.1 . 8080"]),
+            ],
+        },
+        Row {
+            name: "NodePort, externalTrafficPolicy Local, endpoints elsewhere only: drop outside traffic",
+            spec: json!({"type": "NodePort", "externalTrafficPolicy": "Local",
+                         "ports": [{"name": "p0", "port": 80, "protocol": "TCP", "nodePort": 30080}]}),
+            endpoints: &[("10.0.1.1", "node-b", true, true, false)],
+            want: &[
+                // Local-policy NodePorts dispatch through their own set, not the cluster one.
+                ("nodeport", &[]),
+                ("nodeport-local", &["tcp . 30080"]),
+                ("nodeport-no-endpoint-drop", &["tcp . 30080"]),
+                ("nodeport-no-endpoint-reject", &[]),
+                ("no-endpoint-reject", &[]),
+            ],
+        },
+        Row {
+            name: "internalTrafficPolicy Local, endpoints elsewhere only: drop",
+            spec: json!({"type": "ClusterIP", "internalTrafficPolicy": "Local"}),
+            endpoints: &[("10.0.1.1", "node-b", true, true, false)],
+            want: &[
+                ("clusterip-local", &["172.30.0.1 . tcp . 80"]),
+                ("no-endpoint-drop", &["172.30.0.1 . tcp . 80"]),
+                ("no-endpoint-reject", &[]),
+            ],
+        },
+        Row {
+            name: "ClientIP affinity: the entry is in the affinity dispatch",
+            spec: json!({"type": "ClusterIP", "sessionAffinity": "ClientIP",
+                         "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 60}}}),
+            endpoints: &[("10.0.1.1", "node-b", true, true, false)],
+            want: &[("ip-cluster-backends", &["172.30.0.1 . tcp . 80 . 0 : 10.0.1.1 . 8080"])],
+        },
+    ];
+    let cfg = CompileConfig {
+        node_ips: node().internal_ips,
+        families: vec![Family::Ip],
+        cluster_cidrs: vec!["10.0.0.0/8".parse().expect("cidr")],
+        nodeport_cidrs: vec!["192.168.0.2/32".parse().expect("cidr")],
+        ..CompileConfig::default()
+    };
+    let mut failures = Vec::new();
+    for row in &rows {
+        let mut spec = row.spec.clone();
+        spec["clusterIP"] = json!("172.30.0.1");
+        spec["clusterIPs"] = json!(["172.30.0.1"]);
+        if spec.get("ports").is_none() {
+            spec["ports"] = json!([{"name": "p0", "port": 80, "protocol": "TCP"}]);
+        }
+        let svc: Service = serde_json::from_value(json!({
+            "metadata": {"namespace": "ns", "name": "s"}, "spec": spec,
+        }))
+        .expect("service");
+        let eps: Vec<serde_json::Value> = row
+            .endpoints
+            .iter()
+            .map(|(ip, n, r, s, t)| {
+                json!({"addresses": [ip], "nodeName": n,
+                "conditions": {"ready": r, "serving": s, "terminating": t}})
+            })
+            .collect();
+        let slice: k8s_openapi::api::discovery::v1::EndpointSlice = serde_json::from_value(json!({
+            "metadata": {"namespace": "ns", "name": "s-1", "labels": {"kubernetes.io/service-name": "s"}},
+            "addressType": "IPv4", "ports": [{"name": "p0", "port": 8080, "protocol": "TCP"}],
+            "endpoints": eps,
+        }))
+        .expect("slice");
+        let m = Model::from_objects([&svc], [&slice], &[], &node());
+        let (rs, problems) = compile_checked(m.state(), &cfg).expect("compile");
+        assert!(problems.is_empty(), "{}: {problems:?}", row.name);
+        for (set, want) in row.want {
+            let got = rendered(&rs, set);
+            let mut want: Vec<String> = want.iter().map(|s| s.to_string()).collect();
+            want.sort();
+            if got != want {
+                failures.push(format!(
+                    "{}: set {set}: got {got:?}, want {want:?}",
+                    row.name
+                ));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
 }

@@ -12,7 +12,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use nftproxy::k8s::inbox::{key_of, Batch};
 use nftproxy::model::NodeInfo;
 use nftproxy::nft::{compile, plan, render};
-use nftproxy::pipeline::config::{NodePortAddresses, ProxyConfig};
+use nftproxy::pipeline::config::{DetectLocal, NodePortAddresses, ProxyConfig};
 use nftproxy::pipeline::{self, Engine};
 
 fn objects(n: usize, e: usize) -> (Vec<Service>, Vec<EndpointSlice>) {
@@ -80,6 +80,7 @@ fn main() {
             primary: true,
             cidrs: vec![],
         },
+        detect_local: DetectLocal::ClusterCidr,
     };
     let cc = cfg.compile_config(&node);
 

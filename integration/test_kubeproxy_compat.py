@@ -7,6 +7,7 @@ kube-proxy does, so the pod restarts with the new settings)."""
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -144,3 +145,80 @@ def test_a_bad_config_file_is_a_clear_error(cluster, kubeadm_agent):
     wait_until(lambda: not agent.running(), 10, 0.1, what="the agent to refuse the file")
     log = agent.current_log()
     assert "mode" in log and "nftables" in log and path in log, log[-2000:]
+
+
+# What the kubernetes-mixin "Kubernetes / Proxy" dashboard and its alerts query, plus what
+# kube-proxy (nftables mode) registers from its start (pkg/proxy/metrics/metrics.go).
+KUBE_PROXY_SERIES = [
+    "kubeproxy_sync_proxy_rules_duration_seconds_bucket",
+    "kubeproxy_sync_proxy_rules_duration_seconds_count",
+    "kubeproxy_network_programming_duration_seconds_bucket",
+    "kubeproxy_network_programming_duration_seconds_count",
+    "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+    "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds",
+    "kubeproxy_sync_proxy_rules_endpoint_changes_pending",
+    "kubeproxy_sync_proxy_rules_endpoint_changes_total",
+    "kubeproxy_sync_proxy_rules_service_changes_pending",
+    "kubeproxy_sync_proxy_rules_service_changes_total",
+    "kubeproxy_sync_proxy_rules_no_local_endpoints_total",
+    "kubeproxy_sync_proxy_rules_nftables_sync_failures_total",
+    "kubeproxy_sync_proxy_rules_nftables_cleanup_failures_total",
+    "kubeproxy_proxy_healthz_total",
+    "kubeproxy_proxy_livez_total",
+    "rest_client_requests_total",
+    "rest_client_request_duration_seconds_bucket",
+    "process_resident_memory_bytes",
+    "process_cpu_seconds_total",
+    "process_open_fds",
+    "process_start_time_seconds",
+]
+
+
+def test_kube_proxy_metrics_proxy_mode_configz_and_start_event(cluster, k8s, kubeadm_agent):
+    agent, _ = kubeadm_agent
+    started = time.time()
+    agent.start(wait=True, timeout=20)
+    samples = agent.metrics()
+    names = {n for n, _, _ in samples}
+    missing = [n for n in KUBE_PROXY_SERIES if n not in names]
+    assert not missing, f"kube-proxy metrics missing: {missing}"
+    by = lambda name: [(l, v) for n, l, v in samples if n == name]
+    # The sync histogram has kube-proxy's buckets (1 ms doubling to 16.384 s), and a sync ran.
+    les = sorted(float(l["le"]) for l, _ in by("kubeproxy_sync_proxy_rules_duration_seconds_bucket")
+                 if l["le"] != "+Inf")
+    assert les[0] == 0.001 and les[-1] == 16.384 and len(les) == 15, les
+    assert sum(v for _, v in by("kubeproxy_sync_proxy_rules_duration_seconds_count")) >= 1
+    # Counters exist from the start, labelled as kube-proxy labels them.
+    assert {l["traffic_policy"] for l, _ in by("kubeproxy_sync_proxy_rules_no_local_endpoints_total")} \
+        == {"internal", "external"}
+    assert {l["code"] for l, _ in by("kubeproxy_proxy_healthz_total")} >= {"200", "503"}
+    # The API client's requests, by code, host and method (the dashboard's request rate panel).
+    reqs = by("rest_client_requests_total")
+    assert any(l.get("method") == "GET" and l.get("code") == "200" and l.get("host") for l, _ in reqs), reqs
+    assert sum(v for _, v in by("process_resident_memory_bytes")) > 1 << 20
+    assert abs(sum(v for _, v in by("process_start_time_seconds")) - started) < 30
+    # A Service change is counted and the last sync time moves.
+    before = agent.metric("kubeproxy_sync_proxy_rules_service_changes_total")
+    ports = [svc_port("tcp", 80, "TCP")]
+    k8s.apply(service("kpm", ports, cluster_ip="172.30.43.2"),
+              endpoint_slice("kpm", [endpoint("b1")], ports))
+    wait_until(lambda: agent.metric("kubeproxy_sync_proxy_rules_service_changes_total") > before, 5,
+               what="the Service change counted")
+    agent.healthz_status()
+    assert agent.metric("kubeproxy_proxy_healthz_total") >= 1
+    # /proxyMode and /configz on the metrics port, as kube-proxy serves them.
+    status, headers, body = agent.ns.http_get("127.0.0.1", 10249, "/proxyMode")
+    assert (status, body) == (200, b"nftables"), (status, body)
+    assert headers["content-type"].startswith("text/plain")
+    status, headers, body = agent.ns.http_get("127.0.0.1", 10249, "/configz")
+    assert status == 200 and headers["content-type"] == "application/json", (status, headers)
+    conf = json.loads(body)["kubeproxy.config.k8s.io"]
+    assert conf["mode"] == "nftables" and conf["hostnameOverride"] == "node-a", conf
+    assert conf["clusterCIDR"] == C.CLUSTER_CIDR and conf["nftables"]["syncPeriod"] == "1m30s", conf
+    # The Normal event kube-proxy emits on its Node at start.
+    def starting():
+        return [e for e in cluster.api.events()
+                if e.get("reason") == "Starting" and e.get("type") == "Normal"
+                and (e.get("regarding") or {}).get("name") == "node-a"
+                and e.get("action") == "StartKubeProxy"]
+    wait_until(starting, 5, what="a Normal Starting event on the Node")

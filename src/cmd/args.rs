@@ -8,7 +8,7 @@ pub use super::kpconfig::parse_duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use ipnet::IpNet;
 
-use crate::pipeline::config::{NodePortAddressError, NodePortAddresses, ProxyConfig};
+use crate::pipeline::config::{DetectLocal, NodePortAddressError, NodePortAddresses, ProxyConfig};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -61,6 +61,11 @@ pub struct ProxyArgs {
     /// The fwmark bit that tags packets for masquerade (0-31).
     #[arg(long, default_value_t = 14, value_parser = clap::value_parser!(u32).range(0..32))]
     pub masquerade_bit: u32,
+    /// How this node's pod traffic is recognised: `ClusterCIDR` (sources in --cluster-cidr),
+    /// `NodeCIDR` (sources in the Node's spec.podCIDRs). Default: ClusterCIDR when
+    /// --cluster-cidr is given, else NodeCIDR.
+    #[arg(long, default_value = "", value_parser = DetectLocal::parse)]
+    pub detect_local_mode: DetectLocal,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -119,7 +124,56 @@ pub struct RunArgs {
     pub cleanup: bool,
 }
 
+/// A duration as Go prints `metav1.Duration` values in simple cases (`30s`, `50ms`, `1m0s`).
+fn go_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if !ms.is_multiple_of(1000) {
+        return format!("{ms}ms");
+    }
+    let s = d.as_secs();
+    match (s / 3600, (s / 60) % 60, s % 60) {
+        (0, 0, s) => format!("{s}s"),
+        (0, m, s) => format!("{m}m{s}s"),
+        (h, m, s) => format!("{h}h{m}m{s}s"),
+    }
+}
+
 impl RunArgs {
+    /// The effective configuration as kube-proxy's `/configz` shows it: a
+    /// `KubeProxyConfiguration` (v1alpha1 field names) under `kubeproxy.config.k8s.io`.
+    pub fn configz(&self, cfg: &ProxyConfig) -> serde_json::Value {
+        serde_json::json!({
+            "kubeproxy.config.k8s.io": {
+                "apiVersion": "kubeproxy.config.k8s.io/v1alpha1",
+                "kind": "KubeProxyConfiguration",
+                "mode": "nftables",
+                "hostnameOverride": cfg.node_name,
+                "bindAddress": self.bind_address.clone().unwrap_or_default(),
+                "clusterCIDR": cfg.cluster_cidrs.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(","),
+                "healthzBindAddress": self.healthz_bind_address.to_string(),
+                "metricsBindAddress": self.metrics_bind_address.to_string(),
+                "nodePortAddresses": self.proxy.nodeport_addresses,
+                "oomScoreAdj": self.oom_score_adj,
+                "clientConnection": {
+                    "kubeconfig": self.kubeconfig.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
+                },
+                "nftables": {
+                    "masqueradeAll": cfg.masquerade_all,
+                    "masqueradeBit": cfg.masquerade_bit,
+                    "syncPeriod": go_duration(self.sync_period),
+                    "minSyncPeriod": go_duration(self.min_sync_period),
+                },
+                "logging": {
+                    "format": match self.log_format {
+                        LogFormat::Text => "text",
+                        LogFormat::Json => "json",
+                    },
+                    "verbosity": self.verbosity,
+                },
+            }
+        })
+    }
+
     /// Fill what the command line did not set from kube-proxy's configuration file.
     /// `from_cli(id)` tells whether flag `id` (clap's id: the field name) was given.
     pub fn apply_file(
@@ -148,6 +202,9 @@ impl RunArgs {
         }
         if let (Some(b), true) = (f.masquerade_bit, unset("masquerade_bit")) {
             self.proxy.masquerade_bit = b;
+        }
+        if let (Some(d), true) = (f.detect_local, unset("detect_local_mode")) {
+            self.proxy.detect_local_mode = d;
         }
         if let (Some(a), true) = (f.healthz_bind_address, unset("healthz_bind_address")) {
             self.healthz_bind_address = a;
@@ -248,6 +305,7 @@ impl ProxyArgs {
             masquerade_all: a.masquerade_all,
             masquerade_bit: a.masquerade_bit,
             nodeport: NodePortAddresses::parse(&a.nodeport_addresses)?,
+            detect_local: a.detect_local_mode,
         })
     }
 }

@@ -212,10 +212,13 @@ pub fn diff(args: DiffArgs) -> ExitCode {
                 Err(e) => return fail(format!("cannot start the runtime: {e}")),
             };
             let listed = rt.block_on(async {
-                let (client, _) =
-                    crate::k8s::client::client(args.kubeconfig.as_deref(), args.master.as_deref())
-                        .await
-                        .map_err(|e| e.to_string())?;
+                let (client, _) = crate::k8s::client::client(
+                    args.kubeconfig.as_deref(),
+                    args.master.as_deref(),
+                    None,
+                )
+                .await
+                .map_err(|e| e.to_string())?;
                 list_objects(client, &cfg.node_name)
                     .await
                     .map_err(|e| format!("listing from the API: {e}"))

@@ -140,6 +140,7 @@ pub struct FromFile {
     pub oom_score_adj: Option<i32>,
     pub log_json: Option<bool>,
     pub verbosity: Option<u8>,
+    pub detect_local: Option<crate::pipeline::config::DetectLocal>,
     /// Fields set in the file that nftproxy does not use, with why (reported once at start).
     pub ignored: Vec<String>,
 }
@@ -255,14 +256,11 @@ impl KubeProxyConfiguration {
             out.sync_period = n.sync_period.map(|d| d.0).filter(|d| !d.is_zero());
             out.min_sync_period = n.min_sync_period.map(|d| d.0).filter(|d| !d.is_zero());
         }
-        match self.detect_local_mode.as_deref().unwrap_or("") {
-            "" | "ClusterCIDR" => {}
-            other => {
-                return Err(field(
-                    "detectLocalMode",
-                    format!("{other:?} is not supported yet (ClusterCIDR is: set clusterCIDR)"),
-                ))
-            }
+        if let Some(m) = self.detect_local_mode.as_deref() {
+            out.detect_local = Some(
+                crate::pipeline::config::DetectLocal::parse(m)
+                    .map_err(|e| field("detectLocalMode", e))?,
+            );
         }
         if let Some(d) = &self.detect_local {
             for (name, v) in [
@@ -591,7 +589,8 @@ logging: {format: json, verbosity: 4}
                 "nftables: {syncPeriod: soon}\n",
                 "nftables: bad duration \"soon\" at line 3",
             ),
-            ("detectLocalMode: NodeCIDR\n", "detectLocalMode"),
+            ("detectLocalMode: BridgeInterface\n", "detectLocalMode"),
+            ("detectLocalMode: nodecidr\n", "detectLocalMode"),
             ("oomScoreAdj: 5000\n", "oomScoreAdj"),
             ("logging: {format: xml}\n", "logging.format"),
             ("colour: blue\n", "colour"),

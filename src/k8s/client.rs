@@ -2,6 +2,12 @@
 //! unreachable `kubernetes` Service address (which only a running proxy makes reachable) can be
 //! explained instead of waited on.
 
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
 use kube::Client;
 
 #[derive(Debug, thiserror::Error)]
@@ -33,12 +39,59 @@ pub enum ApiSource {
     ServiceEnv,
 }
 
+/// Told about every finished API request (client-go's `rest_client_*` metrics): method, host,
+/// status code (`<error>` when no response came) and latency to the response headers.
+pub trait RequestSink: Send + Sync + 'static {
+    fn request(&self, method: &str, host: &str, code: &str, latency: Duration);
+}
+
+/// The tower service that reports each request of the client stack to a [`RequestSink`].
+#[derive(Clone)]
+struct Observed<S> {
+    inner: S,
+    sink: Arc<dyn RequestSink>,
+    host: Arc<str>,
+}
+
+impl<S, ReqB, ResB> tower::Service<http::Request<ReqB>> for Observed<S>
+where
+    S: tower::Service<http::Request<ReqB>, Response = http::Response<ResB>>,
+    S::Future: Send + 'static,
+    S::Error: 'static,
+    ResB: 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<ReqB>) -> Self::Future {
+        let method = req.method().as_str().to_string();
+        let (sink, host) = (self.sink.clone(), self.host.clone());
+        let started = tokio::time::Instant::now();
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            let r = fut.await;
+            let code = match &r {
+                Ok(resp) => resp.status().as_str().to_string(),
+                Err(_) => "<error>".to_string(),
+            };
+            sink.request(&method, &host, &code, started.elapsed());
+            r
+        })
+    }
+}
+
 /// Build the API client the way every Kubernetes client does: an explicit kubeconfig, else
 /// in-cluster service account, else $KUBECONFIG, else ~/.kube/config; `master` replaces the
 /// server address (credentials stay).
 pub async fn client(
     kubeconfig: Option<&std::path::Path>,
     master: Option<&str>,
+    sink: Option<Arc<dyn RequestSink>>,
 ) -> Result<(Client, ApiAddress), ClientError> {
     let mut config = match kubeconfig {
         Some(path) => {
@@ -87,7 +140,24 @@ pub async fn client(
         source,
     };
     tracing::info!(server = %addr.url, source = ?addr.source, "API server");
-    Ok((Client::try_from(config)?, addr))
+    // client-go's `host` label: the server's host:port as written in the URL.
+    let host: Arc<str> = match u.port_u16() {
+        Some(p) => format!("{}:{p}", u.host().unwrap_or_default()),
+        None => u.host().unwrap_or_default().to_string(),
+    }
+    .into();
+    let builder = kube::client::ClientBuilder::try_from(config)?;
+    let client = match sink {
+        Some(sink) => builder
+            .with_layer(&tower::layer::layer_fn(move |inner| Observed {
+                inner,
+                sink: sink.clone(),
+                host: host.clone(),
+            }))
+            .build(),
+        None => builder.build(),
+    };
+    Ok((client, addr))
 }
 
 /// What to say when the API server cannot be reached at `url` (None: nothing to add to the
@@ -145,19 +215,19 @@ mod tests {
              current-context: x\n",
         )
         .unwrap();
-        let (_, a) = client(Some(&kc), None).await.expect("client");
+        let (_, a) = client(Some(&kc), None, None).await.expect("client");
         assert_eq!(
             (a.host.as_str(), a.port, &a.source),
             ("10.96.0.1", 443, &ApiSource::Kubeconfig)
         );
-        let (_, a) = client(Some(&kc), Some("https://192.168.0.1:6443"))
+        let (_, a) = client(Some(&kc), Some("https://192.168.0.1:6443"), None)
             .await
             .expect("client");
         assert_eq!(
             (a.host.as_str(), a.port, &a.source),
             ("192.168.0.1", 6443, &ApiSource::Master)
         );
-        assert!(client(Some(&kc), Some("not a url ::")).await.is_err());
+        assert!(client(Some(&kc), Some("not a url ::"), None).await.is_err());
         std::fs::remove_dir_all(&dir).ok();
     }
 }

@@ -1,5 +1,6 @@
-//! Warning Events on the objects nftproxy cannot serve (bad input, health ports that cannot be
-//! bound). Sync code hands events to a channel; a task publishes them, so the API never slows a
+//! Events: Warning Events on the objects nftproxy cannot serve (bad input, health ports that
+//! cannot be bound, drift), and the Normal `Starting` event on the Node that kube-proxy emits at
+//! start. Sync code hands events to a channel; a task publishes them, so the API never slows a
 //! sync and an unreachable API only costs a log line.
 
 use crate::model::ObjectRef;
@@ -35,20 +36,53 @@ impl Warning {
 }
 
 /// Cheap, cloneable handle; sending never blocks (events are dropped when the queue is full).
+/// One event to publish: its object, reason and note, its type and action.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outgoing {
+    pub event: Warning,
+    pub normal: bool,
+    pub action: &'static str,
+}
+
 #[derive(Clone)]
 pub struct Events {
-    tx: mpsc::Sender<Warning>,
+    tx: mpsc::Sender<Outgoing>,
 }
 
 impl Events {
     pub fn warn(&self, w: Warning) {
-        if self.tx.try_send(w).is_err() {
+        self.send(Outgoing {
+            event: w,
+            normal: false,
+            action: "Proxying",
+        });
+    }
+
+    /// The Normal event kube-proxy emits on its Node when it starts (cmd/kube-proxy/app/
+    /// server.go `birthCry`: reason `Starting`, action `StartKubeProxy`, no note), so that
+    /// `kubectl describe node` and event-based tooling see the proxy start.
+    pub fn started(&self, node: &str) {
+        self.send(Outgoing {
+            event: Warning {
+                kind: "Node".into(),
+                namespace: String::new(),
+                name: node.to_string(),
+                reason: "Starting".into(),
+                note: String::new(),
+            },
+            normal: true,
+            action: "StartKubeProxy",
+        });
+    }
+
+    fn send(&self, o: Outgoing) {
+        if self.tx.try_send(o).is_err() {
             tracing::debug!("event queue full; event dropped");
         }
     }
 
     /// A handle whose events go nowhere but a receiver (tests).
-    pub fn channel(capacity: usize) -> (Events, mpsc::Receiver<Warning>) {
+    pub fn channel(capacity: usize) -> (Events, mpsc::Receiver<Outgoing>) {
         let (tx, rx) = mpsc::channel(capacity);
         (Events { tx }, rx)
     }
@@ -64,7 +98,12 @@ impl Events {
             },
         );
         tokio::spawn(async move {
-            while let Some(w) = rx.recv().await {
+            while let Some(Outgoing {
+                event: w,
+                normal,
+                action,
+            }) = rx.recv().await
+            {
                 let api_version = if w.kind == "EndpointSlice" {
                     "discovery.k8s.io/v1"
                 } else {
@@ -82,10 +121,14 @@ impl Events {
                     ..Default::default()
                 };
                 let ev = Event {
-                    type_: EventType::Warning,
+                    type_: if normal {
+                        EventType::Normal
+                    } else {
+                        EventType::Warning
+                    },
                     reason: w.reason.clone(),
-                    note: Some(w.note.clone()),
-                    action: "Proxying".into(),
+                    note: (!w.note.is_empty()).then(|| w.note.clone()),
+                    action: action.into(),
                     secondary: None,
                 };
                 if let Err(e) = recorder.publish(&ev, &reference).await {

@@ -19,6 +19,8 @@ pub struct NodeInfo {
     pub internal_ips: Vec<IpAddr>,
     /// Deletion in progress or marked for removal by the cluster autoscaler.
     pub ineligible: bool,
+    /// `spec.podCIDRs` (else `spec.podCIDR`): this node's pod addresses (detect-local NodeCIDR).
+    pub pod_cidrs: Vec<IpNet>,
 }
 
 pub const AUTOSCALER_TAINT: &str = "ToBeDeletedByClusterAutoscaler";
@@ -49,11 +51,23 @@ impl NodeInfo {
             .iter()
             .flat_map(|s| s.taints.iter().flatten())
             .any(|t| t.key == AUTOSCALER_TAINT);
+        let spec = node.spec.as_ref();
+        let mut raw: Vec<&String> = spec
+            .and_then(|s| s.pod_cidrs.as_ref())
+            .map(|c| c.iter().collect())
+            .unwrap_or_default();
+        if raw.is_empty() {
+            raw.extend(spec.and_then(|s| s.pod_cidr.as_ref()));
+        }
         NodeInfo {
             name,
             zone,
             internal_ips,
             ineligible: node.metadata.deletion_timestamp.is_some() || tainted,
+            pod_cidrs: raw
+                .into_iter()
+                .filter_map(|c| c.parse::<IpNet>().ok().map(|n| n.trunc()))
+                .collect(),
         }
     }
 

@@ -182,7 +182,7 @@ impl Observer for AgentObserver {
         let now = SystemTime::now();
         for t in &r.triggers {
             if let Ok(d) = now.duration_since(*t) {
-                self.metrics.programming_latency.observe(d.as_secs_f64());
+                self.metrics.programmed(d);
             }
         }
         *lock(&self.node_eligible) = !r.node.ineligible;
@@ -217,10 +217,14 @@ impl Observer for AgentObserver {
         }
     }
     fn failed(&mut self, error: &SyncError) {
-        self.metrics.record_failure(error.kind);
+        self.metrics.record_failure(error);
     }
     fn cleanup_failed(&mut self, _error: &str) {
         self.metrics.affinity_cleanup_failures.inc();
+        self.metrics.kp.cleanup_failures.inc();
+    }
+    fn queued(&mut self) {
+        self.metrics.queued();
     }
     fn counters(&mut self, read: &[Counters], state: &Arc<ProxyState>) {
         let owners = match &self.owners {

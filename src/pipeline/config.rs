@@ -70,6 +70,40 @@ impl NodePortAddresses {
     }
 }
 
+/// How traffic from this node's pods is told apart from other traffic (kube-proxy's
+/// `--detect-local-mode`): pod traffic to a ClusterIP is not masqueraded, and pod traffic to an
+/// externalTrafficPolicy Local entry goes to every endpoint.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum DetectLocal {
+    /// ClusterCIDR when cluster CIDRs are given, else NodeCIDR: works with no configuration on
+    /// clusters whose Nodes carry `spec.podCIDRs` (kube-proxy's empty mode means ClusterCIDR,
+    /// which without a CIDR detects nothing).
+    #[default]
+    Auto,
+    /// Sources in `--cluster-cidr` are pods.
+    ClusterCidr,
+    /// Sources in this Node's `spec.podCIDRs` are pods (followed as the Node changes).
+    NodeCidr,
+}
+
+impl DetectLocal {
+    /// kube-proxy's spelling (`--detect-local-mode`, `detectLocalMode`); the interface-based
+    /// modes are refused with the reason.
+    pub fn parse(s: &str) -> Result<DetectLocal, String> {
+        match s {
+            "" => Ok(DetectLocal::Auto),
+            "ClusterCIDR" => Ok(DetectLocal::ClusterCidr),
+            "NodeCIDR" => Ok(DetectLocal::NodeCidr),
+            "BridgeInterface" | "InterfaceNamePrefix" => Err(format!(
+                "{s:?} is not supported yet: use ClusterCIDR (with the pod CIDRs) or NodeCIDR (the Nodes' spec.podCIDRs)"
+            )),
+            other => Err(format!(
+                "{other:?} is not a detect-local mode (ClusterCIDR, NodeCIDR, BridgeInterface, InterfaceNamePrefix)"
+            )),
+        }
+    }
+}
+
 /// Validated, immutable settings shaping the ruleset.
 #[derive(Debug, Clone)]
 pub struct ProxyConfig {
@@ -78,6 +112,7 @@ pub struct ProxyConfig {
     pub masquerade_all: bool,
     pub masquerade_bit: u32,
     pub nodeport: NodePortAddresses,
+    pub detect_local: DetectLocal,
 }
 
 impl ProxyConfig {
@@ -144,11 +179,21 @@ impl ProxyConfig {
             .then(|| nets.iter().map(|n| n.addr()).collect())
     }
 
+    /// The CIDRs whose sources are this node's pods, by the detect-local mode.
+    pub fn local_cidrs(&self, node: &NodeInfo) -> Vec<IpNet> {
+        match self.detect_local {
+            DetectLocal::ClusterCidr => self.cluster_cidrs.clone(),
+            DetectLocal::NodeCidr => node.pod_cidrs.clone(),
+            DetectLocal::Auto if !self.cluster_cidrs.is_empty() => self.cluster_cidrs.clone(),
+            DetectLocal::Auto => node.pod_cidrs.clone(),
+        }
+    }
+
     pub fn compile_config(&self, node: &NodeInfo) -> CompileConfig {
         CompileConfig {
             masquerade_mark: 1u32 << self.masquerade_bit,
             masquerade_all: self.masquerade_all,
-            cluster_cidrs: self.cluster_cidrs.clone(),
+            cluster_cidrs: self.local_cidrs(node),
             nodeport_cidrs: self.nodeport.resolve(node),
             node_ips: node.internal_ips.clone(),
             families: Self::families(node),
@@ -159,6 +204,36 @@ impl ProxyConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn detect_local_modes() {
+        let node = NodeInfo {
+            pod_cidrs: vec!["10.244.3.0/24".parse().unwrap()],
+            ..NodeInfo::default()
+        };
+        let mut cfg = ProxyConfig {
+            node_name: "n".into(),
+            cluster_cidrs: vec![],
+            masquerade_all: false,
+            masquerade_bit: 14,
+            nodeport: NodePortAddresses::parse(&[]).unwrap(),
+            detect_local: DetectLocal::Auto,
+        };
+        // No cluster CIDR: the Node's pod CIDRs, with no configuration.
+        assert_eq!(cfg.local_cidrs(&node), node.pod_cidrs);
+        cfg.cluster_cidrs = vec!["10.244.0.0/16".parse().unwrap()];
+        assert_eq!(cfg.local_cidrs(&node), cfg.cluster_cidrs);
+        cfg.detect_local = DetectLocal::NodeCidr;
+        assert_eq!(cfg.local_cidrs(&node), node.pod_cidrs);
+        cfg.detect_local = DetectLocal::ClusterCidr;
+        cfg.cluster_cidrs.clear();
+        assert!(cfg.local_cidrs(&node).is_empty());
+        assert_eq!(DetectLocal::parse("NodeCIDR"), Ok(DetectLocal::NodeCidr));
+        assert!(DetectLocal::parse("BridgeInterface")
+            .unwrap_err()
+            .contains("not supported yet"));
+        assert!(DetectLocal::parse("nodecidr").is_err());
+    }
 
     #[test]
     fn nodeport_addresses() {

@@ -27,7 +27,7 @@ use serde_json::{json, Value};
 
 use super::ObjKey;
 use crate::model::NodeInfo;
-use crate::pipeline::config::{NodePortAddresses, ProxyConfig};
+use crate::pipeline::config::{DetectLocal, NodePortAddresses, ProxyConfig};
 
 /// This node's name.
 pub const NODE: &str = "node-a";
@@ -667,6 +667,8 @@ pub struct NodeSpec {
     pub v6_first: bool,
     /// Tainted for removal by the cluster autoscaler (the ruleset stays as it is).
     pub draining: bool,
+    /// spec.podCIDRs: 0 none, 1 IPv4 (10.0.(1+i).0/24), 2 both families, 3 legacy podCIDR only.
+    pub pod_cidrs: (u8, u8),
 }
 
 impl Default for NodeSpec {
@@ -677,6 +679,7 @@ impl Default for NodeSpec {
             v6: Some(0),
             v6_first: false,
             draining: false,
+            pod_cidrs: (0, 0),
         }
     }
 }
@@ -688,13 +691,15 @@ pub fn node_spec() -> impl Strategy<Value = NodeSpec> {
         prop::option::weighted(0.8, 0u8..2),
         any::<bool>(),
         prop::bool::weighted(0.1),
+        (0u8..4, 0u8..2),
     )
-        .prop_map(|(zone, v4, v6, v6_first, draining)| NodeSpec {
+        .prop_map(|(zone, v4, v6, v6_first, draining, pod_cidrs)| NodeSpec {
             zone,
             v4,
             v6,
             v6_first,
             draining,
+            pod_cidrs,
         })
 }
 
@@ -719,10 +724,19 @@ impl NodeSpec {
         if let Some(z) = self.zone {
             meta["labels"] = json!({crate::model::ZONE_LABEL: ZONES[usize::from(z)]});
         }
-        let mut node = json!({"metadata": meta, "status": {"addresses": addresses}});
+        let mut node = json!({"metadata": meta, "status": {"addresses": addresses}, "spec": {}});
         if self.draining {
-            node["spec"] = json!({"taints": [{"key": crate::model::AUTOSCALER_TAINT,
-                "effect": "NoSchedule"}]});
+            node["spec"]["taints"] = json!([{"key": crate::model::AUTOSCALER_TAINT,
+                "effect": "NoSchedule"}]);
+        }
+        let (kind, i) = self.pod_cidrs;
+        let v4 = format!("10.0.{}.0/24", 1 + i);
+        let v6 = format!("fd00:10::{:x}:0/112", 1 + i);
+        match kind {
+            1 => node["spec"]["podCIDRs"] = json!([v4]),
+            2 => node["spec"]["podCIDRs"] = json!([v4, v6]),
+            3 => node["spec"]["podCIDR"] = json!(v4),
+            _ => {}
         }
         let node: k8s_openapi::api::core::v1::Node =
             serde_json::from_value(node).expect("generated Node");
@@ -761,13 +775,19 @@ pub struct Flags {
     pub masquerade_all: bool,
     /// 0: `primary`, 1: the node subnets, 2: everything.
     pub nodeport_addresses: u8,
+    /// 0: ClusterCIDR, 1: NodeCIDR (the Node's podCIDRs, changing with it), 2: auto with no
+    /// cluster CIDR (NodeCIDR).
+    pub detect_local: u8,
 }
 
 pub fn flags() -> impl Strategy<Value = Flags> {
-    (any::<bool>(), 0u8..3).prop_map(|(masquerade_all, nodeport_addresses)| Flags {
-        masquerade_all,
-        nodeport_addresses,
-    })
+    (any::<bool>(), 0u8..3, 0u8..3).prop_map(
+        |(masquerade_all, nodeport_addresses, detect_local)| Flags {
+            masquerade_all,
+            nodeport_addresses,
+            detect_local,
+        },
+    )
 }
 
 impl Flags {
@@ -777,15 +797,21 @@ impl Flags {
             1 => vec!["192.168.0.0/24".into(), "fd00:192::/64".into()],
             _ => vec!["0.0.0.0/0".into(), "::/0".into()],
         };
+        let (detect_local, cluster_cidrs) = match self.detect_local {
+            0 => (DetectLocal::ClusterCidr, vec!["10.0.0.0/8", "fd00:10::/64"]),
+            1 => (DetectLocal::NodeCidr, vec!["10.0.0.0/8"]),
+            _ => (DetectLocal::Auto, vec![]),
+        };
         ProxyConfig {
             node_name: NODE.into(),
-            cluster_cidrs: vec![
-                "10.0.0.0/8".parse().expect("cidr"),
-                "fd00:10::/64".parse().expect("cidr"),
-            ],
+            cluster_cidrs: cluster_cidrs
+                .into_iter()
+                .map(|c| c.parse().expect("cidr"))
+                .collect(),
             masquerade_all: self.masquerade_all,
             masquerade_bit: 14,
             nodeport: NodePortAddresses::parse(&np).expect("nodeport addresses"),
+            detect_local,
         }
     }
 }

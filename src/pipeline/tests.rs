@@ -201,6 +201,7 @@ fn cfg() -> CompileConfig {
     Flags {
         masquerade_all: false,
         nodeport_addresses: 0,
+        detect_local: 0,
     }
     .proxy_config()
     .compile_config(&node())
@@ -788,6 +789,7 @@ fn the_generator_reaches_the_shapes_that_matter() {
     let pc = Flags {
         masquerade_all: false,
         nodeport_addresses: 0,
+        detect_local: 0,
     }
     .proxy_config();
     let mut seen = BTreeMap::new();

@@ -110,6 +110,8 @@ pub struct Desired {
     /// When the changes this state includes were made (EndpointSlice trigger times), for the
     /// programming latency.
     pub triggers: Vec<SystemTime>,
+    /// How many Service and EndpointSlice changes this state takes in.
+    pub changes: Changes,
 }
 
 impl Desired {
@@ -119,8 +121,16 @@ impl Desired {
             state,
             node: NodeFacts::default(),
             triggers: Vec::new(),
+            changes: Changes::default(),
         }
     }
+}
+
+/// Counts of object changes (kube-proxy's `*_changes_total` and `*_changes_pending`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Changes {
+    pub services: usize,
+    pub slices: usize,
 }
 
 /// Facts about this node that travel with a desired state to the observers.
@@ -169,6 +179,8 @@ pub struct SyncError {
     pub kind: SyncKind,
     #[source]
     pub source: ApplyError,
+    /// The changes still waiting to reach the kernel.
+    pub pending: Changes,
 }
 
 impl SyncKind {
@@ -200,6 +212,8 @@ pub struct Report {
     /// Trigger times of every change this commit made visible (also of changes whose first
     /// sync failed).
     pub triggers: Vec<SystemTime>,
+    /// The object changes this commit made visible (also those of failed syncs before it).
+    pub changes: Changes,
     /// Affinity entries deleted after the commit because their endpoint is gone.
     pub affinity_deleted: usize,
 }
@@ -212,6 +226,8 @@ pub trait Observer: Send {
     fn drifted(&mut self, _findings: &[drift::Finding]) {}
     /// The affinity cleanup after a commit failed (already logged); it is retried.
     fn cleanup_failed(&mut self, _error: &str) {}
+    /// A change was accepted; a sync will follow.
+    fn queued(&mut self) {}
     /// The drop/reject counters of one set, read every `counter_period`.
     fn counters(&mut self, _read: &[Counters], _state: &Arc<ProxyState>) {}
 }
@@ -258,6 +274,8 @@ pub struct Syncer<A: Applier + 'static> {
     affinity_due: bool,
     /// Trigger times of changes not yet committed.
     triggers: Vec<SystemTime>,
+    /// Object changes not yet committed.
+    changes: Changes,
     /// When the last commit succeeded (wall clock, as trigger times are): an older trigger time
     /// was programmed already (its slice changed again in a way that did not move it).
     last_commit_wall: Option<SystemTime>,
@@ -281,6 +299,7 @@ impl<A: Applier + 'static> Syncer<A> {
             last_full_verify: None,
             affinity_due: false,
             triggers: Vec::new(),
+            changes: Changes::default(),
             last_commit_wall: None,
         }
     }
@@ -624,6 +643,8 @@ impl<A: Applier + 'static> Syncer<A> {
                 .filter(|t| last.is_none_or(|c| **t >= c))
                 .copied(),
         );
+        self.changes.services += desired.changes.services;
+        self.changes.slices += desired.changes.slices;
         let now = Instant::now();
         let due: BTreeSet<(Family, String)> = self
             .stale
@@ -669,6 +690,7 @@ impl<A: Applier + 'static> Syncer<A> {
             ruleset_rules: rules,
             node: desired.node,
             triggers: std::mem::take(&mut self.triggers),
+            changes: std::mem::take(&mut self.changes),
             affinity_deleted,
         };
         {
@@ -764,7 +786,11 @@ impl<A: Applier + 'static> Syncer<A> {
                     "the next sync rebuilds everything"
                 };
                 tracing::error!(kind = kind.as_str(), ops, error = %e, retryable = e.is_retryable(), "sync failed; {next}");
-                let err = SyncError { kind, source: e };
+                let err = SyncError {
+                    kind,
+                    source: e,
+                    pending: self.changes,
+                };
                 observer.failed(&err);
                 Err(err)
             }
@@ -839,6 +865,7 @@ impl<A: Applier + 'static> Syncer<A> {
             tokio::select! {
                 msg = changes.recv() => {
                     let Some(()) = msg else { return };
+                    observer.queued();
                     let mut st = lock(&self.status);
                     if st.pending_since.is_none() {
                         st.pending_since = Some(Instant::now());

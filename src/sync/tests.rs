@@ -2,7 +2,7 @@ use super::*;
 use crate::apply::fake::FakeApplier;
 use crate::k8s::objects::Objects;
 use crate::nft::tx::Op;
-use crate::pipeline::config::{NodePortAddresses, ProxyConfig};
+use crate::pipeline::config::{DetectLocal, NodePortAddresses, ProxyConfig};
 
 fn objects() -> Objects {
     crate::testutil::cluster_objects()
@@ -19,6 +19,7 @@ fn desired_of(objs: &Objects) -> Desired {
             primary: true,
             cidrs: vec![],
         },
+        detect_local: DetectLocal::ClusterCidr,
     };
     let (ruleset, _) = crate::pipeline::from_objects(objs, &cfg, &node)
         .map(|o| (o.ruleset, o.problems))
@@ -452,6 +453,7 @@ async fn affinity_entries_of_gone_endpoints_are_cleaned_and_retried() {
                     primary: true,
                     cidrs: vec![],
                 },
+                detect_local: DetectLocal::ClusterCidr,
             },
             &node,
         )

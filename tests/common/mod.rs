@@ -7,7 +7,7 @@ use std::process::Command;
 use nftproxy::k8s::objects::Objects;
 use nftproxy::nft::ir::Ruleset;
 use nftproxy::pipeline;
-use nftproxy::pipeline::config::{NodePortAddresses, ProxyConfig};
+use nftproxy::pipeline::config::{DetectLocal, NodePortAddresses, ProxyConfig};
 
 pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -27,6 +27,7 @@ pub fn proxy_config(node: &str) -> ProxyConfig {
             primary: true,
             cidrs: vec![],
         },
+        detect_local: DetectLocal::ClusterCidr,
     }
 }
 

@@ -10,7 +10,7 @@ use crate::observe::agent::ProblemLog;
 use crate::observe::metrics::Metrics;
 use crate::pipeline::config::ProxyConfig;
 use crate::pipeline::Engine;
-use crate::sync::{Desired, NodeFacts};
+use crate::sync::{Changes, Desired, NodeFacts};
 
 /// The sync loop's source of desired states: takes what the watches delivered from the inbox,
 /// runs the incremental pipeline on it and reports the problems it found.
@@ -94,6 +94,10 @@ impl DesiredSource {
                     state: out.state,
                     node: facts,
                     triggers,
+                    changes: Changes {
+                        services: changed_services,
+                        slices: changed_slices,
+                    },
                 })
             }
             Err(e) => {

@@ -141,9 +141,14 @@ async fn run_until_stopped(args: RunArgs) -> Result<(), AgentError> {
             Box::new(DisabledConntrack)
         }
     };
-    let (client, api) = client(args.kubeconfig.as_deref(), args.master.as_deref()).await?;
-    let events = Events::start(client.clone(), &cfg.node_name);
     let metrics = Arc::new(Metrics::new());
+    let (client, api) = client(
+        args.kubeconfig.as_deref(),
+        args.master.as_deref(),
+        Some(metrics.clone()),
+    )
+    .await?;
+    let events = Events::start(client.clone(), &cfg.node_name);
     let status: SharedStatus = Arc::default();
     // Until the first sync, the start itself is the pending change (liveness covers a stuck start).
     lock(&status).pending_since = Some(tokio::time::Instant::now());
@@ -152,6 +157,7 @@ async fn run_until_stopped(args: RunArgs) -> Result<(), AgentError> {
         status: status.clone(),
         sync_period: args.sync_period,
         node_eligible: node_eligible.clone(),
+        metrics: Some(metrics.clone()),
     };
     crate::observe::health::agent::serve(args.healthz_bind_address, health.clone())
         .await
@@ -159,12 +165,16 @@ async fn run_until_stopped(args: RunArgs) -> Result<(), AgentError> {
             addr: args.healthz_bind_address,
             error,
         })?;
-    metrics::serve(args.metrics_bind_address, metrics.clone())
-        .await
-        .map_err(|error| AgentError::Listen {
-            addr: args.metrics_bind_address,
-            error,
-        })?;
+    metrics::serve(
+        args.metrics_bind_address,
+        metrics.clone(),
+        args.configz(&cfg),
+    )
+    .await
+    .map_err(|error| AgentError::Listen {
+        addr: args.metrics_bind_address,
+        error,
+    })?;
 
     let (changes_tx, changes_rx) = mpsc::channel(1);
     let lists_done = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -179,6 +189,7 @@ async fn run_until_stopped(args: RunArgs) -> Result<(), AgentError> {
             done.store(true, std::sync::atomic::Ordering::SeqCst);
         });
     }
+    events.started(&cfg.node_name);
     if !stores.wait_ready(args.initial_sync_timeout).await {
         tracing::warn!(timeout = ?args.initial_sync_timeout, "initial lists incomplete; serving health and waiting for them (existing rules stay)");
     }

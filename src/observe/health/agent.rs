@@ -99,6 +99,8 @@ pub struct AgentHealth {
     pub status: SharedStatus,
     pub sync_period: Duration,
     pub node_eligible: Arc<Mutex<bool>>,
+    /// Counts the answers (kube-proxy's `kubeproxy_proxy_healthz_total`, `..._livez_total`).
+    pub metrics: Option<Arc<crate::observe::metrics::Metrics>>,
 }
 
 impl AgentHealth {
@@ -143,6 +145,9 @@ pub fn router(h: AgentHealth) -> Router {
                 let h = h.clone();
                 async move {
                     let (c, b) = healthz(&h.inputs());
+                    if let Some(m) = &h.metrics {
+                        m.health_answered(false, c.as_u16());
+                    }
                     json(c, b)
                 }
             }),
@@ -153,6 +158,9 @@ pub fn router(h: AgentHealth) -> Router {
                 let h = h2.clone();
                 async move {
                     let (c, b) = livez(&h.inputs());
+                    if let Some(m) = &h.metrics {
+                        m.health_answered(true, c.as_u16());
+                    }
                     json(c, b)
                 }
             }),

@@ -1,7 +1,11 @@
-//! Prometheus metrics (`--metrics-bind-address`, `/metrics`).
+//! Prometheus metrics (`--metrics-bind-address`): `/metrics` with nftproxy's own metrics
+//! (`nftproxy_*`), kube-proxy's (`kubeproxy_*`, `rest_client_*`, see [`kubeproxy`]) and the
+//! process metrics; `/proxyMode` and `/configz` as kube-proxy serves them.
+
+pub mod kubeproxy;
+pub mod process;
 
 use crate::lock::lock;
-use crate::nft::names;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
@@ -61,8 +65,16 @@ pub struct Metrics {
     pub affinity_cleanup_failures: Counter,
     /// Times the kernel was found to differ from what was applied (each then repaired).
     pub ruleset_drift: Counter,
+    /// kube-proxy's metrics under its names.
+    pub kp: kubeproxy::KubeProxyMetrics,
+    process: process::ProcessMetrics,
     /// Last counter value seen per (set, element): nft counters restart when an element is re-added.
     seen: Mutex<BTreeMap<(IpFamily, String, Element), u64>>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BuildLabel {
+    pub version: String,
 }
 
 fn latency_buckets() -> Vec<f64> {
@@ -79,9 +91,14 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("nftproxy");
+        let mut root = Registry::default();
+        let kp = kubeproxy::KubeProxyMetrics::register(&mut root);
+        let process = process::ProcessMetrics::register(&mut root);
+        let registry = root.sub_registry_with_prefix("nftproxy");
         let m = Metrics {
             registry: Registry::default(),
+            kp,
+            process,
             sync_duration: Family::new_with_constructor(|| Histogram::new(latency_buckets())),
             sync_failures: Family::default(),
             last_success: Gauge::default(),
@@ -125,7 +142,7 @@ impl Metrics {
             m.ruleset_drift.clone(),
         );
         registry.register(
-            names::SERVICES,
+            "services",
             "Service ports programmed (all families)",
             m.services.clone(),
         );
@@ -174,7 +191,42 @@ impl Metrics {
             "Failed deletions of ClientIP affinity entries pointing at gone endpoints (retried)",
             m.affinity_cleanup_failures.clone(),
         );
-        Metrics { registry, ..m }
+        // nftproxy's version, not Kubernetes' (kubernetes_build_info would trip the
+        // kubernetes-mixin's KubeVersionMismatch alert).
+        let build: Family<BuildLabel, Gauge> = Family::default();
+        build
+            .get_or_create(&BuildLabel {
+                version: env!("CARGO_PKG_VERSION").into(),
+            })
+            .set(1);
+        registry.register("build_info", "nftproxy's version; the value is 1", build);
+        for kind in ["full", "partial"] {
+            let _ = m
+                .sync_failures
+                .get_or_create(&KindLabel { kind: kind.into() });
+        }
+        Metrics {
+            registry: root,
+            ..m
+        }
+    }
+
+    /// A change was accepted for the next sync.
+    pub fn queued(&self) {
+        self.kp.last_queued_timestamp.set(unix_now());
+    }
+
+    /// The agent health server answered `/healthz` (`livez == false`) or `/livez`.
+    pub fn health_answered(&self, livez: bool, code: u16) {
+        let fam = if livez {
+            &self.kp.livez
+        } else {
+            &self.kp.healthz
+        };
+        fam.get_or_create(&kubeproxy::CodeLabel {
+            code: code.to_string(),
+        })
+        .inc();
     }
 
     pub fn record_sync(&self, r: &Report) {
@@ -183,20 +235,52 @@ impl Metrics {
                 kind: r.kind.as_str().into(),
             })
             .observe(r.duration.as_secs_f64());
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs_f64())
-            .unwrap_or(0.0);
+        let now = unix_now();
         self.last_success.set(now);
+        let secs = r.duration.as_secs_f64();
+        self.kp.sync_duration.observe(secs);
+        match r.kind {
+            SyncKind::Full => self.kp.sync_full_duration.observe(secs),
+            SyncKind::Partial => self.kp.sync_partial_duration.observe(secs),
+        }
+        self.kp.last_timestamp.set(now);
+        self.kp
+            .service_changes_total
+            .inc_by(r.changes.services as u64);
+        self.kp
+            .endpoint_changes_total
+            .inc_by(r.changes.slices as u64);
+        self.kp.service_changes_pending.set(0);
+        self.kp.endpoint_changes_pending.set(0);
         let (mut svc, mut eps, mut without_local) = (0i64, 0i64, 0i64);
-        for fs in r.state.families.values() {
+        // kube-proxy counts Services (per family), not ports, with a Local policy and no local
+        // endpoint (proxier.go, after each successful sync).
+        let mut no_local: [std::collections::BTreeSet<(IpFamily, &crate::model::ServiceName)>; 2] =
+            Default::default();
+        for (f, fs) in &r.state.families {
             for ps in fs.ports.values() {
                 svc += 1;
                 eps += (ps.chosen.cluster.len() + ps.chosen.local.len()) as i64;
                 if ps.sp.external_local && ps.chosen.local_ready == 0 {
                     without_local += 1;
                 }
+                if ps.chosen.local.is_empty() {
+                    if ps.sp.internal_local {
+                        no_local[0].insert((*f, &ps.sp.key.service));
+                    }
+                    if ps.sp.external_local {
+                        no_local[1].insert((*f, &ps.sp.key.service));
+                    }
+                }
             }
+        }
+        for (policy, set) in ["internal", "external"].into_iter().zip(&no_local) {
+            self.kp
+                .no_local_endpoints
+                .get_or_create(&kubeproxy::TrafficPolicyLabel {
+                    traffic_policy: policy.into(),
+                })
+                .set(set.len() as i64);
         }
         self.services.set(svc);
         self.endpoints.set(eps);
@@ -212,12 +296,26 @@ impl Metrics {
         }
     }
 
-    pub fn record_failure(&self, kind: SyncKind) {
+    pub fn record_failure(&self, e: &crate::sync::SyncError) {
         self.sync_failures
             .get_or_create(&KindLabel {
-                kind: kind.as_str().into(),
+                kind: e.kind.as_str().into(),
             })
             .inc();
+        self.kp.sync_failures.inc();
+        self.kp
+            .service_changes_pending
+            .set(e.pending.services as i64);
+        self.kp
+            .endpoint_changes_pending
+            .set(e.pending.slices as i64);
+    }
+
+    /// A trigger time of a change this commit made visible.
+    pub fn programmed(&self, latency: std::time::Duration) {
+        let s = latency.as_secs_f64();
+        self.programming_latency.observe(s);
+        self.kp.network_programming.observe(s);
     }
 
     /// Fold element counters of a no-endpoint set into the per-service counters.
@@ -255,12 +353,40 @@ impl Metrics {
     }
 
     pub fn encode(&self) -> String {
+        self.process.update();
         let mut out = String::new();
         if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
             out.clear();
         }
         out
     }
+}
+
+impl crate::k8s::client::RequestSink for Metrics {
+    fn request(&self, method: &str, host: &str, code: &str, latency: std::time::Duration) {
+        self.kp
+            .requests
+            .get_or_create(&kubeproxy::RequestLabel {
+                code: code.into(),
+                host: host.into(),
+                method: method.into(),
+            })
+            .inc();
+        self.kp
+            .request_duration
+            .get_or_create(&kubeproxy::LatencyLabel {
+                verb: method.into(),
+                host: host.into(),
+            })
+            .observe(latency.as_secs_f64());
+    }
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
 }
 
 /// Entry key (as in the no-endpoint sets) -> owning service, per family.
@@ -291,27 +417,64 @@ pub fn entry_owners(state: &ProxyState) -> Owners {
     out
 }
 
-/// Serve `/metrics`.
+/// The metrics port's routes: `/metrics`, and kube-proxy's `/proxyMode` (the bare mode, no
+/// newline) and `/configz` (`{"kubeproxy.config.k8s.io": <the effective configuration>}`),
+/// as in kubernetes `cmd/kube-proxy/app/server.go` (`serveMetrics`).
+pub fn router(m: Arc<Metrics>, configz: serde_json::Value) -> axum::Router {
+    let configz = Arc::new(configz.to_string());
+    axum::Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let m = m.clone();
+                async move {
+                    (
+                        [(
+                            header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        m.encode(),
+                    )
+                }
+            }),
+        )
+        .route(
+            "/proxyMode",
+            get(|| async {
+                (
+                    [
+                        (header::CONTENT_TYPE, "text/plain; charset=utf-8"),
+                        (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+                    ],
+                    "nftables",
+                )
+            }),
+        )
+        .route(
+            "/configz",
+            get(move || {
+                let body = configz.clone();
+                async move {
+                    (
+                        [
+                            (header::CONTENT_TYPE, "application/json"),
+                            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+                        ],
+                        body.to_string(),
+                    )
+                }
+            }),
+        )
+}
+
+/// Serve the metrics port.
 pub async fn serve(
     addr: SocketAddr,
     m: Arc<Metrics>,
+    configz: serde_json::Value,
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
-    let app = axum::Router::new().route(
-        "/metrics",
-        get(move || {
-            let m = m.clone();
-            async move {
-                (
-                    [(
-                        header::CONTENT_TYPE,
-                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    )],
-                    m.encode(),
-                )
-            }
-        }),
-    );
+    let app = router(m, configz);
     Ok(tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!(error = %e, "metrics server stopped");

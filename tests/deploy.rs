@@ -143,13 +143,149 @@ fn daemonset_runs_on_every_node_with_host_network_and_probes() {
         .as_ref()
         .and_then(|r| r.requests.as_ref())
         .is_some_and(|r| r.contains_key("cpu") && r.contains_key("memory")));
+    // kube-proxy's command line, as kubeadm's DaemonSet has it: the config file and the node.
     let args = c.args.clone().unwrap_or_default();
-    assert_eq!(args.first().map(String::as_str), Some("run"));
-    // The agent's own flag parser accepts the manifest's arguments.
+    assert_eq!(
+        args,
+        vec![
+            "--config=/var/lib/nftproxy/config.conf",
+            "--hostname-override=$(NODE_NAME)"
+        ]
+    );
+    // The agent's own flag parser accepts the manifest's arguments (no subcommand means run).
     use clap::Parser;
-    let mut argv = vec!["nftproxy".to_string()];
-    argv.extend(args);
-    nftproxy::cmd::args::Cli::try_parse_from(argv).expect("daemonset args parse");
+    let mut argv = vec![std::ffi::OsString::from("nftproxy")];
+    argv.extend(args.iter().map(Into::into));
+    let argv = nftproxy::cmd::args::with_default_command(argv);
+    match nftproxy::cmd::args::Cli::try_parse_from(argv)
+        .expect("daemonset args parse")
+        .command
+    {
+        nftproxy::cmd::args::Command::Run(_) => {}
+        other => panic!("not run: {other:?}"),
+    }
+    // The file comes from the ConfigMap in configmap.yaml, mounted where --config points.
+    let mount = c
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| m.name == "config")
+        .expect("config mount");
+    assert_eq!(mount.mount_path, "/var/lib/nftproxy");
+    let vol = pod
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == "config")
+        .and_then(|v| v.config_map.as_ref())
+        .expect("config volume from a ConfigMap");
+    assert_eq!(vol.name, "nftproxy-config");
+    assert_eq!(
+        pod.node_selector
+            .as_ref()
+            .and_then(|n| n.get("kubernetes.io/os"))
+            .map(String::as_str),
+        Some("linux")
+    );
+}
+
+/// The shipped KubeProxyConfiguration is read exactly as the agent reads it: valid, every field
+/// used (nothing reported as not applying), no hard-coded pod CIDR (NodeCIDR detection).
+#[test]
+fn the_configmap_is_a_kube_proxy_configuration_the_agent_takes_whole() {
+    let cm: k8s_openapi::api::core::v1::ConfigMap = typed(&docs("configmap.yaml")[0]);
+    assert_eq!(cm.metadata.name.as_deref(), Some("nftproxy-config"));
+    let text = cm
+        .data
+        .as_ref()
+        .and_then(|d| d.get("config.conf"))
+        .expect("config.conf");
+    let conf = nftproxy::cmd::kpconfig::KubeProxyConfiguration::parse(text, "config.conf")
+        .expect("parses");
+    let f = conf.settings("config.conf").expect("valid");
+    assert!(f.ignored.is_empty(), "{:?}", f.ignored);
+    assert!(f.cluster_cidrs.is_none(), "no hard-coded pod CIDR");
+    assert_eq!(
+        f.detect_local,
+        Some(nftproxy::pipeline::config::DetectLocal::NodeCidr)
+    );
+}
+
+/// Every metric the alerts and the dashboard query is one the agent exports.
+#[test]
+fn monitoring_queries_name_only_exported_metrics() {
+    use nftproxy::k8s::client::RequestSink;
+    use nftproxy::observe::metrics::{Metrics, ServiceLabel};
+    // Series with free labels (per Service, per API request) appear once they have a value.
+    let m = Metrics::new();
+    m.request(
+        "GET",
+        "api:6443",
+        "200",
+        std::time::Duration::from_millis(3),
+    );
+    let svc = ServiceLabel {
+        namespace: "ns".into(),
+        service: "s".into(),
+    };
+    m.no_local_endpoint_drops.get_or_create(&svc).inc();
+    m.no_endpoint_rejects.get_or_create(&svc).inc();
+    let exported = m.encode();
+    let families: std::collections::BTreeSet<&str> = exported
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    let known = |name: &str| {
+        ["", "_total", "_bucket", "_count", "_sum"]
+            .iter()
+            .any(|suffix| {
+                name.strip_suffix(suffix)
+                    .is_some_and(|base| families.contains(base))
+            })
+    };
+    let dir = common::root().join("deploy/monitoring");
+    let mut queries = Vec::new();
+    let rule = &docs("monitoring/prometheusrule.yaml")[0];
+    for g in rule["spec"]["groups"].as_array().expect("groups") {
+        for r in g["rules"].as_array().expect("rules") {
+            queries.push(r["expr"].as_str().expect("expr").to_string());
+        }
+    }
+    let dash: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("nftproxy-dashboard.json")).expect("dashboard"),
+    )
+    .expect("dashboard JSON");
+    for p in dash["panels"].as_array().expect("panels") {
+        for t in p["targets"].as_array().expect("targets") {
+            queries.push(t["expr"].as_str().expect("expr").to_string());
+        }
+    }
+    queries.push(
+        dash["templating"]["list"][1]["query"]
+            .as_str()
+            .expect("instance query")
+            .to_string(),
+    );
+    let mut unknown = Vec::new();
+    for q in &queries {
+        for word in q.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+            let ours = ["kubeproxy_", "nftproxy_", "rest_client_", "process_"]
+                .iter()
+                .any(|p| word.starts_with(p));
+            if ours && !known(word) {
+                unknown.push(format!("{word} (in {q})"));
+            }
+        }
+    }
+    assert!(unknown.is_empty(), "not exported: {unknown:#?}");
+    assert!(queries.len() >= 15, "{}", queries.len());
+    let pm = &docs("monitoring/podmonitor.yaml")[0];
+    assert_eq!(pm["kind"], "PodMonitor");
+    assert_eq!(
+        pm["spec"]["podMetricsEndpoints"][0]["relabelings"][0]["replacement"],
+        "kube-proxy"
+    );
 }
 
 #[test]
@@ -166,5 +302,9 @@ fn kind_config_disables_kube_proxy_and_kustomization_lists_everything() {
     for r in &res {
         assert!(common::root().join("deploy").join(r).exists(), "{r}");
     }
-    assert!(res.contains(&"rbac.yaml") && res.contains(&"daemonset.yaml"));
+    assert!(
+        res.contains(&"rbac.yaml")
+            && res.contains(&"configmap.yaml")
+            && res.contains(&"daemonset.yaml")
+    );
 }

@@ -423,6 +423,9 @@ class Node:
             f"--service-account-private-key-file={pki}/sa.key", f"--root-ca-file={pki}/ca.crt",
             "--use-service-account-credentials=true", "--leader-elect=false",
             "--bind-address=127.0.0.1", f"--service-cluster-ip-range={SERVICE_CIDR}",
+            # Node pod CIDRs, as kubeadm's controller-manager allocates them: the agent's
+            # detect-local mode NodeCIDR (the shipped ConfigMap) reads spec.podCIDRs.
+            "--allocate-node-cidrs=true", "--cluster-cidr=10.244.0.0/16", "--node-cidr-mask-size=24",
             f"--cert-dir={w}/cm-certs", "-v=1"])
         self.start("kube-scheduler", [
             f"{k}/kube-scheduler", f"--kubeconfig={w}/scheduler.kubeconfig",

@@ -112,6 +112,9 @@ def test_started_like_kube_proxy_by_kubeadm(cluster, k8s, kubeadm_agent, timings
     log = agent.current_log()
     # The file's values are in force: the sync periods (1m30s, 1s) and the ignored sections.
     assert "configuration file: not used" in log and "iptables" in log, log[-3000:]
+    # kubeadm's file asks for kube-proxy's conntrack defaults; a network namespace cannot change
+    # the node's table size: a clear error line (and a Node event), and the agent runs on.
+    assert "conntrack sysctls not set" in log and "nf_conntrack_max" in log, log[-3000:]
     ports = [svc_port("tcp", 80, "TCP")]
     k8s.apply(service("kp1", ports, cluster_ip="172.30.43.1"),
               endpoint_slice("kp1", [endpoint("b1")], ports))

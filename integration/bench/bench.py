@@ -708,6 +708,7 @@ class Node:
     def agent_argv(self) -> list[str]:
         return [self.bin, "run", "--kubeconfig", os.path.join(self.dir, "kubeconfig"),
                 "--hostname-override", NODE, "--cluster-cidr", CLUSTER_CIDR,
+                "--conntrack-max-per-core", "0",
                 "--healthz-bind-address", "127.0.0.1:10256",
                 "--metrics-bind-address", "127.0.0.1:10249", "-v", "1",
                 # The drift step waits for one periodic check (an idle tick is one netlink

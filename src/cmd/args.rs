@@ -21,6 +21,8 @@ pub struct Cli {
     pub command: Command,
 }
 
+// Parsed once at start; boxing the big variant would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the node agent: watch the API, program nftables, serve health ports and metrics.
@@ -122,6 +124,28 @@ pub struct RunArgs {
     /// kube-proxy's `--cleanup`: delete the tables and exit (as `nftproxy cleanup`).
     #[arg(long)]
     pub cleanup: bool,
+    /// Conntrack table entries per CPU (nf_conntrack_max = this x CPUs, at least
+    /// --conntrack-min; only ever raised). 0 leaves the table size alone.
+    #[arg(long, default_value_t = 32768)]
+    pub conntrack_max_per_core: u64,
+    /// The smallest conntrack table to ask for (with --conntrack-max-per-core > 0).
+    #[arg(long, default_value_t = 131072)]
+    pub conntrack_min: u64,
+    /// nf_conntrack_tcp_timeout_established; 0 leaves it alone.
+    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    pub conntrack_tcp_timeout_established: Duration,
+    /// nf_conntrack_tcp_timeout_close_wait; 0 leaves it alone.
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    pub conntrack_tcp_timeout_close_wait: Duration,
+    /// Set nf_conntrack_tcp_be_liberal (out-of-window TCP packets are not marked INVALID).
+    #[arg(long)]
+    pub conntrack_tcp_be_liberal: bool,
+    /// nf_conntrack_udp_timeout; 0 leaves it alone.
+    #[arg(long, default_value = "0s", value_parser = parse_duration)]
+    pub conntrack_udp_timeout: Duration,
+    /// nf_conntrack_udp_timeout_stream; 0 leaves it alone.
+    #[arg(long, default_value = "0s", value_parser = parse_duration)]
+    pub conntrack_udp_timeout_stream: Duration,
 }
 
 /// A duration as Go prints `metav1.Duration` values in simple cases (`30s`, `50ms`, `1m0s`).
@@ -139,6 +163,19 @@ fn go_duration(d: Duration) -> String {
 }
 
 impl RunArgs {
+    /// The conntrack sysctls to set at start.
+    pub fn conntrack(&self) -> crate::conntrack::sysctl::ConntrackSettings {
+        crate::conntrack::sysctl::ConntrackSettings {
+            max_per_core: self.conntrack_max_per_core,
+            min: self.conntrack_min,
+            tcp_established: self.conntrack_tcp_timeout_established,
+            tcp_close_wait: self.conntrack_tcp_timeout_close_wait,
+            tcp_be_liberal: self.conntrack_tcp_be_liberal,
+            udp: self.conntrack_udp_timeout,
+            udp_stream: self.conntrack_udp_timeout_stream,
+        }
+    }
+
     /// The effective configuration as kube-proxy's `/configz` shows it: a
     /// `KubeProxyConfiguration` (v1alpha1 field names) under `kubeproxy.config.k8s.io`.
     pub fn configz(&self, cfg: &ProxyConfig) -> serde_json::Value {
@@ -205,6 +242,31 @@ impl RunArgs {
         }
         if let (Some(d), true) = (f.detect_local, unset("detect_local_mode")) {
             self.proxy.detect_local_mode = d;
+        }
+        let c = &f.conntrack;
+        if let (Some(v), true) = (c.max_per_core, unset("conntrack_max_per_core")) {
+            self.conntrack_max_per_core = v;
+        }
+        if let (Some(v), true) = (c.min, unset("conntrack_min")) {
+            self.conntrack_min = v;
+        }
+        if let (Some(v), true) = (
+            c.tcp_established,
+            unset("conntrack_tcp_timeout_established"),
+        ) {
+            self.conntrack_tcp_timeout_established = v;
+        }
+        if let (Some(v), true) = (c.tcp_close_wait, unset("conntrack_tcp_timeout_close_wait")) {
+            self.conntrack_tcp_timeout_close_wait = v;
+        }
+        if let (Some(v), true) = (c.tcp_be_liberal, unset("conntrack_tcp_be_liberal")) {
+            self.conntrack_tcp_be_liberal = v;
+        }
+        if let (Some(v), true) = (c.udp, unset("conntrack_udp_timeout")) {
+            self.conntrack_udp_timeout = v;
+        }
+        if let (Some(v), true) = (c.udp_stream, unset("conntrack_udp_timeout_stream")) {
+            self.conntrack_udp_timeout_stream = v;
         }
         if let (Some(a), true) = (f.healthz_bind_address, unset("healthz_bind_address")) {
             self.healthz_bind_address = a;

@@ -141,8 +141,22 @@ pub struct FromFile {
     pub log_json: Option<bool>,
     pub verbosity: Option<u8>,
     pub detect_local: Option<crate::pipeline::config::DetectLocal>,
+    /// `conntrack.*`: set fields (null: kube-proxy's default).
+    pub conntrack: ConntrackFromFile,
     /// Fields set in the file that nftproxy does not use, with why (reported once at start).
     pub ignored: Vec<String>,
+}
+
+/// The `conntrack` section's set fields.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConntrackFromFile {
+    pub max_per_core: Option<u64>,
+    pub min: Option<u64>,
+    pub tcp_established: Option<Duration>,
+    pub tcp_close_wait: Option<Duration>,
+    pub tcp_be_liberal: Option<bool>,
+    pub udp: Option<Duration>,
+    pub udp_stream: Option<Duration>,
 }
 
 /// An `IP:PORT` or a bare IP (kube-proxy accepts both; the port then defaults).
@@ -310,18 +324,20 @@ impl KubeProxyConfiguration {
             });
         }
         if let Some(c) = &self.conntrack {
-            if c.max_per_core.is_some_and(|v| v != 0)
-                || c.min.is_some_and(|v| v != 0)
-                || c.tcp_established_timeout.is_some_and(|d| !d.0.is_zero())
-                || c.tcp_close_wait_timeout.is_some_and(|d| !d.0.is_zero())
-                || c.tcp_be_liberal == Some(true)
-                || c.udp_timeout.is_some_and(|d| !d.0.is_zero())
-                || c.udp_stream_timeout.is_some_and(|d| !d.0.is_zero())
-            {
-                out.ignored.push(
-                    "conntrack.*: nftproxy does not set conntrack sysctls yet; set them on the node".into(),
-                );
-            }
+            let count =
+                |name: &'static str, v: Option<i64>| -> Result<Option<u64>, KpConfigError> {
+                    v.map(|v| u64::try_from(v).map_err(|_| field(name, format!("{v} is negative"))))
+                        .transpose()
+                };
+            out.conntrack = ConntrackFromFile {
+                max_per_core: count("conntrack.maxPerCore", c.max_per_core)?,
+                min: count("conntrack.min", c.min)?,
+                tcp_established: c.tcp_established_timeout.map(|d| d.0),
+                tcp_close_wait: c.tcp_close_wait_timeout.map(|d| d.0),
+                tcp_be_liberal: c.tcp_be_liberal,
+                udp: c.udp_timeout.map(|d| d.0),
+                udp_stream: c.udp_stream_timeout.map(|d| d.0),
+            };
         }
         if self.bind_address.as_deref().is_some_and(|b| !b.is_empty()) {
             out.ignored.push(

@@ -25,6 +25,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use crate::net::Family;
 
 pub mod stale;
+pub mod sysctl;
 
 /// A UDP flow steering rule to clean: conntrack entries whose ORIGINAL destination is `dst:port`
 /// (a ClusterIP/externalIP/LB IP with its service port, or any local address with a NodePort when

@@ -84,6 +84,30 @@ fn spawn_api_probe(
     });
 }
 
+/// Set the conntrack sysctls as kube-proxy does at start. A failure (a container without the
+/// privilege, /proc/sys or /sys read-only, a network namespace that is not the node's) is an
+/// error line and a Warning event on the Node, not a reason to stop proxying.
+fn set_conntrack_sysctls(args: &RunArgs, events: &Events, node: &str) {
+    use crate::conntrack::sysctl::{cpus, Sysctls};
+    match Sysctls::new("/").apply(&args.conntrack(), cpus()) {
+        Ok(changes) => {
+            for c in changes {
+                tracing::info!(sysctl = %c.file, from = c.from, to = c.to, "set conntrack sysctl");
+            }
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "conntrack sysctls not set");
+            events.warn(crate::k8s::events::Warning {
+                kind: "Node".into(),
+                namespace: String::new(),
+                name: node.to_string(),
+                reason: "FailedToSetConntrackSysctls".into(),
+                note: e.to_string(),
+            });
+        }
+    }
+}
+
 /// Probe the kernel features and privileges the ruleset needs (throwaway table, nothing left).
 pub fn preflight() -> Result<(), AgentError> {
     let mut probe = NetlinkApplier::with_table(crate::apply::preflight::PROBE_TABLE)?;
@@ -149,6 +173,7 @@ async fn run_until_stopped(args: RunArgs) -> Result<(), AgentError> {
     )
     .await?;
     let events = Events::start(client.clone(), &cfg.node_name);
+    set_conntrack_sysctls(&args, &events, &cfg.node_name);
     let status: SharedStatus = Arc::default();
     // Until the first sync, the start itself is the pending change (liveness covers a stuck start).
     lock(&status).pending_since = Some(tokio::time::Instant::now());

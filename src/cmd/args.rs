@@ -97,8 +97,8 @@ pub struct RunArgs {
     /// How long to wait for the initial lists before programming anyway.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub initial_sync_timeout: Duration,
-    /// Log format.
-    #[arg(long, value_enum, default_value = "text")]
+    /// Log format (`--logging-format` is kube-proxy's spelling).
+    #[arg(long, alias = "logging-format", value_enum, default_value = "text")]
     pub log_format: LogFormat,
     /// Testing only: while this file exists every commit fails (exercises retries and /livez).
     #[arg(long, hide = true)]
@@ -146,6 +146,33 @@ pub struct RunArgs {
     /// nf_conntrack_udp_timeout_stream; 0 leaves it alone.
     #[arg(long, default_value = "0s", value_parser = parse_duration)]
     pub conntrack_udp_timeout_stream: Duration,
+    /// kube-proxy's `--init-only`: do what needs full privileges (the kernel feature probe, the
+    /// conntrack sysctls) and exit.
+    #[arg(long)]
+    pub init_only: bool,
+    /// kube-proxy's `--write-config-to`: write the effective configuration (a
+    /// KubeProxyConfiguration) to this file and exit.
+    #[arg(long)]
+    pub write_config_to: Option<std::path::PathBuf>,
+    /// Accepted for kube-proxy compatibility, not used (listed at start): nftproxy has no
+    /// feature gates.
+    #[arg(long)]
+    pub feature_gates: Option<String>,
+    /// Accepted, not used: nftproxy's API traffic is one list and a watch per kind.
+    #[arg(long)]
+    pub kube_api_qps: Option<f64>,
+    /// Accepted, not used (see --kube-api-qps).
+    #[arg(long)]
+    pub kube_api_burst: Option<i64>,
+    /// Accepted, not used: nftproxy reads JSON.
+    #[arg(long)]
+    pub kube_api_content_type: Option<String>,
+    /// Accepted, not used: only with --detect-local-mode BridgeInterface (not supported yet).
+    #[arg(long)]
+    pub pod_bridge_interface: Option<String>,
+    /// Accepted, not used: only with --detect-local-mode InterfaceNamePrefix (not supported yet).
+    #[arg(long)]
+    pub pod_interface_name_prefix: Option<String>,
 }
 
 /// A duration as Go prints `metav1.Duration` values in simple cases (`30s`, `50ms`, `1m0s`).
@@ -163,6 +190,37 @@ fn go_duration(d: Duration) -> String {
 }
 
 impl RunArgs {
+    /// kube-proxy flags given that nftproxy accepts but does not use, with why.
+    pub fn unused_flags(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut note = |set: bool, flag: &str, why: &str| {
+            if set {
+                out.push(format!("{flag}: {why}"));
+            }
+        };
+        note(
+            self.feature_gates.is_some(),
+            "--feature-gates",
+            "nftproxy has no feature gates",
+        );
+        note(
+            self.kube_api_qps.is_some() || self.kube_api_burst.is_some(),
+            "--kube-api-qps/--kube-api-burst",
+            "nftproxy's API traffic is one list and one watch per kind",
+        );
+        note(
+            self.kube_api_content_type.is_some(),
+            "--kube-api-content-type",
+            "nftproxy reads JSON",
+        );
+        note(
+            self.pod_bridge_interface.is_some() || self.pod_interface_name_prefix.is_some(),
+            "--pod-bridge-interface/--pod-interface-name-prefix",
+            "only used by the interface detect-local modes, not supported yet",
+        );
+        out
+    }
+
     /// The conntrack sysctls to set at start.
     pub fn conntrack(&self) -> crate::conntrack::sysctl::ConntrackSettings {
         crate::conntrack::sysctl::ConntrackSettings {

@@ -66,6 +66,26 @@ fn start(mut args: RunArgs, matches: &clap::ArgMatches) -> ExitCode {
     for i in &ignored {
         tracing::info!(field = %i, "configuration file: not used");
     }
+    for f in args.unused_flags() {
+        tracing::info!(flag = %f, "accepted for kube-proxy compatibility, not used");
+    }
+    if let Some(path) = args.write_config_to.clone() {
+        return write_config(&args, &path);
+    }
+    if args.init_only {
+        // kube-proxy's --init-only: the privileged part of the start, then exit.
+        if let Err(e) = run::preflight() {
+            eprintln!("nftproxy: {e}");
+            return ExitCode::FAILURE;
+        }
+        return match run::conntrack_sysctls(&args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("nftproxy: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     set_oom_score_adj(args.oom_score_adj);
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -83,6 +103,31 @@ fn start(mut args: RunArgs, matches: &clap::ArgMatches) -> ExitCode {
         Err(e) => {
             tracing::error!("{e}");
             eprintln!("nftproxy: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// kube-proxy's `--write-config-to`: the effective configuration as a KubeProxyConfiguration.
+fn write_config(args: &RunArgs, path: &std::path::Path) -> ExitCode {
+    let cfg = match args.proxy.proxy_config() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("nftproxy: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let conf = args.configz(&cfg)["kubeproxy.config.k8s.io"].clone();
+    let written = serde_yaml::to_string(&conf)
+        .map_err(|e| e.to_string())
+        .and_then(|text| std::fs::write(path, text).map_err(|e| e.to_string()));
+    match written {
+        Ok(()) => {
+            tracing::info!(file = %path.display(), "wrote the configuration");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("nftproxy: --write-config-to {}: {e}", path.display());
             ExitCode::FAILURE
         }
     }

@@ -10,10 +10,17 @@ use crate::model::NodeInfo;
 use crate::net::Family;
 use crate::nft::compile::CompileConfig;
 
-/// A `--nodeport-addresses` entry that is neither a CIDR nor a keyword.
+/// A `--nodeport-addresses` entry that cannot be served.
 #[derive(Debug, thiserror::Error)]
-#[error("--nodeport-addresses: {0:?} is neither a CIDR nor `primary`")]
-pub struct NodePortAddressError(pub String);
+pub enum NodePortAddressError {
+    #[error("--nodeport-addresses: {0:?} is neither a CIDR nor `primary`")]
+    Invalid(String),
+    /// kube-proxy's nftables mode logs "--nodeport-addresses includes localhost but localhost
+    /// NodePorts are not supported" and serves nothing there; a list of only such entries would
+    /// silently serve NodePorts nowhere, so it is refused.
+    #[error("--nodeport-addresses: {0} is loopback only: NodePorts are never served on localhost (as in kube-proxy's nftables mode); use `primary` or the node's own CIDRs")]
+    Loopback(String),
+}
 
 /// Where NodePorts listen, before the Node's addresses are known.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,11 +39,15 @@ impl NodePortAddresses {
             if r == "primary" {
                 out.primary = true;
             } else {
-                out.cidrs.push(
-                    r.parse::<IpNet>()
-                        .map_err(|_| NodePortAddressError(r.to_string()))?
-                        .trunc(),
-                );
+                let net = r
+                    .parse::<IpNet>()
+                    .map_err(|_| NodePortAddressError::Invalid(r.to_string()))?
+                    .trunc();
+                // Entirely loopback (127.0.0.0/8 and inside it, ::1/128).
+                if net.network().is_loopback() && net.broadcast().is_loopback() {
+                    return Err(NodePortAddressError::Loopback(net.to_string()));
+                }
+                out.cidrs.push(net);
             }
         }
         if out.cidrs.is_empty() {
@@ -233,6 +244,13 @@ mod tests {
             .unwrap_err()
             .contains("not supported yet"));
         assert!(DetectLocal::parse("nodecidr").is_err());
+        for lo in ["127.0.0.0/8", "127.0.0.1/32", "::1/128"] {
+            assert!(matches!(
+                NodePortAddresses::parse(&[lo.into()]),
+                Err(NodePortAddressError::Loopback(_))
+            ));
+        }
+        assert!(NodePortAddresses::parse(&["0.0.0.0/0".into()]).is_ok());
     }
 
     #[test]

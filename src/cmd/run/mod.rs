@@ -88,22 +88,30 @@ fn spawn_api_probe(
 /// privilege, /proc/sys or /sys read-only, a network namespace that is not the node's) is an
 /// error line and a Warning event on the Node, not a reason to stop proxying.
 fn set_conntrack_sysctls(args: &RunArgs, events: &Events, node: &str) {
+    if let Err(e) = conntrack_sysctls(args) {
+        events.warn(crate::k8s::events::Warning {
+            kind: "Node".into(),
+            namespace: String::new(),
+            name: node.to_string(),
+            reason: "FailedToSetConntrackSysctls".into(),
+            note: e.to_string(),
+        });
+    }
+}
+
+/// Set the conntrack sysctls, logging each change (or the error).
+pub fn conntrack_sysctls(args: &RunArgs) -> Result<(), crate::conntrack::sysctl::SysctlError> {
     use crate::conntrack::sysctl::{cpus, Sysctls};
     match Sysctls::new("/").apply(&args.conntrack(), cpus()) {
         Ok(changes) => {
             for c in changes {
                 tracing::info!(sysctl = %c.file, from = c.from, to = c.to, "set conntrack sysctl");
             }
+            Ok(())
         }
         Err(e) => {
             tracing::error!(error = %e, "conntrack sysctls not set");
-            events.warn(crate::k8s::events::Warning {
-                kind: "Node".into(),
-                namespace: String::new(),
-                name: node.to_string(),
-                reason: "FailedToSetConntrackSysctls".into(),
-                note: e.to_string(),
-            });
+            Err(e)
         }
     }
 }

@@ -1,0 +1,58 @@
+//! The binary with kube-proxy's command line: `--write-config-to` writes a configuration that
+//! reads back as the same settings, and kube-proxy's other flags are accepted.
+#![allow(clippy::unwrap_used)] // a test: a panic is the failure report
+
+use std::process::Command;
+
+fn nftproxy() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_nftproxy"))
+}
+
+#[test]
+fn write_config_to_writes_a_kube_proxy_configuration_that_reads_back() {
+    let dir = std::env::temp_dir().join(format!("nftproxy-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join("written.conf");
+    let status = nftproxy()
+        .args([
+            "--hostname-override=node-1",
+            "--cluster-cidr=10.244.0.0/16",
+            "--sync-period=1m30s",
+            "--feature-gates=SomeGate=true",
+            "--kube-api-qps=50",
+            "--kube-api-burst=100",
+            "--logging-format=json",
+            "--conntrack-max-per-core=0",
+        ])
+        .arg(format!("--write-config-to={}", out.display()))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let text = std::fs::read_to_string(&out).unwrap();
+    let conf = nftproxy::cmd::kpconfig::KubeProxyConfiguration::parse(&text, "written.conf")
+        .expect("reads back");
+    let f = conf.settings("written.conf").expect("valid");
+    assert_eq!(f.cluster_cidrs, Some(vec!["10.244.0.0/16".to_string()]));
+    assert_eq!(f.hostname_override.as_deref(), Some("node-1"));
+    assert_eq!(f.sync_period, Some(std::time::Duration::from_secs(90)));
+    assert_eq!(f.log_json, Some(true));
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn nonsense_is_refused_before_anything_runs() {
+    for bad in [
+        "--proxy-mode=ipvs",
+        "--detect-local-mode=BridgeInterface",
+        "--nodeport-addresses=nonsense",
+        "--nodeport-addresses=127.0.0.0/8",
+    ] {
+        let out = nftproxy()
+            .args(["--write-config-to=/dev/null", bad])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{bad} accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!err.is_empty(), "{bad}: no message");
+    }
+}

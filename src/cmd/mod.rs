@@ -6,12 +6,13 @@ use std::process::ExitCode;
 use clap::{CommandFactory, FromArgMatches};
 
 use crate::k8s::objects::Objects;
-use args::{Cli, Command, LogFormat, RunArgs};
+use args::{Cli, Command, RunArgs};
 
 pub mod args;
 pub mod cleanup;
 pub mod diff;
 pub mod kpconfig;
+pub mod logs;
 pub mod render;
 pub mod run;
 
@@ -62,7 +63,7 @@ fn start(mut args: RunArgs, matches: &clap::ArgMatches) -> ExitCode {
     if args.cleanup {
         return cleanup::cleanup(false);
     }
-    init_tracing(args.log_format, args.verbosity);
+    logs::init(args.log_format, args.verbosity);
     for i in &ignored {
         tracing::info!(field = %i, "configuration file: not used");
     }
@@ -157,27 +158,4 @@ pub(crate) fn read_objects(file: &str) -> Result<Objects, String> {
         std::fs::read_to_string(file).map_err(|e| format!("{file}: {e}"))?
     };
     Objects::parse(&text).map_err(|e| format!("{file}: {e}"))
-}
-
-fn init_tracing(format: LogFormat, verbosity: u8) {
-    let level = match verbosity {
-        0 => "warn",
-        1 => "info",
-        2 => "debug",
-        _ => "trace",
-    };
-    // RUST_LOG, when set, refines the verbosity flag (e.g. RUST_LOG=nftproxy=debug,kube=warn).
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new(format!("{level},kube=warn,hyper=warn,tower=warn"))
-    });
-    // Colours only for a person at a terminal: `kubectl logs` shows escape codes verbatim.
-    use std::io::IsTerminal;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
-    }
 }

@@ -157,7 +157,9 @@ async fn file_changed(path: Option<std::path::PathBuf>) -> std::path::PathBuf {
 
 async fn run_until_stopped(args: RunArgs) -> Result<(), AgentError> {
     let cfg = args.proxy.proxy_config()?;
-    tracing::info!(node = %cfg.node_name, "starting nftproxy");
+    tracing::info!(node = %cfg.node_name, version = env!("CARGO_PKG_VERSION"), "starting nftproxy");
+    // Once, as /configz serves it: what this agent runs with after file, flags and defaults.
+    tracing::info!(config = %args.configz(&cfg)["kubeproxy.config.k8s.io"], "effective configuration");
     preflight()?;
     let applier = FaultInjecting {
         inner: NetlinkApplier::new()?,

@@ -12,7 +12,6 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use nftproxy::k8s::inbox::{key_of, Batch};
 use nftproxy::model::NodeInfo;
 use nftproxy::nft::{compile, plan, render};
-use nftproxy::pipeline::config::{DetectLocal, NodePortAddresses, ProxyConfig};
 use nftproxy::pipeline::{self, Engine};
 
 fn objects(n: usize, e: usize) -> (Vec<Service>, Vec<EndpointSlice>) {
@@ -71,17 +70,7 @@ fn main() {
         internal_ips: vec!["192.168.0.2".parse().expect("ip")],
         ..Default::default()
     };
-    let cfg = ProxyConfig {
-        node_name: node.name.clone(),
-        cluster_cidrs: vec!["10.0.0.0/8".parse().expect("cidr")],
-        masquerade_all: false,
-        masquerade_bit: 14,
-        nodeport: NodePortAddresses {
-            primary: true,
-            cidrs: vec![],
-        },
-        detect_local: DetectLocal::ClusterCidr,
-    };
+    let cfg = nftproxy::testutil::proxy_config(&node.name);
     let cc = cfg.compile_config(&node);
 
     let t = Instant::now();

@@ -37,3 +37,23 @@ pub fn node_a_state(objs: &crate::k8s::objects::Objects) -> crate::proxy::ProxyS
     let mut p = Vec::new();
     crate::pipeline::proxy_state(&objs.services, &objs.slices, &[], &node, &mut p)
 }
+
+/// The settings the tests and the benchmark compile with: pods 10.0.0.0/8 and fd00:10::/64
+/// (ClusterCIDR detection), NodePorts on the primary addresses.
+pub fn proxy_config(node: &str) -> crate::pipeline::config::ProxyConfig {
+    use crate::pipeline::config::{DetectLocal, NodePortAddresses, ProxyConfig};
+    ProxyConfig {
+        node_name: node.to_string(),
+        cluster_cidrs: vec![
+            "10.0.0.0/8".parse().expect("cidr"),
+            "fd00:10::/64".parse().expect("cidr"),
+        ],
+        masquerade_all: false,
+        masquerade_bit: 14,
+        nodeport: NodePortAddresses {
+            primary: true,
+            cidrs: vec![],
+        },
+        detect_local: DetectLocal::ClusterCidr,
+    }
+}

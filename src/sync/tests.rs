@@ -2,7 +2,6 @@ use super::*;
 use crate::apply::fake::FakeApplier;
 use crate::k8s::objects::Objects;
 use crate::nft::tx::Op;
-use crate::pipeline::config::{DetectLocal, NodePortAddresses, ProxyConfig};
 
 fn objects() -> Objects {
     crate::testutil::cluster_objects()
@@ -10,17 +9,7 @@ fn objects() -> Objects {
 
 fn desired_of(objs: &Objects) -> Desired {
     let node = objs.node_info(Some("node-a"));
-    let cfg = ProxyConfig {
-        node_name: "node-a".into(),
-        cluster_cidrs: vec!["10.0.0.0/8".parse().unwrap()],
-        masquerade_all: false,
-        masquerade_bit: 14,
-        nodeport: NodePortAddresses {
-            primary: true,
-            cidrs: vec![],
-        },
-        detect_local: DetectLocal::ClusterCidr,
-    };
+    let cfg = crate::testutil::proxy_config("node-a");
     let (ruleset, _) = crate::pipeline::from_objects(objs, &cfg, &node)
         .map(|o| (o.ruleset, o.problems))
         .expect("compile");
@@ -442,22 +431,9 @@ async fn affinity_entries_of_gone_endpoints_are_cleaned_and_retried() {
     let node_objs = objects();
     let real_desired = move |objs: &Objects| {
         let node = node_objs.node_info(Some("node-a"));
-        let out = crate::pipeline::from_objects(
-            objs,
-            &ProxyConfig {
-                node_name: "node-a".into(),
-                cluster_cidrs: vec!["10.0.0.0/8".parse().unwrap()],
-                masquerade_all: false,
-                masquerade_bit: 14,
-                nodeport: NodePortAddresses {
-                    primary: true,
-                    cidrs: vec![],
-                },
-                detect_local: DetectLocal::ClusterCidr,
-            },
-            &node,
-        )
-        .expect("compile");
+        let out =
+            crate::pipeline::from_objects(objs, &crate::testutil::proxy_config("node-a"), &node)
+                .expect("compile");
         Desired::new(out.ruleset, Arc::new(out.state))
     };
     let objs: Shared = Arc::new(Mutex::new(objects()));

@@ -7,7 +7,7 @@ use std::process::Command;
 use nftproxy::k8s::objects::Objects;
 use nftproxy::nft::ir::Ruleset;
 use nftproxy::pipeline;
-use nftproxy::pipeline::config::{DetectLocal, NodePortAddresses, ProxyConfig};
+use nftproxy::pipeline::config::ProxyConfig;
 
 pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -15,20 +15,7 @@ pub fn root() -> PathBuf {
 
 /// Config used by the scenario tests: pods 10.0.0.0/8, NodePorts on the primary address.
 pub fn proxy_config(node: &str) -> ProxyConfig {
-    ProxyConfig {
-        node_name: node.to_string(),
-        cluster_cidrs: vec![
-            "10.0.0.0/8".parse().unwrap(),
-            "fd00:10::/64".parse().unwrap(),
-        ],
-        masquerade_all: false,
-        masquerade_bit: 14,
-        nodeport: NodePortAddresses {
-            primary: true,
-            cidrs: vec![],
-        },
-        detect_local: DetectLocal::ClusterCidr,
-    }
+    nftproxy::testutil::proxy_config(node)
 }
 
 pub fn load_objects(path: &Path) -> Objects {

@@ -525,8 +525,10 @@ class Agent:
                 "--cluster-cidr", CLUSTER_CIDR,
                 "--healthz-bind-address", f"{node_ip(self.node)}:10256",
                 "--metrics-bind-address", "127.0.0.1:10249",
-                # A namespace is not a node: leave the (global) conntrack table size alone.
+                # A namespace is not a node: leave the conntrack sysctls alone.
                 "--conntrack-max-per-core", "0",
+                "--conntrack-tcp-timeout-established", "0",
+                "--conntrack-tcp-timeout-close-wait", "0",
                 "-v", os.environ.get("NFTPROXY_E2E_VERBOSITY", "1")] + self.extra_args
 
     def start(self, wait: bool = True, timeout: float = 30) -> float | None:

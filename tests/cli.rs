@@ -23,6 +23,9 @@ fn write_config_to_writes_a_kube_proxy_configuration_that_reads_back() {
             "--kube-api-burst=100",
             "--logging-format=json",
             "--conntrack-max-per-core=0",
+            "--conntrack-tcp-timeout-close-wait=0s",
+            "--detect-local-mode=NodeCIDR",
+            "-v=2",
         ])
         .arg(format!("--write-config-to={}", out.display()))
         .status()
@@ -36,6 +39,17 @@ fn write_config_to_writes_a_kube_proxy_configuration_that_reads_back() {
     assert_eq!(f.hostname_override.as_deref(), Some("node-1"));
     assert_eq!(f.sync_period, Some(std::time::Duration::from_secs(90)));
     assert_eq!(f.log_json, Some(true));
+    assert_eq!(f.verbosity, Some(2));
+    assert_eq!(f.conntrack.max_per_core, Some(0));
+    assert_eq!(f.conntrack.tcp_close_wait, Some(std::time::Duration::ZERO));
+    assert_eq!(
+        f.conntrack.tcp_established,
+        Some(std::time::Duration::from_secs(86400))
+    );
+    assert_eq!(
+        f.detect_local,
+        Some(nftproxy::pipeline::config::DetectLocal::NodeCidr)
+    );
     std::fs::remove_dir_all(&dir).ok();
 }
 

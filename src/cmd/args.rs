@@ -248,6 +248,20 @@ impl RunArgs {
                 "healthzBindAddress": self.healthz_bind_address.to_string(),
                 "metricsBindAddress": self.metrics_bind_address.to_string(),
                 "nodePortAddresses": self.proxy.nodeport_addresses,
+                "detectLocalMode": match cfg.detect_local {
+                    DetectLocal::Auto => "",
+                    DetectLocal::ClusterCidr => "ClusterCIDR",
+                    DetectLocal::NodeCidr => "NodeCIDR",
+                },
+                "conntrack": {
+                    "maxPerCore": self.conntrack_max_per_core,
+                    "min": self.conntrack_min,
+                    "tcpEstablishedTimeout": go_duration(self.conntrack_tcp_timeout_established),
+                    "tcpCloseWaitTimeout": go_duration(self.conntrack_tcp_timeout_close_wait),
+                    "tcpBeLiberal": self.conntrack_tcp_be_liberal,
+                    "udpTimeout": go_duration(self.conntrack_udp_timeout),
+                    "udpStreamTimeout": go_duration(self.conntrack_udp_timeout_stream),
+                },
                 "oomScoreAdj": self.oom_score_adj,
                 "clientConnection": {
                     "kubeconfig": self.kubeconfig.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
@@ -263,7 +277,12 @@ impl RunArgs {
                         LogFormat::Text => "text",
                         LogFormat::Json => "json",
                     },
-                    "verbosity": self.verbosity,
+                    // klog's scale, as the file reads it back (info 1, debug 4, trace 5).
+                    "verbosity": match self.verbosity {
+                        0 | 1 => self.verbosity,
+                        2 => 4,
+                        _ => 5,
+                    },
                 },
             }
         })

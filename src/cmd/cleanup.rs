@@ -24,7 +24,11 @@ const KUBE_PROXY_CHAINS: &[&str] = &[
     "KUBE-IPVS-FILTER",
     "KUBE-IPVS-OUT-FILTER",
     "KUBE-SOURCE-RANGES-FIREWALL",
+    "KUBE-NODE-PORT",
 ];
+
+/// The chains iptables creates itself, whose jumps to kube-proxy's chains are kube-proxy's.
+const BUILT_IN: &[&str] = &["PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"];
 
 /// Per-Service chains: services, endpoints, firewalls, external and local dispatch.
 const KUBE_PROXY_PREFIXES: &[&str] = &[
@@ -40,11 +44,17 @@ fn kube_proxy_chain(name: &str) -> bool {
     KUBE_PROXY_CHAINS.contains(&name) || KUBE_PROXY_PREFIXES.iter().any(|p| name.starts_with(p))
 }
 
+/// Per table: kube-proxy's chains, the jumps to them to delete, and the ones of them that
+/// foreign chains still jump to.
+type TableCleanup = (BTreeSet<String>, Vec<String>, BTreeSet<String>);
+
 /// The `iptables-restore --noflush` input that removes kube-proxy's chains from an
-/// `iptables-save` dump: first every rule that jumps to one of them from another chain, then
-/// the chains (flushed, then deleted). Empty when there is nothing to remove.
+/// `iptables-save` dump: first the jumps to them from the built-in chains, then the chains
+/// (flushed, then deleted). A kube-proxy chain that another component's chain still jumps to
+/// (CNI portmap can be set to use `KUBE-MARK-MASQ`) stays, with what it needs. Empty when there
+/// is nothing to remove.
 pub fn iptables_cleanup(save: &str) -> String {
-    let mut tables: BTreeMap<String, (BTreeSet<String>, Vec<String>)> = BTreeMap::new();
+    let mut tables: BTreeMap<String, TableCleanup> = BTreeMap::new();
     let mut current: Option<String> = None;
     for line in save.lines() {
         if let Some(t) = line.strip_prefix('*') {
@@ -67,13 +77,20 @@ pub fn iptables_cleanup(save: &str) -> String {
                 .windows(2)
                 .find(|w| w[0] == "-j" || w[0] == "-g")
                 .map(|w| w[1]);
-            if !kube_proxy_chain(chain) && target.is_some_and(kube_proxy_chain) {
-                entry.1.push(format!("-D {rule}"));
+            match target {
+                Some(t) if kube_proxy_chain(t) && BUILT_IN.contains(&chain) => {
+                    entry.1.push(format!("-D {rule}"));
+                }
+                Some(t) if kube_proxy_chain(t) && !kube_proxy_chain(chain) => {
+                    entry.2.insert(t.to_string());
+                }
+                _ => {}
             }
         }
     }
     let mut out = String::new();
-    for (table, (chains, deletes)) in tables {
+    for (table, (mut chains, deletes, kept)) in tables {
+        chains.retain(|c| !kept.contains(c));
         if chains.is_empty() && deletes.is_empty() {
             continue;
         }
@@ -152,10 +169,14 @@ fn clean_ipvs() -> Vec<String> {
             .is_ok_and(|s| s.success())
     };
     if run("ip", &["link", "del", "kube-ipvs0"]) {
-        done.push("interface kube-ipvs0".to_string());
+        done.push("deleted interface kube-ipvs0".to_string());
+    } else {
+        done.push("could not delete interface kube-ipvs0 (is `ip` installed?)".to_string());
     }
     if run("ipvsadm", &["--clear"]) {
-        done.push("IPVS virtual servers".to_string());
+        done.push("deleted the IPVS virtual servers".to_string());
+    } else {
+        done.push("IPVS virtual servers not removed (is `ipvsadm` installed?)".to_string());
     }
     if let Ok(o) = Command::new("ipset").args(["list", "-n"]).output() {
         for set in String::from_utf8_lossy(&o.stdout)
@@ -163,7 +184,9 @@ fn clean_ipvs() -> Vec<String> {
             .filter(|s| s.starts_with("KUBE-"))
         {
             if run("ipset", &["destroy", set]) {
-                done.push(format!("ipset {set}"));
+                done.push(format!("deleted ipset {set}"));
+            } else {
+                done.push(format!("could not delete ipset {set} (still in use?)"));
             }
         }
     }
@@ -199,7 +222,7 @@ pub fn cleanup(kube_proxy: bool) -> ExitCode {
             }
         }
         for what in clean_ipvs() {
-            println!("deleted {what}");
+            println!("{what}");
         }
     }
     if failed {
@@ -233,6 +256,8 @@ mod tests {
 -A KUBE-SERVICES -d 10.96.0.1/32 -p tcp -m tcp --dport 443 -j KUBE-SVC-NPX46M4PTMTKRN6Y
 -A KUBE-SVC-NPX46M4PTMTKRN6Y -j KUBE-SEP-ABC
 -A KUBE-SEP-ABC -p tcp -m tcp -j DNAT --to-destination 192.168.0.1:6443
+:CNI-HOSTPORT-SETMARK - [0:0]
+-A CNI-HOSTPORT-SETMARK -j KUBE-MARK-MASQ
 COMMIT
 *filter
 :INPUT ACCEPT [0:0]
@@ -255,14 +280,19 @@ COMMIT
             "-X KUBE-SERVICES",
             "-X KUBE-SVC-NPX46M4PTMTKRN6Y",
             "-X KUBE-SEP-ABC",
-            "-X KUBE-MARK-MASQ",
             "*filter",
             "-D FORWARD -m comment --comment \"kubernetes forwarding rules\" -j KUBE-FORWARD",
             "-X KUBE-FORWARD",
         ] {
             assert!(lines.contains(&want), "{want}\n{out}");
         }
-        for keep in ["KUBE-KUBELET-CANARY", "KUBE-FIREWALL", "CNI-HOSTPORT-DNAT"] {
+        // KUBE-MARK-MASQ stays: CNI portmap still jumps to it.
+        for keep in [
+            "KUBE-KUBELET-CANARY",
+            "KUBE-FIREWALL",
+            "CNI-HOSTPORT-DNAT",
+            "KUBE-MARK-MASQ",
+        ] {
             assert!(!out.contains(keep), "{keep} removed:\n{out}");
         }
         // Rules inside removed chains are flushed with them, not deleted one by one.

@@ -86,11 +86,51 @@ pub struct Change {
 /// The sysctl files, under a root (`/` on a node).
 pub struct Sysctls {
     root: PathBuf,
+    /// Whether this process is in its node's network namespace: only there may the global
+    /// knobs (table size, hash size) be changed.
+    node_netns: bool,
+}
+
+/// What [`Sysctls::apply`] did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Applied {
+    pub changes: Vec<Change>,
+    /// Why the table size was left alone although asked for.
+    pub skipped: Option<String>,
 }
 
 impl Sysctls {
+    /// The files under `root`, in the node's network namespace (tests).
     pub fn new(root: impl Into<PathBuf>) -> Sysctls {
-        Sysctls { root: root.into() }
+        Sysctls {
+            root: root.into(),
+            node_netns: true,
+        }
+    }
+
+    /// This node's files. The network namespace is the node's when it is the one of this PID
+    /// namespace's init (a hostNetwork pod shares the node's; a process started with `ip netns
+    /// exec` does not): nf_conntrack_max is global and, before Linux 5.13, writable from any
+    /// namespace, so only the node's may set it.
+    pub fn node() -> Sysctls {
+        let ns = |p: &str| std::fs::read_link(p).ok();
+        let node_netns = match (ns("/proc/self/ns/net"), ns("/proc/1/ns/net")) {
+            (Some(a), Some(b)) => a == b,
+            _ => false,
+        };
+        Sysctls {
+            root: PathBuf::from("/"),
+            node_netns,
+        }
+    }
+
+    /// As [`Sysctls::new`], outside the node's network namespace (tests).
+    #[cfg(test)]
+    fn in_other_netns(root: impl Into<PathBuf>) -> Sysctls {
+        Sysctls {
+            root: root.into(),
+            node_netns: false,
+        }
     }
 
     fn path(&self, rel: &str) -> PathBuf {
@@ -146,9 +186,15 @@ impl Sysctls {
     }
 
     /// Apply `s` for a node with `cpus` CPUs; returns what changed. Stops at the first error.
-    pub fn apply(&self, s: &ConntrackSettings, cpus: u64) -> Result<Vec<Change>, SysctlError> {
+    pub fn apply(&self, s: &ConntrackSettings, cpus: u64) -> Result<Applied, SysctlError> {
         let mut out = Vec::new();
-        if s.max_per_core > 0 {
+        let mut skipped = None;
+        if s.max_per_core > 0 && !self.node_netns {
+            skipped = Some(
+                "not in the node's network namespace: nf_conntrack_max and the hash size are global; left alone"
+                    .to_string(),
+            );
+        } else if s.max_per_core > 0 {
             let max = (s.max_per_core.saturating_mul(cpus))
                 .min(MAX_SCALED)
                 .max(s.min);
@@ -191,14 +237,21 @@ impl Sysctls {
                 &mut out,
             )?;
         }
-        Ok(out)
+        Ok(Applied {
+            changes: out,
+            skipped,
+        })
     }
 }
 
-/// The node's CPU count as kube-proxy counts it (the online CPUs).
+/// The node's CPU count as kube-proxy counts it: the CPUs of the machine, not a container's CPU
+/// quota (which `available_parallelism` would give).
 pub fn cpus() -> u64 {
-    std::thread::available_parallelism()
-        .map(|n| n.get() as u64)
+    use procfs::Current;
+    procfs::CpuInfo::current()
+        .map(|c| c.num_cores() as u64)
+        .ok()
+        .filter(|n| *n > 0)
         .unwrap_or(1)
 }
 
@@ -260,7 +313,8 @@ mod tests {
         node(&d);
         let changes = Sysctls::new(&d)
             .apply(&ConntrackSettings::default(), 4)
-            .unwrap();
+            .unwrap()
+            .changes;
         // 32768 x 4 = 131072 = min: raised from 65536; the hash table follows (max/4).
         assert_eq!(value(&d, MAX), 131072);
         assert_eq!(value(&d, HASH), 32768);
@@ -276,6 +330,7 @@ mod tests {
         assert!(Sysctls::new(&d)
             .apply(&ConntrackSettings::default(), 4)
             .unwrap()
+            .changes
             .is_empty());
         std::fs::remove_dir_all(&d).ok();
     }
@@ -304,6 +359,7 @@ mod tests {
         assert!(Sysctls::new(&d)
             .apply(&ConntrackSettings::leave_alone(), 4)
             .unwrap()
+            .changes
             .is_empty());
         let s = ConntrackSettings {
             tcp_be_liberal: true,
@@ -332,6 +388,23 @@ mod tests {
             .apply(&ConntrackSettings::default(), 64)
             .is_err());
         assert_eq!(value(&d, HASH), 16384, "the global hash size is untouched");
+        std::fs::remove_dir_all(&d).ok();
+    }
+
+    #[test]
+    fn outside_the_node_namespace_only_the_namespace_timeouts_are_set() {
+        let d = tmp("othernetns");
+        node(&d);
+        let a = Sysctls::in_other_netns(&d)
+            .apply(&ConntrackSettings::default(), 64)
+            .unwrap();
+        assert!(a.skipped.is_some());
+        assert_eq!(
+            (value(&d, MAX), value(&d, HASH)),
+            (65536, 16384),
+            "globals untouched"
+        );
+        assert_eq!((value(&d, EST), value(&d, CW)), (86400, 3600));
         std::fs::remove_dir_all(&d).ok();
     }
 

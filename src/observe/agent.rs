@@ -226,6 +226,9 @@ impl Observer for AgentObserver {
     fn queued(&mut self) {
         self.metrics.queued();
     }
+    fn checked(&mut self) {
+        self.metrics.checked();
+    }
     fn counters(&mut self, read: &[Counters], state: &Arc<ProxyState>) {
         let owners = match &self.owners {
             Some((s, o)) if Arc::ptr_eq(s, state) => o.clone(),

@@ -228,6 +228,9 @@ pub trait Observer: Send {
     fn cleanup_failed(&mut self, _error: &str) {}
     /// A change was accepted; a sync will follow.
     fn queued(&mut self) {}
+    /// A periodic check found the kernel holding what was applied (kube-proxy syncs every
+    /// sync period; this is nftproxy's equivalent, and its time is a successful sync's).
+    fn checked(&mut self) {}
     /// The drop/reject counters of one set, read every `counter_period`.
     fn counters(&mut self, _read: &[Counters], _state: &Arc<ProxyState>) {}
 }
@@ -272,6 +275,8 @@ pub struct Syncer<A: Applier + 'static> {
     last_full_verify: Option<(Instant, Duration)>,
     /// Affinity entries may point at endpoints that are gone: clean them (again, after a failure).
     affinity_due: bool,
+    /// Failed cleanups in a row (the retry backoff).
+    cleanup_failures: u32,
     /// Trigger times of changes not yet committed.
     triggers: Vec<SystemTime>,
     /// Object changes not yet committed.
@@ -298,6 +303,7 @@ impl<A: Applier + 'static> Syncer<A> {
             repairing: None,
             last_full_verify: None,
             affinity_due: false,
+            cleanup_failures: 0,
             triggers: Vec::new(),
             changes: Changes::default(),
             last_commit_wall: None,
@@ -447,10 +453,14 @@ impl<A: Applier + 'static> Syncer<A> {
         if !self.affinity_due {
             return 0;
         }
-        let (st, families) = (
-            state.clone(),
-            state.families.keys().copied().collect::<Vec<_>>(),
-        );
+        // The families this node programs (a single-stack node has one table; the state
+        // always carries both families).
+        let families: Vec<Family> = self
+            .applied
+            .as_ref()
+            .map(|a| a.tables.keys().copied().collect())
+            .unwrap_or_default();
+        let st = state.clone();
         match self
             .call(move |a| affinity::clean(a, &st, &families))
             .await
@@ -458,6 +468,7 @@ impl<A: Applier + 'static> Syncer<A> {
         {
             Ok(n) => {
                 self.affinity_due = false;
+                self.cleanup_failures = 0;
                 if n > 0 {
                     tracing::info!(
                         deleted = n,
@@ -467,8 +478,9 @@ impl<A: Applier + 'static> Syncer<A> {
                 n
             }
             Err(e) => {
-                tracing::warn!(error = %e, "affinity cleanup failed; retrying with the next sync");
-                self.failures += 1;
+                tracing::warn!(error = %e, "affinity cleanup failed; retrying with backoff");
+                // Its own count: a commit that succeeds does not reset the cleanup's backoff.
+                self.cleanup_failures += 1;
                 observer.cleanup_failed(&e.to_string());
                 0
             }
@@ -802,11 +814,16 @@ impl<A: Applier + 'static> Syncer<A> {
         // Far away unless a retry or a chain deletion is pending: the periodic check runs on
         // its own timer and only rebuilds when the kernel lost our tables.
         let mut next = last_sync + Duration::from_secs(365 * 86400);
-        if (self.applied.is_none() || self.affinity_due) && self.failures > 0 {
-            let backoff = Duration::from_millis(200)
-                .saturating_mul(1 << self.failures.min(8))
-                .min(self.cfg.sync_period);
-            next = next.min(last_sync + backoff);
+        let backoff = |failures: u32| {
+            Duration::from_millis(200)
+                .saturating_mul(1 << failures.min(8))
+                .min(self.cfg.sync_period)
+        };
+        if self.applied.is_none() && self.failures > 0 {
+            next = next.min(last_sync + backoff(self.failures));
+        }
+        if self.affinity_due && self.cleanup_failures > 0 {
+            next = next.min(last_sync + backoff(self.cleanup_failures));
         }
         if let Some(oldest) = self.stale.values().min() {
             next = next.min(*oldest + self.cfg.chain_delete_grace);
@@ -827,7 +844,12 @@ impl<A: Applier + 'static> Syncer<A> {
         let mut last_sync = Instant::now() - self.cfg.min_sync_period;
         let mut bucket = TokenBucket::new(SYNC_BURST, self.cfg.min_sync_period);
         let mut last_check = Instant::now();
-        let mut counters = self.cfg.counter_period.map(tokio::time::interval);
+        let mut counters = self.cfg.counter_period.map(|p| {
+            let mut i = tokio::time::interval(p);
+            // After a long sync, one read, not a burst of the missed ones.
+            i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            i
+        });
         let mut need_sync = true; // the first sync runs at once
         let mut outside = self.outside.take();
         loop {
@@ -876,6 +898,9 @@ impl<A: Applier + 'static> Syncer<A> {
                 _ = tokio::time::sleep_until(check) => {
                     last_check = Instant::now();
                     need_sync = self.periodic_check(observer).await;
+                    if !need_sync {
+                        observer.checked();
+                    }
                 }
                 _ = next_tick(&mut counters) => {
                     self.read_counters(observer).await;

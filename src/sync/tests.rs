@@ -423,14 +423,23 @@ async fn an_idle_agent_syncs_at_once_even_right_after_a_sync() {
 }
 
 /// The affinity cleanup runs in the loop, right after the commit that removed an endpoint, on
-/// the loop's own applier; a failed cleanup is reported and retried without a new change.
+/// the loop's own applier; a failed cleanup is reported and retried without a new change. On a
+/// dual-stack node and on an IPv4-only one (whose ruleset has no ip6 table to clean).
 #[tokio::test(start_paused = true)]
 async fn affinity_entries_of_gone_endpoints_are_cleaned_and_retried() {
+    affinity_cleanup(false).await;
+    affinity_cleanup(true).await;
+}
+
+async fn affinity_cleanup(ipv4_only: bool) {
     use crate::net::Family;
     use crate::nft::ir::{Element, Value};
     let node_objs = objects();
     let real_desired = move |objs: &Objects| {
-        let node = node_objs.node_info(Some("node-a"));
+        let mut node = node_objs.node_info(Some("node-a"));
+        if ipv4_only {
+            node.internal_ips.retain(|ip| ip.is_ipv4());
+        }
         let out =
             crate::pipeline::from_objects(objs, &crate::testutil::proxy_config("node-a"), &node)
                 .expect("compile");

@@ -102,10 +102,13 @@ fn set_conntrack_sysctls(args: &RunArgs, events: &Events, node: &str) {
 /// Set the conntrack sysctls, logging each change (or the error).
 pub fn conntrack_sysctls(args: &RunArgs) -> Result<(), crate::conntrack::sysctl::SysctlError> {
     use crate::conntrack::sysctl::{cpus, Sysctls};
-    match Sysctls::new("/").apply(&args.conntrack(), cpus()) {
-        Ok(changes) => {
-            for c in changes {
+    match Sysctls::node().apply(&args.conntrack(), cpus()) {
+        Ok(applied) => {
+            for c in applied.changes {
                 tracing::info!(sysctl = %c.file, from = c.from, to = c.to, "set conntrack sysctl");
+            }
+            if let Some(why) = applied.skipped {
+                tracing::warn!("conntrack table size not set: {why}");
             }
             Ok(())
         }

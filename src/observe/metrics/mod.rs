@@ -211,6 +211,11 @@ impl Metrics {
         }
     }
 
+    /// A periodic check found the rules in place: as good as a sync for "last synced" alerts.
+    pub fn checked(&self) {
+        self.kp.last_timestamp.set(unix_now());
+    }
+
     /// A change was accepted for the next sync.
     pub fn queued(&self) {
         self.kp.last_queued_timestamp.set(unix_now());
@@ -253,34 +258,30 @@ impl Metrics {
         self.kp.service_changes_pending.set(0);
         self.kp.endpoint_changes_pending.set(0);
         let (mut svc, mut eps, mut without_local) = (0i64, 0i64, 0i64);
-        // kube-proxy counts Services (per family), not ports, with a Local policy and no local
-        // endpoint (proxier.go, after each successful sync).
-        let mut no_local: [std::collections::BTreeSet<(IpFamily, &crate::model::ServiceName)>; 2] =
-            Default::default();
-        for (f, fs) in &r.state.families {
+        // kube-proxy's nftables proxier counts, per family and service port, the Local-policy
+        // ports that have endpoints somewhere but none on this node (with none anywhere the
+        // port rejects instead); nftproxy sums the families.
+        let mut no_local = [0i64; 2];
+        for fs in r.state.families.values() {
             for ps in fs.ports.values() {
                 svc += 1;
                 eps += (ps.chosen.cluster.len() + ps.chosen.local.len()) as i64;
                 if ps.sp.external_local && ps.chosen.local_ready == 0 {
                     without_local += 1;
                 }
-                if ps.chosen.local.is_empty() {
-                    if ps.sp.internal_local {
-                        no_local[0].insert((*f, &ps.sp.key.service));
-                    }
-                    if ps.sp.external_local {
-                        no_local[1].insert((*f, &ps.sp.key.service));
-                    }
+                if ps.chosen.has_any && ps.chosen.local.is_empty() {
+                    no_local[0] += i64::from(ps.sp.internal_local);
+                    no_local[1] += i64::from(ps.sp.external_local);
                 }
             }
         }
-        for (policy, set) in ["internal", "external"].into_iter().zip(&no_local) {
+        for (policy, n) in ["internal", "external"].into_iter().zip(no_local) {
             self.kp
                 .no_local_endpoints
                 .get_or_create(&kubeproxy::TrafficPolicyLabel {
                     traffic_policy: policy.into(),
                 })
-                .set(set.len() as i64);
+                .set(n);
         }
         self.services.set(svc);
         self.endpoints.set(eps);

@@ -55,5 +55,6 @@ pub fn proxy_config(node: &str) -> crate::pipeline::config::ProxyConfig {
             cidrs: vec![],
         },
         detect_local: DetectLocal::ClusterCidr,
+        pod_interface: String::new(),
     }
 }

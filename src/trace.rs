@@ -30,6 +30,8 @@ pub struct Packet {
     pub dst: IpAddr,
     pub proto: Proto,
     pub dport: u16,
+    /// The interface a remote packet came in on (`iifname`); empty for local ones.
+    pub iif: String,
 }
 
 /// What happens to the packet.
@@ -184,6 +186,7 @@ impl<'a> Tracer<'a> {
             Field::CtOrigDaddr => Value::Addr(p.dst),
             Field::CtOrigProtoDst => Value::Port(p.dport),
             Field::Numgen(_) => return None,
+            Field::Iifname => Value::Ifname(p.iif.clone()),
         })
     }
 
@@ -355,6 +358,10 @@ fn element_covers(e: &Element, key: &[Value]) -> bool {
             .zip(key)
             .all(|(have, want)| match (have, want) {
                 (Value::Prefix(net), Value::Addr(a)) => IpNet::contains(net, a),
+                (Value::Ifname(p), Value::Ifname(n)) => match p.strip_suffix('*') {
+                    Some(prefix) => n.starts_with(prefix),
+                    None => p == n,
+                },
                 (a, b) => a == b,
             })
 }

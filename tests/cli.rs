@@ -70,3 +70,38 @@ fn nonsense_is_refused_before_anything_runs() {
         assert!(!err.is_empty(), "{bad}: no message");
     }
 }
+
+#[test]
+fn the_interface_detect_local_mode_round_trips_and_needs_its_interface() {
+    let dir = std::env::temp_dir().join(format!("nftproxy-cli-if-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join("written.conf");
+    let status = nftproxy()
+        .args([
+            "--detect-local-mode=InterfaceNamePrefix",
+            "--pod-interface-name-prefix=veth",
+        ])
+        .arg(format!("--write-config-to={}", out.display()))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let text = std::fs::read_to_string(&out).unwrap();
+    let f = nftproxy::cmd::kpconfig::KubeProxyConfiguration::parse(&text, "written.conf")
+        .and_then(|c| c.settings("written.conf"))
+        .expect("reads back");
+    assert_eq!(
+        f.detect_local,
+        Some(nftproxy::pipeline::config::DetectLocal::InterfaceNamePrefix)
+    );
+    assert_eq!(f.interface_name_prefix.as_deref(), Some("veth"));
+    let refused = nftproxy()
+        .args([
+            "--detect-local-mode=InterfaceNamePrefix",
+            "--write-config-to=/dev/null",
+        ])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--pod-interface-name-prefix"));
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -58,6 +58,12 @@ fn pkt(origin: Origin, src: &str, dst: &str, proto: Proto, dport: u16) -> Packet
         dst: ip(dst),
         proto,
         dport,
+        // Pods' traffic arrives on their veth; everything else on the node's uplink.
+        iif: if src.starts_with("10.") || src.starts_with("fd00:10:") {
+            "veth-pod".into()
+        } else {
+            "eth0".into()
+        },
     }
 }
 
@@ -188,4 +194,49 @@ fn client_ip_affinity_sticks_per_client() {
         3,
         "expired affinity"
     );
+}
+
+/// The interface detect-local modes decide like the CIDR mode: what arrives on a pod interface
+/// (`veth*`, or the bridge) is pod traffic, everything else is not.
+#[test]
+fn interface_detect_local_modes_trace_like_the_cidr_mode() {
+    use nftproxy::pipeline::config::DetectLocal;
+    use Origin::*;
+    use Proto::*;
+    let path = common::root().join("tests/flows/cluster.yaml");
+    let objs = common::load_objects(&path);
+    let node = objs.node_info(Some("node-a"));
+    for (mode, iface) in [
+        (DetectLocal::InterfaceNamePrefix, "veth"),
+        (DetectLocal::BridgeInterface, "veth-pod"),
+    ] {
+        let mut cfg = common::proxy_config("node-a");
+        cfg.cluster_cidrs.clear();
+        cfg.detect_local = mode;
+        cfg.pod_interface = iface.into();
+        let rs = nftproxy::pipeline::from_objects(&objs, &cfg, &node)
+            .expect("compile")
+            .ruleset;
+        let t4 = Tracer::new(Family::Ip, &rs.tables[&Family::Ip], &[ip(NODE_A)]);
+        #[rustfmt::skip]
+        let cases: &[(&str, Packet, &[&str])] = &[
+            ("pod -> ClusterIP: pod IP kept", pkt(Remote, "10.0.1.50", "172.30.0.10", Tcp, 80), &["10.0.1.1:8080", "10.0.2.1:8080"]),
+            ("off-cluster source -> ClusterIP: masqueraded", pkt(Remote, "203.0.113.5", "172.30.0.10", Tcp, 80), &["10.0.1.1:8080 masq", "10.0.2.1:8080 masq"]),
+            ("node itself -> ClusterIP: masqueraded", pkt(Local, NODE_A, "172.30.0.10", Tcp, 80), &["10.0.1.1:8080 masq", "10.0.2.1:8080 masq"]),
+            ("ETP Local LB IP from outside: local endpoint, client IP kept", pkt(Remote, "203.0.113.5", "192.0.2.12", Tcp, 80), &["10.0.1.3:8080"]),
+            ("ETP Local LB IP from a pod: short-circuit to all endpoints", pkt(Remote, "10.0.2.50", "192.0.2.12", Tcp, 80), &["10.0.1.3:8080", "10.0.2.3:8080"]),
+            ("ETP Local NodePort from a pod: all endpoints", pkt(Remote, "10.0.2.50", NODE_A, Tcp, 30012), &["10.0.1.3:8080", "10.0.2.3:8080"]),
+        ];
+        for (what, p, want) in cases {
+            assert_eq!(t4.trace(p), expect(want), "{mode:?}: {what}");
+        }
+        // A packet from a pod address that arrives on the uplink is not pod traffic here.
+        let mut spoofed = pkt(Remote, "10.0.1.50", "172.30.0.10", Tcp, 80);
+        spoofed.iif = "eth0".into();
+        assert_eq!(
+            t4.trace(&spoofed),
+            expect(&["10.0.1.1:8080 masq", "10.0.2.1:8080 masq"]),
+            "{mode:?}"
+        );
+    }
 }

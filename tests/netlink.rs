@@ -225,3 +225,58 @@ fn kernel_read_back_sees_and_repairs_outside_changes() {
         });
     }
 }
+
+/// The interface detect-local modes (`iifname` matches against an `ifname` interval set holding
+/// `"veth*"` or `"cbr0"`): nft lists exactly what was rendered, the fake holds what the kernel
+/// holds, and the read-back finds no drift.
+#[test]
+#[ignore = "privileged (root, network namespaces): cargo test -- --ignored, or `just test-privileged`"]
+fn interface_detect_local_modes_program_as_nft_reads_them() {
+    use nftproxy::pipeline::config::DetectLocal;
+    use nftproxy::sync::drift::kernel_view;
+    common::require_root();
+    let path = common::root().join("tests/flows/cluster.yaml");
+    let objs = common::load_objects(&path);
+    let node = objs.node_info(Some("node-a"));
+    for (mode, iface) in [
+        (DetectLocal::InterfaceNamePrefix, "veth"),
+        (DetectLocal::BridgeInterface, "cbr0"),
+    ] {
+        let mut cfg = common::proxy_config("node-a");
+        cfg.cluster_cidrs.clear();
+        cfg.detect_local = mode;
+        cfg.pod_interface = iface.into();
+        let rs = nftproxy::pipeline::from_objects(&objs, &cfg, &node)
+            .expect("compile")
+            .ruleset;
+        let text = render::ruleset(&rs);
+        assert!(text.contains("iifname != @local-ifaces"), "{text}");
+        let mut fake = FakeApplier::new();
+        fake.apply(&plan::full(&rs)).expect("fake apply");
+        let families: Vec<Family> = rs.tables.keys().copied().collect();
+        let (listed, drift) = common::in_netns(move || {
+            let mut a = NetlinkApplier::new().expect("netlink");
+            a.apply(&plan::full(&rs)).expect("apply");
+            let read = rs
+                .tables
+                .iter()
+                .map(|(f, t)| (*f, a.read_table(*f, t, None).expect("read back")))
+                .collect();
+            (
+                listing(&families),
+                kernel_view(&rs, &read, None, None).findings,
+            )
+        });
+        assert!(
+            render::normalise(&listed) == render::normalise(&text),
+            "{mode:?}: listed (-) vs rendered (+):\n{}",
+            render::diff(&listed, &text)
+        );
+        assert!(drift.is_empty(), "{mode:?}: {drift:?}");
+        assert_eq!(
+            render::normalise(&fake.dump()),
+            render::normalise(&text),
+            "{mode:?}: the fake"
+        );
+    }
+}

@@ -50,6 +50,7 @@ fn field_type(f: Family, x: &Field) -> FieldType {
         Field::L4proto => FieldType::InetProto,
         Field::ThDport | Field::CtOrigProtoDst => FieldType::InetService,
         Field::Numgen(_) => FieldType::Slot,
+        Field::Iifname => FieldType::Ifname,
     }
 }
 
@@ -69,6 +70,8 @@ fn value_fits(v: &Value, t: FieldType, interval: bool) -> bool {
         (Value::Proto(_), FieldType::InetProto)
         | (Value::Port(_), FieldType::InetService)
         | (Value::Slot(_), FieldType::Slot) => true,
+        // A name prefix (`"veth*"`) only in an interval set, as in the kernel.
+        (Value::Ifname(n), FieldType::Ifname) => interval || !n.ends_with('*'),
         _ => false,
     }
 }
@@ -87,6 +90,15 @@ fn overlaps(a: &Element, b: &Element) -> bool {
             (Value::Prefix(p), Value::Prefix(q)) => p.contains(q) || q.contains(p),
             (Value::Prefix(p), Value::Addr(a)) | (Value::Addr(a), Value::Prefix(p)) => {
                 p.contains(a)
+            }
+            (Value::Ifname(p), Value::Ifname(q)) => {
+                let stem = |s: &str| s.strip_suffix('*').map(str::to_string);
+                match (stem(p), stem(q)) {
+                    (Some(a), Some(b)) => a.starts_with(&b) || b.starts_with(&a),
+                    (Some(a), None) => q.starts_with(&a),
+                    (None, Some(b)) => p.starts_with(&b),
+                    (None, None) => p == q,
+                }
             }
             (x, y) => x == y,
         })

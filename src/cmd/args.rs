@@ -64,10 +64,18 @@ pub struct ProxyArgs {
     #[arg(long, default_value_t = 14, value_parser = clap::value_parser!(u32).range(0..32))]
     pub masquerade_bit: u32,
     /// How this node's pod traffic is recognised: `ClusterCIDR` (sources in --cluster-cidr),
-    /// `NodeCIDR` (sources in the Node's spec.podCIDRs). Default: ClusterCIDR when
-    /// --cluster-cidr is given, else NodeCIDR.
+    /// `NodeCIDR` (sources in the Node's spec.podCIDRs), `BridgeInterface` (arriving on
+    /// --pod-bridge-interface), `InterfaceNamePrefix` (arriving on interfaces named
+    /// --pod-interface-name-prefix*). Default: ClusterCIDR when --cluster-cidr is given, else
+    /// NodeCIDR.
     #[arg(long, default_value = "", value_parser = DetectLocal::parse)]
     pub detect_local_mode: DetectLocal,
+    /// The pods' bridge, for --detect-local-mode BridgeInterface.
+    #[arg(long, default_value = "")]
+    pub pod_bridge_interface: String,
+    /// The pods' interface name prefix, for --detect-local-mode InterfaceNamePrefix.
+    #[arg(long, default_value = "")]
+    pub pod_interface_name_prefix: String,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -167,12 +175,6 @@ pub struct RunArgs {
     /// Accepted, not used: nftproxy reads JSON.
     #[arg(long)]
     pub kube_api_content_type: Option<String>,
-    /// Accepted, not used: only with --detect-local-mode BridgeInterface (not supported yet).
-    #[arg(long)]
-    pub pod_bridge_interface: Option<String>,
-    /// Accepted, not used: only with --detect-local-mode InterfaceNamePrefix (not supported yet).
-    #[arg(long)]
-    pub pod_interface_name_prefix: Option<String>,
 }
 
 /// A duration as Go prints `metav1.Duration` values in simple cases (`30s`, `50ms`, `1m0s`).
@@ -213,11 +215,6 @@ impl RunArgs {
             "--kube-api-content-type",
             "nftproxy reads JSON",
         );
-        note(
-            self.pod_bridge_interface.is_some() || self.pod_interface_name_prefix.is_some(),
-            "--pod-bridge-interface/--pod-interface-name-prefix",
-            "only used by the interface detect-local modes, not supported yet",
-        );
         out
     }
 
@@ -252,6 +249,12 @@ impl RunArgs {
                     DetectLocal::Auto => "",
                     DetectLocal::ClusterCidr => "ClusterCIDR",
                     DetectLocal::NodeCidr => "NodeCIDR",
+                    DetectLocal::BridgeInterface => "BridgeInterface",
+                    DetectLocal::InterfaceNamePrefix => "InterfaceNamePrefix",
+                },
+                "detectLocal": {
+                    "bridgeInterface": self.proxy.pod_bridge_interface,
+                    "interfaceNamePrefix": self.proxy.pod_interface_name_prefix,
                 },
                 "conntrack": {
                     "maxPerCore": self.conntrack_max_per_core,
@@ -319,6 +322,12 @@ impl RunArgs {
         }
         if let (Some(d), true) = (f.detect_local, unset("detect_local_mode")) {
             self.proxy.detect_local_mode = d;
+        }
+        if let (Some(b), true) = (&f.bridge_interface, unset("pod_bridge_interface")) {
+            self.proxy.pod_bridge_interface = b.clone();
+        }
+        if let (Some(p), true) = (&f.interface_name_prefix, unset("pod_interface_name_prefix")) {
+            self.proxy.pod_interface_name_prefix = p.clone();
         }
         let c = &f.conntrack;
         if let (Some(v), true) = (c.max_per_core, unset("conntrack_max_per_core")) {
@@ -421,8 +430,24 @@ pub fn with_default_command(mut argv: Vec<std::ffi::OsString>) -> Vec<std::ffi::
     argv
 }
 
+/// An interface name a detect-local mode needs: present and a valid name (at most 15 bytes).
+fn required(name: &str, missing: &str) -> Result<String, ConfigError> {
+    let n = name.trim();
+    if n.is_empty() {
+        return Err(ConfigError::DetectLocal(missing.to_string()));
+    }
+    if n.len() > 15 || n.contains(['*', '/', ' ']) {
+        return Err(ConfigError::DetectLocal(format!(
+            "{n:?} is not an interface name (at most 15 bytes, no '*', '/' or spaces)"
+        )));
+    }
+    Ok(n.to_string())
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    #[error("{0}")]
+    DetectLocal(String),
     #[error(transparent)]
     NodePortAddress(#[from] NodePortAddressError),
     #[error("configuration file: {0}")]
@@ -445,6 +470,17 @@ impl ProxyArgs {
             masquerade_bit: a.masquerade_bit,
             nodeport: NodePortAddresses::parse(&a.nodeport_addresses)?,
             detect_local: a.detect_local_mode,
+            pod_interface: match a.detect_local_mode {
+                DetectLocal::BridgeInterface => required(
+                    &a.pod_bridge_interface,
+                    "--detect-local-mode BridgeInterface needs --pod-bridge-interface",
+                )?,
+                DetectLocal::InterfaceNamePrefix => required(
+                    &a.pod_interface_name_prefix,
+                    "--detect-local-mode InterfaceNamePrefix needs --pod-interface-name-prefix",
+                )?,
+                _ => String::new(),
+            },
         })
     }
 }

@@ -141,6 +141,9 @@ pub struct FromFile {
     pub log_json: Option<bool>,
     pub verbosity: Option<u8>,
     pub detect_local: Option<crate::pipeline::config::DetectLocal>,
+    /// `detectLocal.bridgeInterface` / `detectLocal.interfaceNamePrefix`.
+    pub bridge_interface: Option<String>,
+    pub interface_name_prefix: Option<String>,
     /// `conntrack.*`: set fields (null: kube-proxy's default).
     pub conntrack: ConntrackFromFile,
     /// Fields set in the file that nftproxy does not use, with why (reported once at start).
@@ -277,14 +280,25 @@ impl KubeProxyConfiguration {
             );
         }
         if let Some(d) = &self.detect_local {
-            for (name, v) in [
-                ("detectLocal.bridgeInterface", &d.bridge_interface),
-                ("detectLocal.interfaceNamePrefix", &d.interface_name_prefix),
-            ] {
-                if v.as_deref().is_some_and(|v| !v.is_empty()) {
-                    out.ignored.push(format!("{name}: only used by detectLocalMode BridgeInterface/InterfaceNamePrefix, not supported yet"));
-                }
+            out.bridge_interface = d.bridge_interface.clone().filter(|v| !v.is_empty());
+            out.interface_name_prefix = d.interface_name_prefix.clone().filter(|v| !v.is_empty());
+        }
+        use crate::pipeline::config::DetectLocal;
+        match out.detect_local {
+            Some(DetectLocal::BridgeInterface) if out.bridge_interface.is_none() => {
+                return Err(field(
+                    "detectLocal.bridgeInterface",
+                    "detectLocalMode BridgeInterface needs the pods' bridge".into(),
+                ))
             }
+            Some(DetectLocal::InterfaceNamePrefix) if out.interface_name_prefix.is_none() => {
+                return Err(field(
+                    "detectLocal.interfaceNamePrefix",
+                    "detectLocalMode InterfaceNamePrefix needs the pods' interface name prefix"
+                        .into(),
+                ))
+            }
+            _ => {}
         }
         if let Some(cc) = &self.client_connection {
             out.kubeconfig = cc.kubeconfig.clone().filter(|k| !k.is_empty());
@@ -605,7 +619,10 @@ logging: {format: json, verbosity: 4}
                 "nftables: {syncPeriod: soon}\n",
                 "nftables: bad duration \"soon\" at line 3",
             ),
-            ("detectLocalMode: BridgeInterface\n", "detectLocalMode"),
+            (
+                "detectLocalMode: BridgeInterface\n",
+                "detectLocal.bridgeInterface",
+            ),
             ("detectLocalMode: nodecidr\n", "detectLocalMode"),
             ("oomScoreAdj: 5000\n", "oomScoreAdj"),
             ("logging: {format: xml}\n", "logging.format"),

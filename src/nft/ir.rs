@@ -72,6 +72,8 @@ pub enum Field {
     CtOrigProtoDst,
     /// `numgen random mod N`: a slot number in `0..N`.
     Numgen(u32),
+    /// `iifname`: the name of the interface the packet came in on.
+    Iifname,
 }
 
 /// Element field types, with their wire length in bytes (before 4-byte register padding).
@@ -83,6 +85,8 @@ pub enum FieldType {
     InetService,
     /// A 32-bit integer that only a `typeof` declaration can name (numgen slots).
     Slot,
+    /// An interface name (`ifname`, 16 bytes, NUL-padded).
+    Ifname,
 }
 
 // A byte length, not a container: there is no emptiness to ask about.
@@ -103,6 +107,7 @@ impl FieldType {
             FieldType::InetProto => 1,
             FieldType::InetService => 2,
             FieldType::Slot => 4,
+            FieldType::Ifname => 16,
         }
     }
 }
@@ -126,6 +131,8 @@ pub enum Value {
     Proto(Proto),
     Port(u16),
     Slot(u32),
+    /// An interface name; a trailing `*` makes it a prefix (only in interval sets).
+    Ifname(String),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -95,8 +95,12 @@ pub const SERVICE_CIDRS: &str = "service-cidrs";
 /// The chain `services`.
 pub const SERVICES: &str = "services";
 
+/// The set `local-ifaces`.
+pub const LOCAL_IFACES: &str = "local-ifaces";
+
 /// Every name with the kinds it is declared as in the skeleton.
 pub const ALL: &[(&str, &[&str])] = &[
+    (LOCAL_IFACES, &["set"]),
     (AFFINITY_UPDATE, &["chain"]),
     (CLUSTER_CIDRS, &["set"]),
     (CLUSTER_IPS, &["set"]),

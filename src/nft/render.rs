@@ -15,6 +15,7 @@ pub fn field(f: Family, x: &Field) -> String {
         Field::Daddr => format!("{a} daddr"),
         Field::L4proto => "meta l4proto".into(),
         Field::ThDport => "th dport".into(),
+        Field::Iifname => "iifname".into(),
         Field::CtOrigSaddr => format!("ct original {a} saddr"),
         Field::CtOrigDaddr => format!("ct original {a} daddr"),
         Field::CtOrigProtoDst => "ct original proto-dst".into(),
@@ -36,6 +37,7 @@ fn field_type(t: FieldType) -> &'static str {
         FieldType::InetProto => "inet_proto",
         FieldType::InetService => "inet_service",
         FieldType::Slot => "integer",
+        FieldType::Ifname => "ifname",
     }
 }
 
@@ -83,6 +85,7 @@ pub fn value(v: &Value) -> String {
         Value::Proto(p) => p.keyword().to_string(),
         Value::Port(p) => p.to_string(),
         Value::Slot(s) => s.to_string(),
+        Value::Ifname(n) => format!("\"{n}\""),
     }
 }
 

@@ -181,6 +181,7 @@ fn parse_types(w: &[&str]) -> Result<Vec<FieldType>, String> {
             "ipv6_addr" => Ok(FieldType::Ipv6Addr),
             "inet_proto" => Ok(FieldType::InetProto),
             "inet_service" => Ok(FieldType::InetService),
+            "ifname" => Ok(FieldType::Ifname),
             other => Err(format!("unknown type {other}")),
         })
         .collect()
@@ -202,7 +203,7 @@ fn parse_when(c: &str) -> Result<Vec<Cond>, String> {
                 None => (false, c),
             };
             match name {
-                "masquerade-all" | "cluster-cidr" => Ok(Cond {
+                "masquerade-all" | "cluster-cidr" | "local-iface" => Ok(Cond {
                     name: name.to_string(),
                     negate,
                 }),
@@ -271,7 +272,11 @@ impl<'a> Tokens<'a> {
 }
 
 fn parse_field(t: &mut Tokens<'_>) -> Result<Field, String> {
-    let f = match (t.next(), t.next()) {
+    let first = t.next();
+    if first == Some("iifname") {
+        return Ok(Field::Iifname);
+    }
+    let f = match (first, t.next()) {
         (Some("ip" | "ip6"), Some("saddr")) => Field::Saddr,
         (Some("ip" | "ip6"), Some("daddr")) => Field::Daddr,
         (Some("meta"), Some("l4proto")) => Field::L4proto,
@@ -501,7 +506,7 @@ mod tests {
             .iter()
             .any(|s| s.name == "l4protos" && s.elements.len() == 3));
         let cl = t.chains.iter().find(|c| c.name == "clusterip").unwrap();
-        assert_eq!(cl.rules.len(), 3);
+        assert_eq!(cl.rules.len(), 4);
         assert_eq!(
             cl.rules[1].when,
             vec![

@@ -95,6 +95,10 @@ pub enum DetectLocal {
     ClusterCidr,
     /// Sources in this Node's `spec.podCIDRs` are pods (followed as the Node changes).
     NodeCidr,
+    /// Packets arriving on the bridge named by `pod_interface` come from pods.
+    BridgeInterface,
+    /// Packets arriving on interfaces whose name starts with `pod_interface` come from pods.
+    InterfaceNamePrefix,
 }
 
 impl DetectLocal {
@@ -105,9 +109,8 @@ impl DetectLocal {
             "" => Ok(DetectLocal::Auto),
             "ClusterCIDR" => Ok(DetectLocal::ClusterCidr),
             "NodeCIDR" => Ok(DetectLocal::NodeCidr),
-            "BridgeInterface" | "InterfaceNamePrefix" => Err(format!(
-                "{s:?} is not supported yet: use ClusterCIDR (with the pod CIDRs) or NodeCIDR (the Nodes' spec.podCIDRs)"
-            )),
+            "BridgeInterface" => Ok(DetectLocal::BridgeInterface),
+            "InterfaceNamePrefix" => Ok(DetectLocal::InterfaceNamePrefix),
             other => Err(format!(
                 "{other:?} is not a detect-local mode (ClusterCIDR, NodeCIDR, BridgeInterface, InterfaceNamePrefix)"
             )),
@@ -124,6 +127,9 @@ pub struct ProxyConfig {
     pub masquerade_bit: u32,
     pub nodeport: NodePortAddresses,
     pub detect_local: DetectLocal,
+    /// The bridge (BridgeInterface) or the name prefix (InterfaceNamePrefix) of pod
+    /// interfaces; unused by the CIDR modes.
+    pub pod_interface: String,
 }
 
 impl ProxyConfig {
@@ -197,6 +203,17 @@ impl ProxyConfig {
             DetectLocal::NodeCidr => node.pod_cidrs.clone(),
             DetectLocal::Auto if !self.cluster_cidrs.is_empty() => self.cluster_cidrs.clone(),
             DetectLocal::Auto => node.pod_cidrs.clone(),
+            DetectLocal::BridgeInterface | DetectLocal::InterfaceNamePrefix => Vec::new(),
+        }
+    }
+
+    /// The interfaces pod traffic arrives on, by the detect-local mode (`"veth*"` for a name
+    /// prefix, as nft writes it).
+    pub fn local_ifaces(&self) -> Vec<String> {
+        match self.detect_local {
+            DetectLocal::BridgeInterface => vec![self.pod_interface.clone()],
+            DetectLocal::InterfaceNamePrefix => vec![format!("{}*", self.pod_interface)],
+            _ => Vec::new(),
         }
     }
 
@@ -205,6 +222,7 @@ impl ProxyConfig {
             masquerade_mark: 1u32 << self.masquerade_bit,
             masquerade_all: self.masquerade_all,
             cluster_cidrs: self.local_cidrs(node),
+            local_ifaces: self.local_ifaces(),
             nodeport_cidrs: self.nodeport.resolve(node),
             node_ips: node.internal_ips.clone(),
             families: Self::families(node),
@@ -229,6 +247,7 @@ mod tests {
             masquerade_bit: 14,
             nodeport: NodePortAddresses::parse(&[]).unwrap(),
             detect_local: DetectLocal::Auto,
+            pod_interface: String::new(),
         };
         // No cluster CIDR: the Node's pod CIDRs, with no configuration.
         assert_eq!(cfg.local_cidrs(&node), node.pod_cidrs);
@@ -240,9 +259,17 @@ mod tests {
         cfg.cluster_cidrs.clear();
         assert!(cfg.local_cidrs(&node).is_empty());
         assert_eq!(DetectLocal::parse("NodeCIDR"), Ok(DetectLocal::NodeCidr));
-        assert!(DetectLocal::parse("BridgeInterface")
-            .unwrap_err()
-            .contains("not supported yet"));
+        assert_eq!(
+            DetectLocal::parse("BridgeInterface"),
+            Ok(DetectLocal::BridgeInterface)
+        );
+        cfg.detect_local = DetectLocal::InterfaceNamePrefix;
+        cfg.pod_interface = "veth".into();
+        assert!(cfg.local_cidrs(&node).is_empty());
+        assert_eq!(cfg.local_ifaces(), vec!["veth*".to_string()]);
+        cfg.detect_local = DetectLocal::BridgeInterface;
+        cfg.pod_interface = "cbr0".into();
+        assert_eq!(cfg.local_ifaces(), vec!["cbr0".to_string()]);
         assert!(DetectLocal::parse("nodecidr").is_err());
         for lo in ["127.0.0.0/8", "127.0.0.1/32", "::1/128"] {
             assert!(matches!(

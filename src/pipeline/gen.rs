@@ -776,12 +776,12 @@ pub struct Flags {
     /// 0: `primary`, 1: the node subnets, 2: everything.
     pub nodeport_addresses: u8,
     /// 0: ClusterCIDR, 1: NodeCIDR (the Node's podCIDRs, changing with it), 2: auto with no
-    /// cluster CIDR (NodeCIDR).
+    /// cluster CIDR (NodeCIDR), 3: InterfaceNamePrefix veth, 4: BridgeInterface cbr0.
     pub detect_local: u8,
 }
 
 pub fn flags() -> impl Strategy<Value = Flags> {
-    (any::<bool>(), 0u8..3, 0u8..3).prop_map(
+    (any::<bool>(), 0u8..3, 0u8..5).prop_map(
         |(masquerade_all, nodeport_addresses, detect_local)| Flags {
             masquerade_all,
             nodeport_addresses,
@@ -797,10 +797,16 @@ impl Flags {
             1 => vec!["192.168.0.0/24".into(), "fd00:192::/64".into()],
             _ => vec!["0.0.0.0/0".into(), "::/0".into()],
         };
-        let (detect_local, cluster_cidrs) = match self.detect_local {
-            0 => (DetectLocal::ClusterCidr, vec!["10.0.0.0/8", "fd00:10::/64"]),
-            1 => (DetectLocal::NodeCidr, vec!["10.0.0.0/8"]),
-            _ => (DetectLocal::Auto, vec![]),
+        let (detect_local, cluster_cidrs, pod_interface) = match self.detect_local {
+            0 => (
+                DetectLocal::ClusterCidr,
+                vec!["10.0.0.0/8", "fd00:10::/64"],
+                "",
+            ),
+            1 => (DetectLocal::NodeCidr, vec!["10.0.0.0/8"], ""),
+            2 => (DetectLocal::Auto, vec![], ""),
+            3 => (DetectLocal::InterfaceNamePrefix, vec![], "veth"),
+            _ => (DetectLocal::BridgeInterface, vec!["10.0.0.0/8"], "cbr0"),
         };
         ProxyConfig {
             node_name: NODE.into(),
@@ -812,6 +818,7 @@ impl Flags {
             masquerade_bit: 14,
             nodeport: NodePortAddresses::parse(&np).expect("nodeport addresses"),
             detect_local,
+            pod_interface: pod_interface.into(),
         }
     }
 }

@@ -90,6 +90,7 @@ pub mod consts {
     pub const NFT_PAYLOAD_TRANSPORT_HEADER: u32 = 2;
     pub const NFT_META_MARK: u32 = 3;
     pub const NFT_META_L4PROTO: u32 = 16;
+    pub const NFT_META_IIFNAME: u32 = 6;
     pub const NFT_CT_STATE: u32 = 0;
     pub const NFT_CT_STATUS: u32 = 2;
     pub const NFT_CT_PROTO_DST: u32 = 12;

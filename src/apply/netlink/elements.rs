@@ -30,12 +30,26 @@ pub(super) fn value_bytes(
         } else {
             s.to_ne_bytes().to_vec()
         }),
-        (Value::Prefix(_), _) => Err(LowerError::Encode(format!(
-            "prefix {} outside an interval set",
-            fmt_value(v)
-        ))),
+        (Value::Ifname(n), FieldType::Ifname) if !n.ends_with('*') => ifname_bytes(n, 0),
+        (Value::Prefix(_), _) | (Value::Ifname(_), FieldType::Ifname) => Err(LowerError::Encode(
+            format!("prefix {} outside an interval set", fmt_value(v)),
+        )),
         _ => Err(wrong()),
     }
+}
+
+/// An interface name as the kernel compares it: its bytes, then `fill` up to 16 bytes (NUL
+/// for a name, 0xff for the last value a prefix covers).
+fn ifname_bytes(name: &str, fill: u8) -> Result<Vec<u8>, LowerError> {
+    let b = name.as_bytes();
+    if b.len() > 15 || b.contains(&0) {
+        return Err(LowerError::Encode(format!(
+            "{name:?} is not an interface name (at most 15 bytes)"
+        )));
+    }
+    let mut out = b.to_vec();
+    out.resize(16, fill);
+    Ok(out)
 }
 
 /// First and last value of a component in an interval set.
@@ -49,6 +63,11 @@ pub(super) fn value_range(v: &Value, c: &Comp) -> Result<(Vec<u8>, Vec<u8>), Low
             n.network().octets().to_vec(),
             n.broadcast().octets().to_vec(),
         )),
+        // `"veth*"`: from "veth" NUL-padded to "veth" 0xff-padded (nft encodes it so).
+        (Value::Ifname(n), FieldType::Ifname) if n.ends_with('*') => {
+            let p = &n[..n.len() - 1];
+            Ok((ifname_bytes(p, 0)?, ifname_bytes(p, 0xff)?))
+        }
         (Value::Prefix(_), _) => Err(LowerError::Encode(format!(
             "prefix {} does not fit a {:?} component",
             fmt_value(v),
@@ -283,6 +302,10 @@ pub(super) fn decode_comp(b: &[u8], c: &Comp, big_endian_ints: bool) -> Result<V
                 u32::from_ne_bytes(a)
             })
         }
+        FieldType::Ifname => {
+            let end = b.iter().position(|&x| x == 0).unwrap_or(b.len());
+            Value::Ifname(String::from_utf8_lossy(&b[..end]).into_owned())
+        }
     })
 }
 
@@ -297,6 +320,22 @@ pub(super) fn decode_range(
     let is_addr = matches!(c.ty, FieldType::Ipv4Addr | FieldType::Ipv6Addr);
     if lo == hi && !(is_addr && as_prefix) {
         return decode_comp(lo, c, true);
+    }
+    if c.ty == FieldType::Ifname {
+        // A name prefix: the prefix, then NULs up to 0xffs.
+        let p = lo.iter().position(|&x| x == 0).unwrap_or(lo.len());
+        if lo[p..].iter().all(|&x| x == 0)
+            && hi.get(..p) == Some(&lo[..p])
+            && hi[p..].iter().all(|&x| x == 0xff)
+        {
+            return Ok(Value::Ifname(format!(
+                "{}*",
+                String::from_utf8_lossy(&lo[..p])
+            )));
+        }
+        return Err(LowerError::Decode(format!(
+            "range {lo:02x?}-{hi:02x?} is not an interface name prefix"
+        )));
     }
     if !is_addr {
         return Err(LowerError::Decode(format!(

@@ -142,6 +142,7 @@ pub(super) fn fmt_value(v: &Value) -> String {
         Value::Proto(p) => p.keyword().to_string(),
         Value::Port(p) => p.to_string(),
         Value::Slot(s) => s.to_string(),
+        Value::Ifname(n) => format!("{n:?}"),
     }
 }
 

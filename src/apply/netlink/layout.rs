@@ -27,6 +27,7 @@ pub(super) fn field_len(f: Field, fam: Family) -> usize {
         Field::L4proto => 1,
         Field::ThDport | Field::CtOrigProtoDst => 2,
         Field::Numgen(_) => 4,
+        Field::Iifname => 16,
     }
 }
 
@@ -43,6 +44,7 @@ pub(super) fn field_value_type(f: Field, fam: Family) -> FieldType {
         Field::L4proto => FieldType::InetProto,
         Field::ThDport | Field::CtOrigProtoDst => FieldType::InetService,
         Field::Numgen(_) => FieldType::Slot,
+        Field::Iifname => FieldType::Ifname,
     }
 }
 
@@ -76,6 +78,8 @@ impl Comp {
             // nft's inet_proto datatype has no byte order of its own.
             FieldType::InetProto => (TYPE_INET_PROTOCOL, BYTEORDER_INVALID),
             FieldType::InetService => (TYPE_INET_SERVICE, BYTEORDER_BIG),
+            // A NUL-padded string; nft records it as host order (checked with nft 1.0.6).
+            FieldType::Ifname => (TYPE_IFNAME, BYTEORDER_HOST),
             FieldType::Slot => return Err(LowerError::Encode(
                 "a Slot component can only be declared with typeof (nft has no type name for it)"
                     .into(),
@@ -101,6 +105,7 @@ impl Comp {
             // `ct original proto-dst` has no datatype in nft until a protocol is known.
             Field::CtOrigProtoDst => (TYPE_INVALID, BYTEORDER_BIG),
             Field::Numgen(_) => (TYPE_INTEGER, BYTEORDER_HOST),
+            Field::Iifname => (TYPE_IFNAME, BYTEORDER_HOST),
         };
         Comp {
             ty: field_value_type(f, fam),
@@ -129,6 +134,10 @@ impl Comp {
             }
             Field::L4proto => {
                 data.put_u32(0, NFT_META_L4PROTO)?;
+                EXPR_META
+            }
+            Field::Iifname => {
+                data.put_u32(0, NFT_META_IIFNAME)?;
                 EXPR_META
             }
             Field::CtOrigSaddr | Field::CtOrigDaddr | Field::CtOrigProtoDst => {
@@ -416,6 +425,7 @@ pub(super) fn layout_from_kernel(
             TYPE_IP6ADDR => Comp::of_type(FieldType::Ipv6Addr),
             TYPE_INET_PROTOCOL => Comp::of_type(FieldType::InetProto),
             TYPE_INET_SERVICE => Comp::of_type(FieldType::InetService),
+            TYPE_IFNAME => Comp::of_type(FieldType::Ifname),
             TYPE_INTEGER => Ok(Comp {
                 ty: FieldType::Slot,
                 type_id: TYPE_INTEGER,
@@ -492,6 +502,7 @@ pub(super) fn typeof_field(ud: &[u8], family: Family) -> Result<Field, LowerErro
             _ => return Err(unknown()),
         },
         EXPR_META if a(0) == Some(NFT_META_L4PROTO) => Field::L4proto,
+        EXPR_META if a(0) == Some(NFT_META_IIFNAME) => Field::Iifname,
         EXPR_CT => match a(0) {
             Some(NFT_CT_PROTO_DST) => Field::CtOrigProtoDst,
             Some(NFT_CT_SRC_IP) | Some(NFT_CT_SRC_IP6) => Field::CtOrigSaddr,

@@ -49,6 +49,8 @@ const TYPE_IPADDR: u32 = 7;
 const TYPE_IP6ADDR: u32 = 8;
 const TYPE_INET_PROTOCOL: u32 = 12;
 const TYPE_INET_SERVICE: u32 = 13;
+/// nft's `ifname` datatype (`TYPE_IFNAME` in nft's datatype.h).
+const TYPE_IFNAME: u32 = 41;
 const TYPE_BITS: u32 = 6;
 
 /// nft's `enum byteorder` as stored in the set user data.

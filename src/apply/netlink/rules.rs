@@ -61,6 +61,7 @@ impl RuleLowering<'_> {
             }
             Field::ThDport => Expr::payload_load(NFT_PAYLOAD_TRANSPORT_HEADER, 2, 2, reg),
             Field::L4proto => Expr::meta_load(NFT_META_L4PROTO, reg),
+            Field::Iifname => Expr::meta_load(NFT_META_IIFNAME, reg),
             Field::CtOrigSaddr | Field::CtOrigDaddr => {
                 Expr::ct_load(ct_addr_key(f, fam), Some(IP_CT_DIR_ORIGINAL), reg)
             }

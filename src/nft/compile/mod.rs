@@ -35,6 +35,9 @@ pub struct CompileConfig {
     pub node_ips: Vec<IpAddr>,
     /// Families to program.
     pub families: Vec<Family>,
+    /// Interfaces this node's pods send from (a bridge, or `"veth*"` for a name prefix): the
+    /// interface detect-local modes; empty with the CIDR ones.
+    pub local_ifaces: Vec<String>,
 }
 
 impl Default for CompileConfig {
@@ -46,6 +49,7 @@ impl Default for CompileConfig {
             nodeport_cidrs: Vec::new(),
             node_ips: Vec::new(),
             families: vec![Family::Ip, Family::Ip6],
+            local_ifaces: Vec::new(),
         }
     }
 }
@@ -388,6 +392,9 @@ impl FamilyTable {
         for net in family_nets(f, service_cidrs) {
             ft.insert(names::SERVICE_CIDRS, vec![Value::Prefix(net)]);
         }
+        for name in &cfg.local_ifaces {
+            ft.insert(names::LOCAL_IFACES, vec![Value::Ifname(name.clone())]);
+        }
         ft
     }
 
@@ -583,6 +590,7 @@ fn instantiate_skeleton(f: Family, cfg: &CompileConfig, tpl: &Template) -> Table
     let holds = |name: &str| match name {
         "masquerade-all" => cfg.masquerade_all,
         "cluster-cidr" => has_cluster_cidr,
+        "local-iface" => !cfg.local_ifaces.is_empty(),
         _ => false,
     };
     for s in &tpl.sets {

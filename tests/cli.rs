@@ -40,6 +40,7 @@ fn write_config_to_writes_a_kube_proxy_configuration_that_reads_back() {
     assert_eq!(f.sync_period, Some(std::time::Duration::from_secs(90)));
     assert_eq!(f.log_json, Some(true));
     assert_eq!(f.verbosity, Some(2));
+    assert_eq!((f.kube_api_qps, f.kube_api_burst), (Some(50.0), Some(100)));
     assert_eq!(f.conntrack.max_per_core, Some(0));
     assert_eq!(f.conntrack.tcp_close_wait, Some(std::time::Duration::ZERO));
     assert_eq!(

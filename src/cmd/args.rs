@@ -166,12 +166,12 @@ pub struct RunArgs {
     /// feature gates.
     #[arg(long)]
     pub feature_gates: Option<String>,
-    /// Accepted, not used: nftproxy's API traffic is one list and a watch per kind.
-    #[arg(long)]
-    pub kube_api_qps: Option<f64>,
-    /// Accepted, not used (see --kube-api-qps).
-    #[arg(long)]
-    pub kube_api_burst: Option<i64>,
+    /// API requests per second the client may send (client-go's rate limit; 0: the default).
+    #[arg(long, default_value_t = 5.0)]
+    pub kube_api_qps: f64,
+    /// Requests the client may send at once before --kube-api-qps applies (0: the default).
+    #[arg(long, default_value_t = 10)]
+    pub kube_api_burst: u32,
     /// Accepted, not used: nftproxy reads JSON.
     #[arg(long)]
     pub kube_api_content_type: Option<String>,
@@ -192,6 +192,23 @@ fn go_duration(d: Duration) -> String {
 }
 
 impl RunArgs {
+    /// The API client's rate limit (0 means kube-proxy's default, as in its config).
+    pub fn rate_limit(&self) -> crate::k8s::client::RateLimit {
+        use crate::k8s::client::RateLimit;
+        RateLimit {
+            qps: if self.kube_api_qps > 0.0 {
+                self.kube_api_qps
+            } else {
+                RateLimit::KUBE_PROXY.qps
+            },
+            burst: if self.kube_api_burst > 0 {
+                self.kube_api_burst
+            } else {
+                RateLimit::KUBE_PROXY.burst
+            },
+        }
+    }
+
     /// kube-proxy flags given that nftproxy accepts but does not use, with why.
     pub fn unused_flags(&self) -> Vec<String> {
         let mut out = Vec::new();
@@ -204,11 +221,6 @@ impl RunArgs {
             self.feature_gates.is_some(),
             "--feature-gates",
             "nftproxy has no feature gates",
-        );
-        note(
-            self.kube_api_qps.is_some() || self.kube_api_burst.is_some(),
-            "--kube-api-qps/--kube-api-burst",
-            "nftproxy's API traffic is one list and one watch per kind",
         );
         note(
             self.kube_api_content_type.is_some(),
@@ -268,6 +280,8 @@ impl RunArgs {
                 "oomScoreAdj": self.oom_score_adj,
                 "clientConnection": {
                     "kubeconfig": self.kubeconfig.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
+                    "qps": self.rate_limit().qps,
+                    "burst": self.rate_limit().burst,
                 },
                 "nftables": {
                     "masqueradeAll": cfg.masquerade_all,
@@ -322,6 +336,12 @@ impl RunArgs {
         }
         if let (Some(d), true) = (f.detect_local, unset("detect_local_mode")) {
             self.proxy.detect_local_mode = d;
+        }
+        if let (Some(q), true) = (f.kube_api_qps, unset("kube_api_qps")) {
+            self.kube_api_qps = q;
+        }
+        if let (Some(b), true) = (f.kube_api_burst, unset("kube_api_burst")) {
+            self.kube_api_burst = b;
         }
         if let (Some(b), true) = (&f.bridge_interface, unset("pod_bridge_interface")) {
             self.proxy.pod_bridge_interface = b.clone();

@@ -216,6 +216,7 @@ pub fn diff(args: DiffArgs) -> ExitCode {
                     args.kubeconfig.as_deref(),
                     args.master.as_deref(),
                     None,
+                    None,
                 )
                 .await
                 .map_err(|e| e.to_string())?;

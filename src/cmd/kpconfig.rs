@@ -141,6 +141,9 @@ pub struct FromFile {
     pub log_json: Option<bool>,
     pub verbosity: Option<u8>,
     pub detect_local: Option<crate::pipeline::config::DetectLocal>,
+    /// `clientConnection.qps` / `burst` when set (0: the default).
+    pub kube_api_qps: Option<f64>,
+    pub kube_api_burst: Option<u32>,
     /// `detectLocal.bridgeInterface` / `detectLocal.interfaceNamePrefix`.
     pub bridge_interface: Option<String>,
     pub interface_name_prefix: Option<String>,
@@ -302,10 +305,22 @@ impl KubeProxyConfiguration {
         }
         if let Some(cc) = &self.client_connection {
             out.kubeconfig = cc.kubeconfig.clone().filter(|k| !k.is_empty());
-            if cc.qps.is_some() || cc.burst.is_some() {
-                out.ignored.push(
-                    "clientConnection.qps/burst: nftproxy's watches are not rate limited (one list, then streams)".into(),
-                );
+            if let Some(q) = cc.qps.filter(|q| *q != 0.0) {
+                if !(q > 0.0 && q.is_finite()) {
+                    return Err(field(
+                        "clientConnection.qps",
+                        format!("{q} is not a positive rate"),
+                    ));
+                }
+                out.kube_api_qps = Some(q);
+            }
+            if let Some(b) = cc.burst.filter(|b| *b != 0) {
+                out.kube_api_burst = Some(u32::try_from(b).map_err(|_| {
+                    field(
+                        "clientConnection.burst",
+                        format!("{b} is not a positive count"),
+                    )
+                })?);
             }
             if cc.content_type.as_deref().is_some_and(|c| !c.is_empty()) {
                 out.ignored

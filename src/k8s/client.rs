@@ -45,12 +45,68 @@ pub trait RequestSink: Send + Sync + 'static {
     fn request(&self, method: &str, host: &str, code: &str, latency: Duration);
 }
 
-/// The tower service that reports each request of the client stack to a [`RequestSink`].
-#[derive(Clone)]
+/// client-go's client-side rate limit (kube-proxy's `--kube-api-qps`/`--kube-api-burst`,
+/// `clientConnection.qps`/`burst`): a token bucket shared by every clone of the client.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RateLimit {
+    pub qps: f64,
+    pub burst: u32,
+}
+
+impl RateLimit {
+    /// kube-proxy's defaults (v1alpha1 `clientConnection`): 5 requests per second, bursts of 10.
+    pub const KUBE_PROXY: RateLimit = RateLimit {
+        qps: 5.0,
+        burst: 10,
+    };
+}
+
+#[derive(Debug)]
+struct Bucket {
+    limit: RateLimit,
+    tokens: f64,
+    at: tokio::time::Instant,
+}
+
+impl Bucket {
+    /// Take a token now, or say when one will be there.
+    fn take(&mut self, now: tokio::time::Instant) -> Option<tokio::time::Instant> {
+        let refill = now.duration_since(self.at).as_secs_f64() * self.limit.qps;
+        self.tokens = (self.tokens + refill).min(f64::from(self.limit.burst.max(1)));
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            None
+        } else {
+            Some(now + Duration::from_secs_f64((1.0 - self.tokens) / self.limit.qps))
+        }
+    }
+}
+
+/// The tower service that rate-limits the client stack's requests and reports each of them
+/// to a [`RequestSink`].
 struct Observed<S> {
     inner: S,
-    sink: Arc<dyn RequestSink>,
+    sink: Option<Arc<dyn RequestSink>>,
     host: Arc<str>,
+    bucket: Option<Arc<std::sync::Mutex<Bucket>>>,
+    /// Waiting for a token (set by `poll_ready`).
+    wait: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// A token was taken for the next `call`.
+    granted: bool,
+}
+
+impl<S: Clone> Clone for Observed<S> {
+    fn clone(&self) -> Self {
+        Observed {
+            inner: self.inner.clone(),
+            sink: self.sink.clone(),
+            host: self.host.clone(),
+            bucket: self.bucket.clone(),
+            wait: None,
+            granted: false,
+        }
+    }
 }
 
 impl<S, ReqB, ResB> tower::Service<http::Request<ReqB>> for Observed<S>
@@ -65,21 +121,41 @@ where
     type Future = Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        // The rate limit first (as tower's RateLimit: readiness waits for a token).
+        while !self.granted {
+            let Some(bucket) = &self.bucket else {
+                self.granted = true;
+                break;
+            };
+            if let Some(w) = self.wait.as_mut() {
+                if w.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                self.wait = None;
+            }
+            match crate::lock::lock(bucket).take(tokio::time::Instant::now()) {
+                None => self.granted = true,
+                Some(at) => self.wait = Some(Box::pin(tokio::time::sleep_until(at))),
+            }
+        }
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, req: http::Request<ReqB>) -> Self::Future {
+        self.granted = false;
         let method = req.method().as_str().to_string();
         let (sink, host) = (self.sink.clone(), self.host.clone());
         let started = tokio::time::Instant::now();
         let fut = self.inner.call(req);
         Box::pin(async move {
             let r = fut.await;
-            let code = match &r {
-                Ok(resp) => resp.status().as_str().to_string(),
-                Err(_) => "<error>".to_string(),
-            };
-            sink.request(&method, &host, &code, started.elapsed());
+            if let Some(sink) = sink {
+                let code = match &r {
+                    Ok(resp) => resp.status().as_str().to_string(),
+                    Err(_) => "<error>".to_string(),
+                };
+                sink.request(&method, &host, &code, started.elapsed());
+            }
             r
         })
     }
@@ -92,6 +168,7 @@ pub async fn client(
     kubeconfig: Option<&std::path::Path>,
     master: Option<&str>,
     sink: Option<Arc<dyn RequestSink>>,
+    limit: Option<RateLimit>,
 ) -> Result<(Client, ApiAddress), ClientError> {
     let mut config = match kubeconfig {
         Some(path) => {
@@ -147,16 +224,23 @@ pub async fn client(
     }
     .into();
     let builder = kube::client::ClientBuilder::try_from(config)?;
-    let client = match sink {
-        Some(sink) => builder
-            .with_layer(&tower::layer::layer_fn(move |inner| Observed {
-                inner,
-                sink: sink.clone(),
-                host: host.clone(),
-            }))
-            .build(),
-        None => builder.build(),
-    };
+    let bucket = limit.filter(|l| l.qps > 0.0).map(|limit| {
+        Arc::new(std::sync::Mutex::new(Bucket {
+            limit,
+            tokens: f64::from(limit.burst.max(1)),
+            at: tokio::time::Instant::now(),
+        }))
+    });
+    let client = builder
+        .with_layer(&tower::layer::layer_fn(move |inner| Observed {
+            inner,
+            sink: sink.clone(),
+            host: host.clone(),
+            bucket: bucket.clone(),
+            wait: None,
+            granted: false,
+        }))
+        .build();
     Ok((client, addr))
 }
 
@@ -178,6 +262,25 @@ pub fn unreachable_api_message(url: &str, source: &ApiSource, error: &str) -> Op
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn the_bucket_allows_a_burst_then_qps() {
+        let now = tokio::time::Instant::now();
+        let mut b = Bucket {
+            limit: RateLimit {
+                qps: 5.0,
+                burst: 10,
+            },
+            tokens: 10.0,
+            at: now,
+        };
+        for _ in 0..10 {
+            assert_eq!(b.take(now), None);
+        }
+        let next = b.take(now).expect("the 11th waits");
+        assert_eq!(next - now, Duration::from_millis(200));
+        assert_eq!(b.take(next), None, "a token after 1/qps");
+    }
 
     #[test]
     fn an_unreachable_service_address_is_explained() {
@@ -215,19 +318,21 @@ mod tests {
              current-context: x\n",
         )
         .unwrap();
-        let (_, a) = client(Some(&kc), None, None).await.expect("client");
+        let (_, a) = client(Some(&kc), None, None, None).await.expect("client");
         assert_eq!(
             (a.host.as_str(), a.port, &a.source),
             ("10.96.0.1", 443, &ApiSource::Kubeconfig)
         );
-        let (_, a) = client(Some(&kc), Some("https://192.168.0.1:6443"), None)
+        let (_, a) = client(Some(&kc), Some("https://192.168.0.1:6443"), None, None)
             .await
             .expect("client");
         assert_eq!(
             (a.host.as_str(), a.port, &a.source),
             ("192.168.0.1", 6443, &ApiSource::Master)
         );
-        assert!(client(Some(&kc), Some("not a url ::"), None).await.is_err());
+        assert!(client(Some(&kc), Some("not a url ::"), None, None)
+            .await
+            .is_err());
         std::fs::remove_dir_all(&dir).ok();
     }
 }

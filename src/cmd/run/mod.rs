@@ -183,6 +183,7 @@ async fn run_until_stopped(args: RunArgs) -> Result<(), AgentError> {
         args.kubeconfig.as_deref(),
         args.master.as_deref(),
         Some(metrics.clone()),
+        Some(args.rate_limit()),
     )
     .await?;
     let events = Events::start(client.clone(), &cfg.node_name);

@@ -203,20 +203,11 @@ fn interface_detect_local_modes_trace_like_the_cidr_mode() {
     use nftproxy::pipeline::config::DetectLocal;
     use Origin::*;
     use Proto::*;
-    let path = common::root().join("tests/flows/cluster.yaml");
-    let objs = common::load_objects(&path);
-    let node = objs.node_info(Some("node-a"));
     for (mode, iface) in [
         (DetectLocal::InterfaceNamePrefix, "veth"),
         (DetectLocal::BridgeInterface, "veth-pod"),
     ] {
-        let mut cfg = common::proxy_config("node-a");
-        cfg.cluster_cidrs.clear();
-        cfg.detect_local = mode;
-        cfg.pod_interface = iface.into();
-        let rs = nftproxy::pipeline::from_objects(&objs, &cfg, &node)
-            .expect("compile")
-            .ruleset;
+        let rs = common::interface_mode_ruleset(mode, iface);
         let t4 = Tracer::new(Family::Ip, &rs.tables[&Family::Ip], &[ip(NODE_A)]);
         #[rustfmt::skip]
         let cases: &[(&str, Packet, &[&str])] = &[

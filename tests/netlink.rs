@@ -235,20 +235,11 @@ fn interface_detect_local_modes_program_as_nft_reads_them() {
     use nftproxy::pipeline::config::DetectLocal;
     use nftproxy::sync::drift::kernel_view;
     common::require_root();
-    let path = common::root().join("tests/flows/cluster.yaml");
-    let objs = common::load_objects(&path);
-    let node = objs.node_info(Some("node-a"));
     for (mode, iface) in [
         (DetectLocal::InterfaceNamePrefix, "veth"),
         (DetectLocal::BridgeInterface, "cbr0"),
     ] {
-        let mut cfg = common::proxy_config("node-a");
-        cfg.cluster_cidrs.clear();
-        cfg.detect_local = mode;
-        cfg.pod_interface = iface.into();
-        let rs = nftproxy::pipeline::from_objects(&objs, &cfg, &node)
-            .expect("compile")
-            .ruleset;
+        let rs = common::interface_mode_ruleset(mode, iface);
         let text = render::ruleset(&rs);
         assert!(text.contains("iifname != @local-ifaces"), "{text}");
         let mut fake = FakeApplier::new();

@@ -76,9 +76,38 @@ impl Fields {
                 other => other.to_string(),
             };
         } else {
+            let v = match (f.name(), v) {
+                (key @ ("object" | "service" | "node"), serde_json::Value::String(s)) => {
+                    object_ref(key, &s)
+                }
+                (_, v) => v,
+            };
             self.rest.insert(f.name().to_string(), v);
         }
     }
+}
+
+/// An object reference as klog's `KObj` writes it in JSON: `{"name", "namespace"}` (namespace
+/// left out when empty; our `object` values also carry the kind: "Service ns/name").
+fn object_ref(key: &str, s: &str) -> serde_json::Value {
+    let (kind, rest) = match (key, s.split_once(' ')) {
+        ("object", Some((k, r))) => (Some(k), r),
+        _ => (None, s),
+    };
+    let mut m = serde_json::Map::new();
+    if let Some(k) = kind {
+        m.insert("kind".into(), k.into());
+    }
+    match rest.split_once('/') {
+        Some((ns, name)) if key != "node" => {
+            m.insert("name".into(), name.into());
+            m.insert("namespace".into(), ns.into());
+        }
+        _ => {
+            m.insert("name".into(), rest.into());
+        }
+    }
+    serde_json::Value::Object(m)
 }
 
 /// klog verbosity of a level: info 0, debug 4, trace 5 (warnings are info lines in klog).
@@ -163,6 +192,11 @@ mod tests {
             .finish();
         tracing::subscriber::with_default(sub, || {
             tracing::info!(kind = "partial", ops = 2, "synced");
+            tracing::warn!(
+                object = "Service ns/web",
+                node = "node-a",
+                "skipped bad input"
+            );
             tracing::error!(error = "boom", "sync failed");
             tracing::debug!("detail");
         });
@@ -171,7 +205,7 @@ mod tests {
             .lines()
             .map(|l| serde_json::from_str(l).unwrap())
             .collect();
-        assert_eq!(lines.len(), 3, "{text}");
+        assert_eq!(lines.len(), 4, "{text}");
         let first = lines[0].as_object().unwrap();
         // component-base's key order on the line itself.
         let raw = text.lines().next().unwrap();
@@ -188,8 +222,14 @@ mod tests {
         );
         assert!(first["ts"].as_f64().unwrap() > 1.7e9);
         assert!(first["caller"].as_str().unwrap().contains("logs.rs:"));
-        assert_eq!(lines[1]["err"], "boom");
-        assert!(lines[1].get("v").is_none());
-        assert_eq!(lines[2]["v"], 4);
+        // Object references as klog writes them.
+        assert_eq!(
+            lines[1]["object"],
+            serde_json::json!({"kind": "Service", "namespace": "ns", "name": "web"})
+        );
+        assert_eq!(lines[1]["node"], serde_json::json!({"name": "node-a"}));
+        assert_eq!(lines[2]["err"], "boom");
+        assert!(lines[2].get("v").is_none());
+        assert_eq!(lines[3]["v"], 4);
     }
 }

@@ -94,3 +94,20 @@ pub fn nft(args: &[&str], stdin: Option<&str>) -> String {
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// node-a's ruleset for tests/flows/cluster.yaml with an interface detect-local mode (no
+/// cluster CIDR): `iface` is the bridge, or the name prefix.
+pub fn interface_mode_ruleset(
+    mode: nftproxy::pipeline::config::DetectLocal,
+    iface: &str,
+) -> Ruleset {
+    let objs = load_objects(&root().join("tests/flows/cluster.yaml"));
+    let node = objs.node_info(Some("node-a"));
+    let mut cfg = proxy_config("node-a");
+    cfg.cluster_cidrs.clear();
+    cfg.detect_local = mode;
+    cfg.pod_interface = iface.into();
+    pipeline::from_objects(&objs, &cfg, &node)
+        .expect("compile")
+        .ruleset
+}

@@ -155,45 +155,123 @@ fn clean_iptables(save: &str, restore: &str) -> Result<bool, String> {
 /// IPVS mode's leftovers: the `kube-ipvs0` dummy interface (its addresses are the Service
 /// IPs), the virtual servers, and the `KUBE-*` ipsets. Only when `kube-ipvs0` exists, the sign
 /// that kube-proxy ran in IPVS mode here.
-fn clean_ipvs() -> Vec<String> {
-    let mut done = Vec::new();
-    if !std::path::Path::new("/sys/class/net/kube-ipvs0").exists() {
-        return done;
+/// What one clean-up step did: a line for the operator, and whether it failed.
+type Step = Result<String, String>;
+
+fn run_quiet(cmd: &str, args: &[&str]) -> Result<(), String> {
+    match Command::new(cmd)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+    {
+        Ok(o) if o.status.success() => Ok(()),
+        Ok(o) => Err(format!(
+            "{cmd} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&o.stderr).trim()
+        )),
+        Err(e) => Err(format!("{cmd} {}: {e}", args.join(" "))),
     }
-    let run = |cmd: &str, args: &[&str]| {
-        Command::new(cmd)
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    if run("ip", &["link", "del", "kube-ipvs0"]) {
-        done.push("deleted interface kube-ipvs0".to_string());
-    } else {
-        done.push("could not delete interface kube-ipvs0 (is `ip` installed?)".to_string());
-    }
-    if run("ipvsadm", &["--clear"]) {
-        done.push("deleted the IPVS virtual servers".to_string());
-    } else {
-        done.push("IPVS virtual servers not removed (is `ipvsadm` installed?)".to_string());
-    }
-    if let Ok(o) = Command::new("ipset").args(["list", "-n"]).output() {
-        for set in String::from_utf8_lossy(&o.stdout)
-            .lines()
-            .filter(|s| s.starts_with("KUBE-"))
-        {
-            if run("ipset", &["destroy", set]) {
-                done.push(format!("deleted ipset {set}"));
-            } else {
-                done.push(format!("could not delete ipset {set} (still in use?)"));
-            }
-        }
-    }
-    done
 }
 
-/// Delete nftproxy's tables, and with `kube_proxy` all of kube-proxy's leftovers.
+/// Whether kube-proxy's IPVS interface is in this process's network namespace. Asked with `ip`
+/// (netlink) rather than /sys/class/net, which shows the namespace sysfs was mounted in: the
+/// same in a hostNetwork pod, not for a process that only entered the namespace.
+fn kube_ipvs0_exists() -> bool {
+    match Command::new("ip")
+        .args(["-o", "link", "show", "dev", "kube-ipvs0"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+    {
+        Ok(s) => s.success(),
+        Err(_) => std::path::Path::new("/sys/class/net/kube-ipvs0").exists(),
+    }
+}
+
+/// kube-proxy's IPVS mode: its virtual servers, its `kube-ipvs0` dummy interface (every
+/// Service address bound to it) and its `KUBE-*` ipsets (kubernetes `pkg/proxy/ipvs/proxier.go`,
+/// `CleanupLeftovers`: it flushes every virtual server, deletes the interface, then the ipsets
+/// once the iptables rules that match them are gone, which is why this runs after the iptables
+/// step).
+fn clean_ipvs() -> Vec<Step> {
+    let mut steps = Vec::new();
+    let ipvs_mode = kube_ipvs0_exists();
+    if ipvs_mode {
+        // Virtual servers exist only where the kernel has IPVS (CONFIG_IP_VS; /proc/net/ip_vs
+        // appears with the module). Without it there is nothing to clear and ipvsadm would
+        // fail with "Protocol not available". Like kube-proxy, clear them only on a node that
+        // ran its IPVS mode (the interface is its mark), never IPVS another tool owns alone.
+        if std::path::Path::new("/proc/net/ip_vs").exists() {
+            steps.push(
+                run_quiet("ipvsadm", &["--clear"])
+                    .map(|()| "deleted the IPVS virtual servers".to_string())
+                    .map_err(|e| format!("IPVS virtual servers not removed: {e}")),
+            );
+        }
+        steps.push(
+            run_quiet("ip", &["link", "del", "kube-ipvs0"])
+                .map(|()| "deleted interface kube-ipvs0".to_string()),
+        );
+    }
+    match Command::new("ipset").args(["list", "-n"]).output() {
+        Ok(o) if o.status.success() => {
+            for set in String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .filter(|s| s.starts_with("KUBE-"))
+            {
+                steps.push(
+                    run_quiet("ipset", &["destroy", set])
+                        .map(|()| format!("deleted ipset {set}"))
+                        .map_err(|e| format!("ipset {set} not deleted (still in use?): {e}")),
+                );
+            }
+        }
+        Ok(o) => steps.push(Err(format!(
+            "ipset list -n: {}",
+            String::from_utf8_lossy(&o.stderr).trim()
+        ))),
+        // No ipset tool: no IPVS mode ran from this image's point of view; say so only when
+        // the IPVS interface shows that it did.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if ipvs_mode {
+                steps.push(Err(
+                    "ipset is not installed: KUBE-* ipsets not checked".into()
+                ));
+            }
+        }
+        Err(e) => steps.push(Err(format!("ipset list -n: {e}"))),
+    }
+    steps
+}
+
+/// The iptables tools to clean with: kube-proxy's image picks the legacy or the nft back end
+/// per node (its iptables-wrapper), so a node may hold KUBE-* chains in either, whichever this
+/// image's `iptables` points at. Each variant that is installed is cleaned; a plain
+/// `iptables-save` is the fallback where neither variant name exists.
+fn iptables_variants() -> Vec<(String, String)> {
+    let installed = |name: &str| {
+        std::env::var_os("PATH")
+            .is_some_and(|path| std::env::split_paths(&path).any(|d| d.join(name).is_file()))
+    };
+    let mut out = Vec::new();
+    for v4v6 in ["iptables", "ip6tables"] {
+        let mut found = false;
+        for backend in ["legacy", "nft"] {
+            let save = format!("{v4v6}-{backend}-save");
+            if installed(&save) {
+                out.push((save, format!("{v4v6}-{backend}-restore")));
+                found = true;
+            }
+        }
+        if !found {
+            out.push((format!("{v4v6}-save"), format!("{v4v6}-restore")));
+        }
+    }
+    out
+}
+
 pub fn cleanup(kube_proxy: bool) -> ExitCode {
     let mut tables = vec![(Family::Ip, "nftproxy"), (Family::Ip6, "nftproxy")];
     if kube_proxy {
@@ -208,11 +286,8 @@ pub fn cleanup(kube_proxy: bool) -> ExitCode {
         }
     }
     if kube_proxy {
-        for (save, restore) in [
-            ("iptables-save", "iptables-restore"),
-            ("ip6tables-save", "ip6tables-restore"),
-        ] {
-            match clean_iptables(save, restore) {
+        for (save, restore) in iptables_variants() {
+            match clean_iptables(&save, &restore) {
                 Ok(true) => println!("deleted kube-proxy's chains ({save})"),
                 Ok(false) => {}
                 Err(e) => {
@@ -221,8 +296,14 @@ pub fn cleanup(kube_proxy: bool) -> ExitCode {
                 }
             }
         }
-        for what in clean_ipvs() {
-            println!("{what}");
+        for step in clean_ipvs() {
+            match step {
+                Ok(done) => println!("{done}"),
+                Err(e) => {
+                    eprintln!("nftproxy cleanup: {e}");
+                    failed = true;
+                }
+            }
         }
     }
     if failed {

@@ -113,7 +113,7 @@ fn the_interface_detect_local_mode_round_trips_and_needs_its_interface() {
 /// modes leave behind: its nftables tables, KUBE-* chains in both iptables back ends (legacy and
 /// nft, IPv4 and IPv6), an ipset its rules still match, and the `kube-ipvs0` interface (a bridge
 /// here: this kernel may lack the dummy driver kube-proxy uses). Everything of kube-proxy's goes;
-/// what other components own stays; a second run has nothing to do.
+/// nftproxy's own table and what other components own stay; a second run has nothing to do.
 #[test]
 #[ignore = "privileged (root, network namespaces): cargo test -- --ignored, or `just test-privileged`"]
 fn cleanup_kube_proxy_removes_every_mode_leftovers_and_nothing_else() {
@@ -224,7 +224,7 @@ fn cleanup_kube_proxy_removes_every_mode_leftovers_and_nothing_else() {
             String::from_utf8_lossy(&out.stderr)
         );
         for line in [
-            "deleted 3 nftables table(s)",
+            "deleted 2 nftables table(s)",
             "deleted kube-proxy's chains (iptables-legacy-save)",
             "deleted kube-proxy's chains (iptables-nft-save)",
             "deleted kube-proxy's chains (ip6tables-nft-save)",
@@ -235,11 +235,10 @@ fn cleanup_kube_proxy_removes_every_mode_leftovers_and_nothing_else() {
         }
 
         let tables = common::nft(&["list", "tables"], None);
-        // (iptables-nft's own tables, `ip filter` and `ip6 nat`, stay with their built-in chains.)
-        assert!(
-            !tables.contains("kube-proxy") && !tables.contains("nftproxy"),
-            "{tables}"
-        );
+        // nftproxy's table stays (the live agent's); iptables-nft's own tables, `ip filter` and
+        // `ip6 nat`, stay with their built-in chains.
+        assert!(!tables.contains("kube-proxy"), "{tables}");
+        assert!(tables.contains("table ip nftproxy"), "{tables}");
         assert!(tables.contains("table inet other-component"), "{tables}");
         let legacy = run("iptables-legacy-save", &[], None);
         assert!(!legacy.contains("KUBE-SERVICES") && !legacy.contains("KUBE-SEP-BBB"));

@@ -148,7 +148,7 @@ fn daemonset_runs_on_every_node_with_host_network_and_probes() {
     assert_eq!(
         args,
         vec![
-            "--config=/var/lib/nftproxy/config.conf",
+            "--config=/var/lib/kube-proxy/config.conf",
             "--hostname-override=$(NODE_NAME)"
         ]
     );
@@ -171,7 +171,8 @@ fn daemonset_runs_on_every_node_with_host_network_and_probes() {
         .flatten()
         .find(|m| m.name == "config")
         .expect("config mount");
-    assert_eq!(mount.mount_path, "/var/lib/nftproxy");
+    // kubeadm's path: its config.conf names /var/lib/kube-proxy/kubeconfig.conf.
+    assert_eq!(mount.mount_path, "/var/lib/kube-proxy");
     let vol = pod
         .volumes
         .iter()

@@ -1,5 +1,8 @@
 """pytest glue for the real-node lane (see README.md and realnode.py).
 
+``cluster()``: a fresh one-node cluster without a proxy (``test_migration.py`` installs
+kube-proxy the kubeadm way on one, then migrates it to nftproxy).
+
 ``rn`` (session): the one-node cluster with nftproxy installed the README's way
 (ConfigMap kube-system/nftproxy with apiServer, then ``kubectl apply -k deploy/``) and the
 DaemonSet Ready; always destroyed at the end (finalizer; atexit and SIGTERM/SIGHUP backstops).
@@ -8,6 +11,7 @@ Timings are printed in the terminal summary.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import signal
 import sys
@@ -41,8 +45,10 @@ def agent_bin() -> str:
     return b
 
 
-@pytest.fixture(scope="session")
-def rn():
+@contextlib.contextmanager
+def cluster():
+    """A fresh one-node cluster without any proxy; destroyed afterwards (kept with
+    NFTPROXY_REALNODE_KEEP=1 or when it could not be built)."""
     if os.geteuid() != 0:
         pytest.skip("real-node lane needs root")
     try:
@@ -54,14 +60,6 @@ def rn():
     failed = True
     try:
         node.create()
-        t0 = time.monotonic()
-        # what the README tells users: the API server's real address, then the manifests
-        node.kubectl("-n", "kube-system", "create", "configmap", "nftproxy",
-                     f"--from-literal=apiServer=https://{R.NODE_IP}:6443")
-        node.kubectl("apply", "-k", os.path.join(R.ROOT, "deploy"))
-        node.kubectl("-n", "kube-system", "rollout", "status", "ds/nftproxy", "--timeout=120s",
-                     timeout=130)
-        node.timed("nftproxy DaemonSet Ready (ConfigMap + apply -k deploy/ -> rollout status)", t0)
         failed = False
         yield node
     finally:
@@ -70,6 +68,20 @@ def rn():
             node.keep = True
             NOTES.append(f"work dir kept: {node.work} (logs/, pod-logs/)")
         node.destroy()
+
+
+@pytest.fixture(scope="session")
+def rn():
+    with cluster() as node:
+        t0 = time.monotonic()
+        # what the README tells users: the API server's real address, then the manifests
+        node.kubectl("-n", "kube-system", "create", "configmap", "nftproxy",
+                     f"--from-literal=apiServer=https://{R.NODE_IP}:6443")
+        node.kubectl("apply", "-k", os.path.join(R.ROOT, "deploy"))
+        node.kubectl("-n", "kube-system", "rollout", "status", "ds/nftproxy", "--timeout=120s",
+                     timeout=130)
+        node.timed("nftproxy DaemonSet Ready (ConfigMap + apply -k deploy/ -> rollout status)", t0)
+        yield node
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -30,6 +30,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -51,10 +52,16 @@ SERVICE_CIDR = "10.96.0.0/16"
 KUBERNETES_SVC_IP = "10.96.0.1"
 LB_NET = "192.0.2.0/24"
 BINARIES = ["etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubelet",
-            "kubectl"]
+            "kubectl", "kube-proxy"]
 PAUSE_IMAGE = "registry.k8s.io/pause:3.10"
 BUSYBOX_IMAGE = "nftproxy-test/busybox:1"
 AGENT_IMAGE = "nftproxy:latest"  # exactly what deploy/daemonset.yaml names
+KUBE_PROXY_IMAGE = "registry.k8s.io/kube-proxy:v1.36.2"  # what kubeadm 1.36 names
+# The node tools both proxies' images ship (the Dockerfile's runtime stage; kube-proxy's
+# distroless-iptables image has the same): nft, iptables in both back ends, ipset, ipvsadm,
+# conntrack, ip. Taken from the host with their shared libraries.
+NET_TOOLS = ["nft", "xtables-nft-multi", "xtables-legacy-multi", "ipset", "ipvsadm", "conntrack",
+             "ip"]
 NETNS_DIR = "/var/run/netns"
 
 
@@ -173,8 +180,62 @@ def _dpkg_files(pkg: str):
             yield (real, "file", real, os.stat(real).st_mode & 0o7777)
 
 
-def build_images(work: str, agent_bin: str) -> dict[str, str]:
-    """Writes the three docker-archive tars; returns {ref: path}."""
+def _file_entries(path: str):
+    """A file as image entries, each symlink on the way and the file it ends at (a host with
+    merged /usr: paths are stored under their real directory, the image's /lib, /bin and
+    /sbin are links into usr/ as on the host)."""
+    seen = set()
+    while True:
+        real = os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
+        if real in seen:
+            return
+        seen.add(real)
+        if os.path.islink(real):
+            target = os.readlink(real)
+            yield (real, "link", target, 0)
+            path = target if target.startswith("/") else os.path.join(os.path.dirname(real), target)
+        else:
+            yield (real, "file", real, os.stat(real).st_mode & 0o7777)
+            return
+
+
+def _with_libraries(paths):
+    """The files and, transitively, the shared libraries ldd resolves for them."""
+    todo, done, entries = list(paths), set(), []
+    while todo:
+        p = todo.pop()
+        if p in done:
+            continue
+        done.add(p)
+        entries += list(_file_entries(p))
+        for line in sh("ldd", p, check=False).stdout.split("\n"):
+            m = re.search(r"(/\S+) \(0x", line)
+            if m:
+                todo.append(m.group(1))
+    return entries
+
+
+def net_tools():
+    """NET_TOOLS with their libraries, iptables' extensions and its command names (the plain
+    names on the nft back end, as Debian's alternatives and kube-proxy's image default)."""
+    missing = [t for t in NET_TOOLS if not shutil.which(t)]
+    if missing:
+        raise RuntimeError(f"host tools missing for the images: {missing} (run.sh installs them)")
+    paths = [shutil.which(t) for t in NET_TOOLS]
+    ext = "/usr/lib/x86_64-linux-gnu/xtables"
+    paths += [os.path.join(ext, f) for f in sorted(os.listdir(ext)) if f.endswith(".so")]
+    entries = _with_libraries(paths)
+    for v in ("iptables", "ip6tables"):
+        for suffix in ("", "-save", "-restore"):
+            for backend in ("nft", "legacy"):
+                entries.append((f"usr/sbin/{v}-{backend}{suffix}", "link",
+                                f"xtables-{backend}-multi", 0))
+            entries.append((f"usr/sbin/{v}{suffix}", "link", "xtables-nft-multi", 0))
+    return entries
+
+
+def build_images(work: str, agent_bin: str, k8s_dir: str) -> dict[str, str]:
+    """Writes the four docker-archive tars; returns {ref: path}."""
     out = {}
     usrmerge = [("bin", "link", "usr/bin", 0), ("sbin", "link", "usr/sbin", 0),
                 ("lib", "link", "usr/lib", 0), ("lib64", "link", "usr/lib64", 0),
@@ -209,9 +270,18 @@ def build_images(work: str, agent_bin: str) -> dict[str, str]:
     for pkg in ("libc6", "libgcc-s1", "libnftnl11", "libmnl0"):
         entries += list(_dpkg_files(pkg))
     entries.append(("etc/os-release", "file", "/etc/os-release", 0o644))
+    tools = net_tools()
+    entries += tools
     entries.append(("usr/local/bin/nftproxy", "file", agent_bin, 0o755))
     out[AGENT_IMAGE] = os.path.join(work, "nftproxy.tar")
     docker_archive(out[AGENT_IMAGE], AGENT_IMAGE, entries, entrypoint=["/usr/local/bin/nftproxy"])
+    # kube-proxy: its static binary where kubeadm's DaemonSet runs it, the same tools
+    entries = [("usr", "dir", None, 0o755), ("usr/local/bin", "dir", None, 0o755)] + usrmerge
+    entries += tools
+    entries.append(("etc/os-release", "file", "/etc/os-release", 0o644))
+    entries.append(("usr/local/bin/kube-proxy", "file", os.path.join(k8s_dir, "kube-proxy"), 0o755))
+    out[KUBE_PROXY_IMAGE] = os.path.join(work, "kube-proxy.tar")
+    docker_archive(out[KUBE_PROXY_IMAGE], KUBE_PROXY_IMAGE, entries)
     return out
 
 
@@ -356,8 +426,8 @@ class Node:
         t0 = time.monotonic()
         self._network()
         make_pki(self.pki)
-        images = build_images(self.work, self.agent_bin)
-        self.timed("namespaces, certificates, 3 images written", t0)
+        images = build_images(self.work, self.agent_bin, self.k8s)
+        self.timed("namespaces, certificates, 4 images written", t0)
         t1 = time.monotonic()
         self._control_plane()
         self.timed("control plane up (etcd, apiserver ready)", t1)

@@ -30,7 +30,8 @@ fi
 echo "== real-node lane: packages"
 need=()
 for p in containerd runc containernetworking-plugins busybox-static gcc libc6-dev openssl \
-         iproute2 nftables util-linux xz-utils libnftnl11 libmnl0 python3 python3-pytest; do
+         iproute2 nftables iptables ipset ipvsadm conntrack util-linux xz-utils libnftnl11 libmnl0 \
+         python3 python3-pytest; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need+=("$p")
 done
 if [ ${#need[@]} -gt 0 ]; then

@@ -129,6 +129,10 @@ pub struct RunArgs {
     /// Accepted for kube-proxy compatibility; nftproxy serves both IP families of the node.
     #[arg(long)]
     pub bind_address: Option<String>,
+    /// kube-proxy's `--bind-address-hard-fail`: exit when the health or metrics port cannot be
+    /// bound. Without it (the default) the port is retried every 5 s, as kube-proxy does.
+    #[arg(long)]
+    pub bind_address_hard_fail: bool,
     /// kube-proxy's `--cleanup`: delete the tables and exit (as `nftproxy cleanup`).
     #[arg(long)]
     pub cleanup: bool,
@@ -253,6 +257,7 @@ impl RunArgs {
                 "mode": "nftables",
                 "hostnameOverride": cfg.node_name,
                 "bindAddress": self.bind_address.clone().unwrap_or_default(),
+                "bindAddressHardFail": self.bind_address_hard_fail,
                 "clusterCIDR": cfg.cluster_cidrs.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(","),
                 "healthzBindAddress": self.healthz_bind_address.to_string(),
                 "metricsBindAddress": self.metrics_bind_address.to_string(),
@@ -389,6 +394,9 @@ impl RunArgs {
         if let (Some(k), true) = (&f.kubeconfig, unset("kubeconfig")) {
             self.kubeconfig = Some(k.into());
         }
+        if let (Some(b), true) = (f.bind_address_hard_fail, unset("bind_address_hard_fail")) {
+            self.bind_address_hard_fail = b;
+        }
         if let (Some(o), true) = (f.oom_score_adj, unset("oom_score_adj")) {
             self.oom_score_adj = o;
         }
@@ -430,8 +438,9 @@ pub struct DiffArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct CleanupArgs {
-    /// Also delete kube-proxy's nftables tables (`ip kube-proxy`, `ip6 kube-proxy`) when
-    /// migrating a node from kube-proxy.
+    /// Delete kube-proxy's leftovers instead of nftproxy's tables: its nftables tables (`ip`/`ip6
+    /// kube-proxy`), its iptables chains and its IPVS servers, interface and ipsets. nftproxy's
+    /// own tables stay, so this is safe next to the running agent (the last migration step).
     #[arg(long)]
     pub kube_proxy: bool,
 }

@@ -272,11 +272,12 @@ fn iptables_variants() -> Vec<(String, String)> {
     out
 }
 
+/// `kube_proxy`: remove kube-proxy's leftovers and leave nftproxy's tables alone (the step a
+/// migration ends with, run next to the live agent: deleting its tables too would cut every
+/// Service on the node until the agent noticed); else remove nftproxy's tables.
 pub fn cleanup(kube_proxy: bool) -> ExitCode {
-    let mut tables = vec![(Family::Ip, "nftproxy"), (Family::Ip6, "nftproxy")];
-    if kube_proxy {
-        tables.extend([(Family::Ip, "kube-proxy"), (Family::Ip6, "kube-proxy")]);
-    }
+    let owner = if kube_proxy { "kube-proxy" } else { "nftproxy" };
+    let tables = [(Family::Ip, owner), (Family::Ip6, owner)];
     let mut failed = false;
     match crate::apply::netlink::delete_tables(&tables) {
         Ok(n) => println!("deleted {n} nftables table(s)"),

@@ -138,6 +138,8 @@ pub struct FromFile {
     pub kubeconfig: Option<String>,
     pub hostname_override: Option<String>,
     pub oom_score_adj: Option<i32>,
+    /// `bindAddressHardFail`: exit instead of retrying a port that cannot be bound.
+    pub bind_address_hard_fail: Option<bool>,
     pub log_json: Option<bool>,
     pub verbosity: Option<u8>,
     pub detect_local: Option<crate::pipeline::config::DetectLocal>,
@@ -329,6 +331,7 @@ impl KubeProxyConfiguration {
         }
         out.hostname_override = self.hostname_override.clone().filter(|h| !h.is_empty());
         out.oom_score_adj = self.oom_score_adj;
+        out.bind_address_hard_fail = self.bind_address_hard_fail;
         if let Some(o) = out.oom_score_adj {
             if !(-1000..=1000).contains(&o) {
                 return Err(field("oomScoreAdj", format!("{o} is not in -1000..1000")));
@@ -588,6 +591,7 @@ healthzBindAddress: 0.0.0.0:10256
 metricsBindAddress: 127.0.0.1
 hostnameOverride: node-7
 oomScoreAdj: -999
+bindAddressHardFail: true
 clientConnection: {kubeconfig: /etc/kp.conf}
 nftables: {masqueradeAll: true, masqueradeBit: 15, syncPeriod: 1m30s, minSyncPeriod: 250ms}
 logging: {format: json, verbosity: 4}
@@ -613,6 +617,7 @@ logging: {format: json, verbosity: 4}
         );
         assert_eq!(s.hostname_override.as_deref(), Some("node-7"));
         assert_eq!(s.oom_score_adj, Some(-999));
+        assert_eq!(s.bind_address_hard_fail, Some(true));
         assert_eq!(s.kubeconfig.as_deref(), Some("/etc/kp.conf"));
         assert_eq!((s.masquerade_all, s.masquerade_bit), (Some(true), Some(15)));
         assert_eq!(s.sync_period, Some(Duration::from_secs(90)));

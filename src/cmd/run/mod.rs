@@ -198,22 +198,17 @@ async fn run_until_stopped(args: RunArgs) -> Result<(), AgentError> {
         node_eligible: node_eligible.clone(),
         metrics: Some(metrics.clone()),
     };
-    crate::observe::health::agent::serve(args.healthz_bind_address, health.clone())
-        .await
-        .map_err(|error| AgentError::Listen {
-            addr: args.healthz_bind_address,
-            error,
-        })?;
-    metrics::serve(
-        args.metrics_bind_address,
-        metrics.clone(),
-        args.configz(&cfg),
-    )
-    .await
-    .map_err(|error| AgentError::Listen {
-        addr: args.metrics_bind_address,
-        error,
-    })?;
+    let hard_fail = args.bind_address_hard_fail;
+    let h = health.clone();
+    listen(args.healthz_bind_address, hard_fail, "health", move |l| {
+        crate::observe::health::agent::serve(l, h);
+    })
+    .await?;
+    let (m, configz) = (metrics.clone(), args.configz(&cfg));
+    listen(args.metrics_bind_address, hard_fail, "metrics", move |l| {
+        metrics::serve(l, m, configz);
+    })
+    .await?;
 
     let (changes_tx, changes_rx) = mpsc::channel(1);
     let lists_done = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -311,6 +306,48 @@ fn spawn_monitor(
     Ok(rx)
 }
 
+/// kube-proxy's policy for its health and metrics ports (kubernetes
+/// `cmd/kube-proxy/app/server.go`, serveHealthz / serveMetrics: `wait.Until(..., 5s)`, and an
+/// error that ends the process only with bindAddressHardFail): a port that cannot be bound is
+/// logged and retried every 5 s. That is what lets nftproxy start next to a running kube-proxy
+/// during a migration (both want :10256 and :10249 on the node) and take the ports over once
+/// kube-proxy is gone.
+async fn listen(
+    addr: std::net::SocketAddr,
+    hard_fail: bool,
+    what: &'static str,
+    serve: impl FnOnce(tokio::net::TcpListener) + Send + 'static,
+) -> Result<(), AgentError> {
+    let error = match tokio::net::TcpListener::bind(addr).await {
+        Ok(l) => {
+            serve(l);
+            return Ok(());
+        }
+        Err(error) if hard_fail => return Err(AgentError::Listen { addr, error }),
+        Err(error) => error,
+    };
+    tracing::error!(
+        %addr,
+        error = %error,
+        "{what} server: cannot listen; retrying every 5 s (is kube-proxy still running on this \
+         node? --bind-address-hard-fail exits instead)"
+    );
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            match tokio::net::TcpListener::bind(addr).await {
+                Ok(l) => {
+                    tracing::info!(%addr, "{what} server: listening now");
+                    serve(l);
+                    return;
+                }
+                Err(e) => tracing::debug!(%addr, error = %e, "{what} server: still cannot listen"),
+            }
+        }
+    });
+    Ok(())
+}
+
 /// Retry health ports that could not be bound, every 5 s, without waiting for a sync.
 fn spawn_health_retry(health: HealthServers, events: Events) {
     tokio::spawn(async move {
@@ -337,5 +374,34 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A port another process holds (kube-proxy during a migration): the default retries and
+    /// serves once the port is free; --bind-address-hard-fail ends the start instead.
+    #[tokio::test(start_paused = true)]
+    async fn a_busy_port_is_retried_unless_hard_fail() {
+        let holder = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = holder.local_addr().expect("addr");
+        assert!(matches!(
+            listen(addr, true, "test", |_| {}).await,
+            Err(AgentError::Listen { .. })
+        ));
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        listen(addr, false, "test", move |l| {
+            let _ = tx.send(l.local_addr().ok());
+        })
+        .await
+        .expect("soft failure");
+        assert!(rx.try_recv().is_err(), "served while the port was taken");
+        drop(holder);
+        let served = tokio::time::timeout(Duration::from_secs(20), rx.recv())
+            .await
+            .expect("listening within one retry");
+        assert_eq!(served, Some(Some(addr)));
     }
 }

@@ -3,7 +3,6 @@
 //! successful sync and when the Node is going away (deleting, or tainted by the autoscaler), so a
 //! load balancer stops sending new traffic to it.
 
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -167,17 +166,13 @@ pub fn router(h: AgentHealth) -> Router {
         )
 }
 
-/// Serve until the process ends. Bind errors are returned (the agent cannot run blind).
-pub async fn serve(
-    addr: SocketAddr,
-    h: AgentHealth,
-) -> std::io::Result<tokio::task::JoinHandle<()>> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    Ok(tokio::spawn(async move {
+/// Serve on a bound listener until the process ends.
+pub fn serve(listener: tokio::net::TcpListener, h: AgentHealth) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, router(h)).await {
             tracing::error!(error = %e, "agent health server stopped");
         }
-    }))
+    })
 }
 
 #[cfg(test)]

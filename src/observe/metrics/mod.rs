@@ -7,7 +7,6 @@ pub mod process;
 
 use crate::lock::lock;
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 
@@ -468,19 +467,18 @@ pub fn router(m: Arc<Metrics>, configz: serde_json::Value) -> axum::Router {
         )
 }
 
-/// Serve the metrics port.
-pub async fn serve(
-    addr: SocketAddr,
+/// Serve the metrics port on a bound listener.
+pub fn serve(
+    listener: tokio::net::TcpListener,
     m: Arc<Metrics>,
     configz: serde_json::Value,
-) -> std::io::Result<tokio::task::JoinHandle<()>> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
+) -> tokio::task::JoinHandle<()> {
     let app = router(m, configz);
-    Ok(tokio::spawn(async move {
+    tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!(error = %e, "metrics server stopped");
         }
-    }))
+    })
 }
 
 #[cfg(test)]

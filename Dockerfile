@@ -14,4 +14,7 @@ RUN cargo build --release --bin nftproxy
 FROM debian:bookworm-slim
 RUN apt-get update && apt-get install -y --no-install-recommends libnftnl11 libmnl0 nftables conntrack iptables iproute2 ipvsadm ipset && rm -rf /var/lib/apt/lists/*
 COPY --from=build /src/target/release/nftproxy /usr/local/bin/nftproxy
+# kubeadm's kube-proxy DaemonSet runs `command: [/usr/local/bin/kube-proxy, --config=...]`: with
+# this name, setting that DaemonSet's image to nftproxy is the whole in-place swap.
+RUN ln -s nftproxy /usr/local/bin/kube-proxy
 ENTRYPOINT ["/usr/local/bin/nftproxy"]

@@ -273,6 +273,7 @@ def build_images(work: str, agent_bin: str, k8s_dir: str) -> dict[str, str]:
     tools = net_tools()
     entries += tools
     entries.append(("usr/local/bin/nftproxy", "file", agent_bin, 0o755))
+    entries.append(("usr/local/bin/kube-proxy", "link", "nftproxy", 0))  # as the Dockerfile
     out[AGENT_IMAGE] = os.path.join(work, "nftproxy.tar")
     docker_archive(out[AGENT_IMAGE], AGENT_IMAGE, entries, entrypoint=["/usr/local/bin/nftproxy"])
     # kube-proxy: its static binary where kubeadm's DaemonSet runs it, the same tools

@@ -323,3 +323,58 @@ def test_nftproxy_alone_after_the_migration(kp):
     for p in pods:
         for c in p["status"].get("containerStatuses", []):
             assert c["restartCount"] == 0, c
+
+
+def test_in_place_image_swap_loses_no_request(kp):
+    """The README's other way: kubeadm's kube-proxy DaemonSet keeps everything (command,
+    arguments, ConfigMap, ServiceAccount with kubeadm's system:node-proxier binding, privileged)
+    but its image becomes nftproxy's. kube-proxy is put back first, as kubeadm had it."""
+    node, w = kp
+    node.kubectl(*KS, "delete", "ds", "nftproxy", "--wait=true", timeout=60)
+    wait_until("nftproxy pod gone", lambda: not node.kubectl_json(
+        *KS, "get", "pods", "-l", "k8s-app=nftproxy")["items"], 60)
+    node.node_sh("nft", "delete", "table", "ip", "nftproxy")
+    for obj in kubeadm_kube_proxy(node.work):
+        node.apply(obj)
+    node.kubectl(*KS, "rollout", "status", "ds/kube-proxy", "--timeout=120s", timeout=130)
+    cip = w["svc"]["echo"]["spec"]["clusterIP"]
+
+    def served():
+        a = node.client(node.ns_node, "many", f"http://{cip}{WHO}", "12")["answers"]
+        return all(x.get("status") == 200 for x in a) and "nftproxy" not in tables(node)
+    wait_until("kube-proxy alone serves again", served, 60)
+
+    stop = os.path.join(node.work, "inplace.stop")
+    streams = {
+        "outside -> LB IP (Local)": (node.ns_ext, f"http://{LB_LOCAL}{WHO}", R.CLIENT_IP),
+        "node -> ClusterIP": (node.ns_node, f"http://{cip}{WHO}", None),
+    }
+    procs = {k: subprocess.Popen(node.nsexec(ns, "python3", R.CLIENT, "stream", url, stop,
+                                             *([src] if src else [])),
+                                 stdout=subprocess.PIPE, text=True)
+             for k, (ns, url, src) in streams.items()}
+    try:
+        time.sleep(1)
+        t0 = time.monotonic()
+        node.kubectl(*KS, "set", "image", "ds/kube-proxy", f"kube-proxy={R.AGENT_IMAGE}")
+        node.kubectl(*KS, "rollout", "status", "ds/kube-proxy", "--timeout=120s", timeout=130)
+        wait_until("nftproxy's table", lambda: "table ip nftproxy" in tables(node), 60)
+        node.timed("in place: set image -> nftproxy programs", t0)
+        out = node.kubectl(*KS, "exec", "ds/kube-proxy", "--", "nftproxy", "cleanup",
+                           "--kube-proxy")
+        assert "deleted 2 nftables table(s)" in out, out
+        time.sleep(3)
+    finally:
+        open(stop, "w").close()
+    results = {k: json.loads(p.communicate(timeout=30)[0]) for k, p in procs.items()}
+    print(json.dumps(results, indent=1))
+    for k, r in results.items():
+        assert r["ok"] > 30 and r["failed"] == 0, (k, r)
+    t = tables(node)
+    assert "kube-proxy" not in t and "table ip nftproxy" in t, t
+    logs = agent_logs(node, app="kube-proxy")
+    assert "nftables" in logs and "forbidden" not in logs.lower(), \
+        [x for x in logs.split("\n") if "orbidden" in x][:5] or logs[-2000:]
+    for p in node.kubectl_json(*KS, "get", "pods", "-l", "k8s-app=kube-proxy")["items"]:
+        for c in p["status"].get("containerStatuses", []):
+            assert c["image"].endswith(R.AGENT_IMAGE) and c["restartCount"] == 0, c

@@ -3,7 +3,9 @@
 //! It walks the base chains in hook and priority order the way the kernel does, evaluating every
 //! match against the table's elements, and branches on `numgen` so that the answer is the SET
 //! of possible outcomes (every endpoint a connection may land on). Tests use it to check the
-//! semantics of what compile generated; it never looks at compile's inputs.
+//! semantics of what compile generated; `explain` uses the recorded path of each outcome (the
+//! rules that matched and the set elements they looked up) to say why. It never looks at
+//! compile's inputs.
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
@@ -48,6 +50,26 @@ pub enum Outcome {
     Reject,
 }
 
+/// One rule that matched on the way, in the order the kernel ran them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hop {
+    pub chain: String,
+    /// The rule's position in its chain.
+    pub rule: usize,
+    /// The set lookups the rule made (all of them held): set name, the key looked up, negated.
+    pub lookups: Vec<(String, Vec<Value>, bool)>,
+    pub action: Action,
+    /// For a DNAT through a map (or an affinity map): the element's key, and the endpoint.
+    pub dnat: Option<(Vec<Value>, IpAddr, u16)>,
+}
+
+/// One possible outcome and the path that led to it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Traced {
+    pub outcome: Outcome,
+    pub path: Vec<Hop>,
+}
+
 #[derive(Debug, Clone)]
 struct State {
     src: IpAddr,
@@ -56,6 +78,7 @@ struct State {
     mark: u32,
     dnat: bool,
     masq: bool,
+    path: Vec<Hop>,
 }
 
 enum Flow {
@@ -97,6 +120,12 @@ impl<'a> Tracer<'a> {
     /// Every possible outcome of a new connection's first packet. Affinity entries written along
     /// the way are kept for later calls.
     pub fn trace(&self, p: &Packet) -> BTreeSet<Outcome> {
+        self.trace_paths(p).into_iter().map(|t| t.outcome).collect()
+    }
+
+    /// Every possible outcome with the path that leads to it (one per numgen slot that leads
+    /// somewhere, in slot order).
+    pub fn trace_paths(&self, p: &Packet) -> Vec<Traced> {
         let st = State {
             src: p.src,
             dst: p.dst,
@@ -104,17 +133,19 @@ impl<'a> Tracer<'a> {
             mark: 0,
             dnat: false,
             masq: false,
+            path: Vec::new(),
         };
         let first: &[Hook] = match p.origin {
             Origin::Remote => &[Hook::Prerouting],
             Origin::Local => &[Hook::Output],
         };
-        let mut out = BTreeSet::new();
+        let mut out = Vec::new();
         for (flow, st) in self.hooks(first, st, p) {
             match flow {
-                Some(o) => {
-                    out.insert(o);
-                }
+                Some(o) => out.push(Traced {
+                    outcome: o,
+                    path: st.path,
+                }),
                 None => {
                     // Routing decision after DNAT.
                     let local_dst = self.local.contains(&st.dst);
@@ -125,11 +156,14 @@ impl<'a> Tracer<'a> {
                         (Origin::Local, false) => vec![Hook::Postrouting],
                     };
                     for (flow, st) in self.hooks(&rest, st, p) {
-                        out.insert(flow.unwrap_or(Outcome::Accept {
-                            dst: st.dst,
-                            port: st.port,
-                            masquerade: st.masq,
-                        }));
+                        out.push(Traced {
+                            outcome: flow.unwrap_or(Outcome::Accept {
+                                dst: st.dst,
+                                port: st.port,
+                                masquerade: st.masq,
+                            }),
+                            path: st.path,
+                        });
                     }
                 }
             }
@@ -269,6 +303,22 @@ impl<'a> Tracer<'a> {
             if !rule.matches.iter().all(|m| self.matches(m, &st, p)) {
                 continue;
             }
+            st.path.push(Hop {
+                chain: name.to_string(),
+                rule: i,
+                lookups: rule
+                    .matches
+                    .iter()
+                    .filter_map(|m| match m {
+                        Match::Lookup { key, set, negate } => {
+                            self.key(key, &st, p).map(|k| (set.clone(), k, *negate))
+                        }
+                        _ => None,
+                    })
+                    .collect(),
+                action: rule.action.clone(),
+                dnat: None,
+            });
             match &rule.action {
                 Action::Jump(c) => {
                     let mut out = Vec::new();
@@ -310,12 +360,16 @@ impl<'a> Tracer<'a> {
                                 other => self.field(other, &st, p),
                             })
                             .collect();
-                        if let Some(v) = k.and_then(|k| self.map_get(map, &k)) {
+                        if let Some((k, v)) = k.and_then(|k| self.map_get(map, &k).map(|v| (k, v)))
+                        {
                             if let [Value::Addr(a), Value::Port(port)] = v.as_slice() {
                                 let mut s = st.clone();
                                 s.dst = *a;
                                 s.port = *port;
                                 s.dnat = true;
+                                if let Some(h) = s.path.last_mut() {
+                                    h.dnat = Some((k, *a, *port));
+                                }
                                 out.push((Flow::Accept, s));
                             }
                         }
@@ -323,6 +377,8 @@ impl<'a> Tracer<'a> {
                     if !out.is_empty() {
                         return out;
                     }
+                    // No element: the rule did nothing (the kernel's map lookup failed).
+                    st.path.pop();
                 }
                 Action::UpdateTimeout {
                     set, key, value, ..

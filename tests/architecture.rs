@@ -17,8 +17,8 @@ use std::path::{Path, PathBuf};
 /// Every top-level module, for the two that wire (and test) them all.
 #[rustfmt::skip]
 const EVERY: &[&str] = &[
-    "net", "lock", "model", "proxy", "k8s", "nft", "trace", "pipeline", "apply", "conntrack",
-    "sync", "observe", "cmd", "testutil",
+    "net", "lock", "model", "proxy", "k8s", "nft", "trace", "pipeline", "explain", "apply",
+    "conntrack", "sync", "observe", "cmd", "testutil",
 ];
 
 /// The layer table, lowest first: each top-level module of `src/` and the modules it may name
@@ -33,11 +33,12 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("nft",       &["net", "model", "proxy"]),
     ("trace",     &["net", "nft"]),
     ("pipeline",  &["net", "model", "proxy", "k8s", "nft"]),
+    ("explain",   &["net", "model", "proxy", "k8s", "nft", "trace", "pipeline"]),
     ("apply",     &["net", "nft"]),
     ("conntrack", &["net", "proxy"]),
     ("sync",      &["net", "lock", "model", "proxy", "pipeline", "nft", "apply", "conntrack"]),
     // observe only reads the sync loop's Reports: it never names apply.
-    ("observe",   &["net", "lock", "model", "proxy", "k8s", "nft", "sync", "conntrack"]),
+    ("observe",   &["net", "lock", "model", "proxy", "k8s", "nft", "pipeline", "explain", "sync", "conntrack"]),
     ("cmd",       EVERY),
     ("testutil",  EVERY),
 ];

@@ -35,6 +35,89 @@ pub enum Command {
     /// print per Service port what is missing or extra. Reads the kernel, changes nothing.
     /// Exit status: 0 equal, 1 different, 2 error.
     Diff(DiffArgs),
+    /// What happens on this node to one flow, step by step: the entry point, the policy, the
+    /// endpoints it can reach and why, whether the client's address is kept, and advice.
+    Explain(ExplainArgs),
+    /// The Services as programmed on this node, one line per Service port, with the client-IP
+    /// verdict for outside traffic.
+    #[command(visible_alias = "svc")]
+    Services(ServicesArgs),
+    /// Per Service and access path: is the client's address kept, replaced or dropped here?
+    Report(ReportArgs),
+}
+
+/// Where `explain`, `services` and `report` get their answer: the running agent's debug socket;
+/// `-f` objects offline (like `render`); with neither, the API's objects and this node's kernel.
+#[derive(Debug, Clone, Args)]
+pub struct SourceArgs {
+    #[command(flatten)]
+    pub proxy: ProxyArgs,
+    /// Objects (Services, EndpointSlices, Node, ServiceCIDRs) from a file: answer offline for the
+    /// node named by --node (or the file's only Node), as `render -f`.
+    #[arg(short = 'f', long = "filename")]
+    pub file: Option<String>,
+    /// The running agent's debug socket (its --debug-socket).
+    #[arg(long, default_value = crate::observe::debug::DEFAULT_SOCKET)]
+    pub socket: std::path::PathBuf,
+    /// Kubeconfig file (without an agent socket and without -f).
+    #[arg(long)]
+    pub kubeconfig: Option<std::path::PathBuf>,
+    /// The API server's real address, as for `run`.
+    #[arg(long, env = "NFTPROXY_MASTER")]
+    pub master: Option<String>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ExplainArgs {
+    #[command(flatten)]
+    pub src: SourceArgs,
+    /// The client: IP or IP:PORT ([IPv6]:PORT).
+    #[arg(long)]
+    pub from: String,
+    /// Where it connects: IP:PORT[/tcp|udp|sctp] ([IPv6]:PORT); tcp when not given.
+    #[arg(long)]
+    pub to: String,
+    /// Where the packet enters this node: pod (a pod on it), node (a process on it) or outside.
+    /// Default: from the source address (a node address, a pod CIDR, else outside).
+    #[arg(long)]
+    pub via: Option<String>,
+    /// JSON for tools (verdict, service, endpoints, sourceSeenByEndpoint, masquerade, steps,
+    /// advice).
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    Wide,
+    Json,
+    Yaml,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServicesArgs {
+    #[command(flatten)]
+    pub src: SourceArgs,
+    /// Only this namespace.
+    #[arg(short = 'n', long)]
+    pub namespace: Option<String>,
+    /// Only Services of this name.
+    pub name: Option<String>,
+    /// Only Services with something wrong (no endpoints, Local without a local endpoint, a load
+    /// balancer IP without a health check).
+    #[arg(long)]
+    pub problems: bool,
+    #[arg(short = 'o', long, value_enum)]
+    pub output: Option<OutputFormat>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ReportArgs {
+    #[command(flatten)]
+    pub src: SourceArgs,
+    /// json or yaml (wide is the default text).
+    #[arg(short = 'o', long, value_enum)]
+    pub output: Option<OutputFormat>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -47,7 +130,7 @@ pub enum LogFormat {
 #[derive(Debug, Clone, Args)]
 pub struct ProxyArgs {
     /// This node's name (endpoint locality and the Node watch). Default: $NODE_NAME, else the hostname.
-    #[arg(long, env = "NODE_NAME")]
+    #[arg(long, env = "NODE_NAME", visible_alias = "node")]
     pub hostname_override: Option<String>,
     /// Pod CIDRs, comma-separated. Traffic from them is pod traffic: not masqueraded to ClusterIPs,
     /// and short-circuited to all endpoints under externalTrafficPolicy Local.
@@ -129,6 +212,10 @@ pub struct RunArgs {
     /// Accepted for kube-proxy compatibility; nftproxy serves both IP families of the node.
     #[arg(long)]
     pub bind_address: Option<String>,
+    /// The unix socket of the debug endpoints `nftproxy explain`, `services` and `report` ask
+    /// (root only; never on the network). Empty: none.
+    #[arg(long, default_value = crate::observe::debug::DEFAULT_SOCKET)]
+    pub debug_socket: std::path::PathBuf,
     /// kube-proxy's `--bind-address-hard-fail`: exit when the health or metrics port cannot be
     /// bound. Without it (the default) the port is retried every 5 s, as kube-proxy does.
     #[arg(long)]

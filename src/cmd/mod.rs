@@ -11,6 +11,7 @@ use args::{Cli, Command, RunArgs};
 pub mod args;
 pub mod cleanup;
 pub mod diff;
+pub mod explain;
 pub mod kpconfig;
 pub mod logs;
 pub mod render;
@@ -30,6 +31,9 @@ pub fn main(argv: Vec<std::ffi::OsString>) -> ExitCode {
         Command::Run(a) => start(a, &matches),
         Command::Diff(a) => diff::diff(a),
         Command::Cleanup(a) => cleanup::cleanup(a.kube_proxy),
+        Command::Explain(a) => explain::explain(a),
+        Command::Services(a) => explain::services(a),
+        Command::Report(a) => explain::report(a),
     }
 }
 

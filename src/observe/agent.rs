@@ -106,6 +106,8 @@ pub struct AgentObserver {
     pub node: String,
     /// Entry owners of the last state whose counters were read (rebuilt when the state moves).
     pub owners: Option<(Arc<ProxyState>, Arc<metrics::Owners>)>,
+    /// What the last commit applied, for the debug endpoints (None: they are off).
+    pub applied: Option<crate::observe::debug::SharedApplied>,
 }
 
 /// The health server one Service wants: its healthCheckNodePort and local endpoint count.
@@ -179,6 +181,13 @@ fn update_wanted(
 impl Observer for AgentObserver {
     fn applied(&mut self, r: &Report) {
         self.metrics.record_sync(r);
+        if let Some(a) = &self.applied {
+            *lock(a) = Some(crate::observe::debug::Applied {
+                ruleset: r.ruleset.clone(),
+                state: r.state.clone(),
+                node: r.node.info.clone(),
+            });
+        }
         let now = SystemTime::now();
         for t in &r.triggers {
             if let Ok(d) = now.duration_since(*t) {

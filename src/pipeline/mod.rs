@@ -16,7 +16,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use crate::k8s::inbox::{key_of, Batch, ObjKey};
 use crate::k8s::objects::Objects;
 use crate::model::NodeInfo;
-use crate::model::{self, PortKey, Problem, ServiceName, ServicePort, SliceInfo};
+use crate::model::{self, PortEndpoints, PortKey, Problem, ServiceName, ServicePort, SliceInfo};
 use crate::net::Family;
 use crate::nft::compile::{self, CompileConfig, CompileError, Compiled};
 use crate::nft::ir::Ruleset;
@@ -131,6 +131,16 @@ impl Model {
 
     pub fn state(&self) -> &ProxyState {
         &self.state
+    }
+
+    /// A Service's endpoints in one family, merged over its slices as its port states were.
+    pub fn endpoints(&self, svc: &ServiceName, f: Family) -> PortEndpoints {
+        let keys = self.by_service.get(&(svc.clone(), f));
+        model::merge_slices(
+            keys.into_iter()
+                .flatten()
+                .filter_map(|k| self.slices.get(k)),
+        )
     }
 
     pub fn node(&self) -> &NodeInfo {
@@ -358,6 +368,14 @@ pub struct Engine {
 }
 
 impl Engine {
+    /// A Service's endpoints as the model last read them (empty before the first computation).
+    pub fn endpoints(&self, svc: &ServiceName, f: Family) -> PortEndpoints {
+        self.model
+            .as_ref()
+            .map(|m| m.endpoints(svc, f))
+            .unwrap_or_default()
+    }
+
     /// Bring the desired state up to date with what the watches delivered. The first call must
     /// carry complete lists (`replaced`) of both kinds.
     pub fn compute(

@@ -142,6 +142,8 @@ pub struct NodeFacts {
     pub health_addrs: Vec<IpAddr>,
     /// The NodePort addresses when they are single addresses (None: CIDRs, i.e. any address).
     pub nodeport_ips: Option<Vec<IpAddr>>,
+    /// The Node as the state was computed for (`explain` reads its addresses and pod CIDRs).
+    pub info: crate::model::NodeInfo,
 }
 
 /// The counter sets the loop reads for the observers: (set, whether it counts drops).
@@ -204,6 +206,8 @@ pub struct Report {
     pub skeleton_ops: usize,
     pub previous: Option<Arc<ProxyState>>,
     pub state: Arc<ProxyState>,
+    /// The ruleset as the kernel now holds it (what `explain` traces).
+    pub ruleset: Ruleset,
     pub ruleset_elements: usize,
     pub ruleset_chains: usize,
     pub ruleset_rules: usize,
@@ -683,6 +687,8 @@ impl<A: Applier + 'static> Syncer<A> {
             }
         };
         let (ruleset_elements, chains, rules) = size_of(&applied);
+        // The copy shares its element sets with the loop's (persistent sets): cheap.
+        let ruleset = applied.clone();
         self.applied = Some(applied);
         if let Some(prev) = &self.previous_state {
             self.affinity_due |= affinity::lost(prev, &desired.state);
@@ -697,6 +703,7 @@ impl<A: Applier + 'static> Syncer<A> {
             skeleton_ops,
             previous: self.previous_state.replace(desired.state.clone()),
             state: desired.state,
+            ruleset,
             ruleset_elements,
             ruleset_chains: chains,
             ruleset_rules: rules,

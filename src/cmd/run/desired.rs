@@ -20,7 +20,8 @@ pub struct DesiredSource {
     pub problems: ProblemLog,
     pub metrics: Arc<Metrics>,
     pub events: Events,
-    pub engine: Engine,
+    /// Shared with the debug endpoints, which read the model's endpoints from it.
+    pub engine: Arc<std::sync::Mutex<Engine>>,
 }
 
 impl DesiredSource {
@@ -70,8 +71,9 @@ impl DesiredSource {
             ineligible: node.ineligible,
             health_addrs: self.cfg.health_addrs(&node),
             nodeport_ips: self.cfg.nodeport_ips(&node),
+            info: node.clone(),
         };
-        match self.engine.compute(
+        match lock(&self.engine).compute(
             services,
             slices,
             &node,

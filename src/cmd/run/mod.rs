@@ -261,14 +261,34 @@ async fn run_until_stopped(args: RunArgs) -> Result<(), AgentError> {
         conntrack,
         node: cfg.node_name.clone(),
         owners: None,
+        applied: None,
     };
+    let engine = Arc::new(Mutex::new(Engine::default()));
+    if !args.debug_socket.as_os_str().is_empty() {
+        let applied: crate::observe::debug::SharedApplied = Arc::default();
+        observer.applied = Some(applied.clone());
+        let e = engine.clone();
+        let debug = crate::observe::debug::Debug {
+            applied,
+            cfg: cfg.clone(),
+            endpoints: Arc::new(move |s, f| lock(&e).endpoints(s, f)),
+            metrics: metrics.clone(),
+        };
+        // Explaining is a convenience: without the socket the agent still proxies.
+        match crate::observe::debug::serve(&args.debug_socket, debug) {
+            Ok(()) => {
+                tracing::info!(socket = %args.debug_socket.display(), "debug endpoints (explain, services, report, ruleset) on the local socket")
+            }
+            Err(e) => tracing::warn!(error = %e, "no debug endpoints"),
+        }
+    }
     let mut source = DesiredSource {
         stores,
         cfg,
         problems: ProblemLog::default(),
         metrics,
         events,
-        engine: Engine::default(),
+        engine,
     };
     syncer
         .run(changes_rx, move || source.compute(), &mut observer)

@@ -506,6 +506,7 @@ class Agent:
         self.node = node
         self.ns = cluster.ns(node)
         self.log_path = os.path.join(cluster.workdir, f"agent-{node}.log")
+        self.debug_socket = os.path.join(cluster.workdir, f"agent-{node}.sock")
         self.proc: subprocess.Popen | None = None
         self.starts = 0
         self.started_at = 0.0
@@ -525,6 +526,8 @@ class Agent:
                 "--cluster-cidr", CLUSTER_CIDR,
                 "--healthz-bind-address", f"{node_ip(self.node)}:10256",
                 "--metrics-bind-address", "127.0.0.1:10249",
+                # One socket per agent (they share this host's file system).
+                "--debug-socket", self.debug_socket,
                 # A namespace is not a node: leave the conntrack sysctls alone.
                 "--conntrack-max-per-core", "0",
                 "--conntrack-tcp-timeout-established", "0",

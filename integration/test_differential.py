@@ -200,6 +200,7 @@ class FreshNode:
         self.agent = C.Agent(cluster, "node-a")
         self.agent.ns = self.ns
         self.agent.log_path = os.path.join(cluster.workdir, f"agent-node-a-fresh{k}.log")
+        self.agent.debug_socket = os.path.join(cluster.workdir, f"agent-node-a-fresh{k}.sock")
 
     def close(self):
         try:

@@ -214,6 +214,28 @@ def test_kubectl_exec_nft_and_conntrack(rn, work):
     assert out.strip().isdigit(), out
 
 
+def test_explain_services_report_from_the_pod(rn, work):
+    """`kubectl exec` into the agent's pod: explain answers from the live agent, and says what
+    the outside client test above saw (Local keeps 203.0.113.5, Cluster replaces it)."""
+    ks = ("-n", "kube-system", "exec", "ds/nftproxy", "--", "nftproxy")
+    e = json.loads(rn.kubectl(*ks, "explain", "--from", R.CLIENT_IP, "--to", f"{LB_LOCAL}:80",
+                              "--json"))
+    assert e["verdict"] == "forward" and e["sourceSeenByEndpoint"] == R.CLIENT_IP, e
+    assert e["service"] == f"{NS}/echo-local:http/tcp", e
+    e = json.loads(rn.kubectl(*ks, "explain", "--from", R.CLIENT_IP, "--to", f"{LB_CLUSTER}:80",
+                              "--json"))
+    assert e["masquerade"] and e["sourceSeenByEndpoint"] in node_addresses(rn), e
+    assert "externalTrafficPolicy is Cluster" in (e["advice"] or ""), e
+    text = rn.kubectl(*ks, "explain", "--from", R.CLIENT_IP, "--to", f"{LB_CLUSTER}:80")
+    print(text)
+    lines = json.loads(rn.kubectl(*ks, "services", "-n", NS, "-o", "json"))
+    by = {x["name"]: x for x in lines}
+    assert by["echo-local"]["clientIpFromOutside"] == "kept", by["echo-local"]
+    assert by["echo-local"]["healthCheck"].startswith("200 (2 local"), by["echo-local"]
+    report = rn.kubectl(*ks, "report")
+    assert f"{NS}/echo-cluster:http/tcp" in report and "client IP" in report, report
+
+
 def test_rbac_enough_and_no_more(rn, work):
     logs = agent_logs(rn)
     assert "forbidden" not in logs.lower(), [l for l in logs.split("\n") if "orbidden" in l][:5]

@@ -236,6 +236,11 @@ pub struct Explanation {
     pub source_seen_by_endpoint: Option<String>,
     /// Per endpoint, the source address it sees (hairpin makes them differ).
     pub sources_by_endpoint: BTreeMap<String, String>,
+    /// Endpoints the kernel sends this flow to whose answers cannot come back: unmasqueraded
+    /// traffic that arrived from another host, sent on to an endpoint on another host, is
+    /// answered straight to the client, which drops the reply (not the address it called).
+    #[serde(default)]
+    pub unreachable_endpoints: Vec<String>,
     pub masquerade: bool,
     pub steps: Vec<Step>,
     pub advice: Option<String>,
@@ -317,8 +322,13 @@ fn by_cluster_ip(state: &ProxyState, f: Family, ip: IpAddr) -> Option<&PortState
 }
 
 fn infer_via(view: &View<'_>, flow: &Flow) -> Via {
+    let elsewhere = !view.node.pod_cidrs.is_empty()
+        && !view.node.pod_cidrs.iter().any(|n| n.contains(&flow.src));
     if view.local_addrs.contains(&flow.src) {
         Via::Node
+    } else if elsewhere {
+        // A pod address of another node: it reaches this node from outside.
+        Via::Outside
     } else if view
         .cfg
         .local_cidrs(view.node)
@@ -473,6 +483,7 @@ pub fn explain(view: &View<'_>, flow: &Flow) -> Explanation {
         endpoints: Vec::new(),
         source_seen_by_endpoint: None,
         sources_by_endpoint: BTreeMap::new(),
+        unreachable_endpoints: Vec::new(),
         masquerade: false,
         steps: Vec::new(),
         advice: None,
@@ -661,7 +672,41 @@ pub fn explain(view: &View<'_>, flow: &Flow) -> Explanation {
             };
             ex.sources_by_endpoint.insert(fmt_addr(*a, *p), seen);
         }
-        ex.endpoints = cands.iter().map(|(a, p)| fmt_addr(*a, *p)).collect();
+        // Asymmetric return path: arrived from another host, not masqueraded, sent on to
+        // another host. The endpoint answers the client directly (a pod address, or whatever
+        // route that host has), so the client sees a reply from an address it did not call.
+        let remote_unmasqueraded: BTreeSet<(IpAddr, u16)> = if via == Via::Outside {
+            accepted
+                .iter()
+                .filter(|(a, _, m)| {
+                    !*m && *a != flow.src && ps.is_some_and(|p| !p.local_ips.contains(a))
+                })
+                .map(|(a, p, _)| (*a, *p))
+                .collect()
+        } else {
+            BTreeSet::new()
+        };
+        if !remote_unmasqueraded.is_empty() {
+            let list: Vec<String> = remote_unmasqueraded
+                .iter()
+                .map(|(a, p)| fmt_addr(*a, *p))
+                .collect();
+            ex.steps.push(step(
+                format!(
+                    "{} on another node would answer {} directly, not through this node: the client drops that reply, so connections that land there fail (the short-circuit for pod sources assumes the pod runs on this node)",
+                    list.join(", "),
+                    flow.src
+                ),
+                None,
+                Some("detectLocalMode / --cluster-cidr"),
+            ));
+            ex.unreachable_endpoints = list;
+        }
+        ex.endpoints = cands
+            .iter()
+            .filter(|c| !remote_unmasqueraded.contains(c))
+            .map(|(a, p)| fmt_addr(*a, *p))
+            .collect();
         let seen: BTreeSet<&String> = ex.sources_by_endpoint.values().collect();
         if seen.len() == 1 {
             ex.source_seen_by_endpoint = seen.into_iter().next().cloned();
@@ -943,6 +988,14 @@ fn advice(
     } else {
         ""
     };
+    if !ex.unreachable_endpoints.is_empty() {
+        return Some(format!(
+            "{} is a pod address of another node, and nftproxy treats pod sources as local ({}): use detectLocalMode NodeCIDR (then only this node's pods short-circuit), or have the client call the Service's ClusterIP ({}) instead",
+            flow.src,
+            fmt_nets(&view.cfg.local_cidrs(view.node)),
+            p.sp.cluster_ip
+        ));
+    }
     match ex.verdict {
         Verdict::Forward if ex.masquerade && external && via == Via::Outside => {
             let seen = ex

@@ -149,6 +149,26 @@ fn steps_name_the_element_and_the_field() {
         .is_some_and(|a| a.contains("kubernetes.io/service-name=empty")));
 }
 
+/// Found by the prediction-vs-kernel test: a pod of another node calling this node's NodePort
+/// of a Local Service is short-circuited (it is in the cluster CIDR) to every endpoint,
+/// unmasqueraded; the one on a third host answers the client directly, which drops the reply.
+#[test]
+fn remote_pod_short_circuit_to_another_host_cannot_answer() {
+    let e = ex("10.0.2.50", "192.168.0.2:30012", Some("outside"));
+    assert_eq!(e.verdict, Verdict::Forward);
+    assert_eq!(e.endpoints, vec!["10.0.1.3:8080".to_string()]);
+    assert_eq!(e.unreachable_endpoints, vec!["10.0.2.3:8080".to_string()]);
+    assert!(
+        e.advice.as_deref().is_some_and(|a| a.contains("NodeCIDR")),
+        "{:?}",
+        e.advice
+    );
+    // The same client on this node is fine: every endpoint answers.
+    let e = ex("10.0.1.50", "192.168.0.2:30012", Some("pod"));
+    assert!(e.unreachable_endpoints.is_empty());
+    assert_eq!(e.endpoints.len(), 2);
+}
+
 #[test]
 fn hairpin_and_affinity_are_said() {
     let e = ex("10.0.1.1", "172.30.0.10:80", Some("pod"));

@@ -261,3 +261,23 @@ def test_services_and_report_agree(cluster, explained):
                           "http://localhost/debug/ruleset"], capture_output=True, text=True)
     if out.returncode == 0:
         assert "172.30.40.1 . tcp . 80" in out.stdout, out.stdout[:500]
+
+
+def test_without_the_agent_socket_api_and_kernel(cluster, explained):
+    """No socket (an agent without --debug-socket, or run from the node's shell): the commands
+    list the objects from the API and read this node's sets from its kernel, and say so."""
+    node = cluster.ns("node-a")
+    argv = ["--socket", "/nonexistent/debug.sock", "--kubeconfig", cluster.kubeconfig,
+            "--hostname-override", "node-a", "--cluster-cidr", C.CLUSTER_CIDR]
+    r = node.exec([cluster.bin, "explain", "--from", EXT, "--to", "192.0.2.43:80", "--json",
+                   *argv], check=False)
+    assert r.returncode == 0, r.stderr
+    assert "the API's objects and the sets in this node's kernel" in r.stderr, r.stderr
+    e = json.loads(r.stdout)
+    assert e["verdict"] == "forward" and e["sourceSeenByEndpoint"] == EXT, e
+    assert e["endpoints"] == [f"{pod_ip('a2')}:8080"], e
+    r = node.exec([cluster.bin, "services", "-n", C.NS, "x4", "-o", "json", *argv], check=False)
+    assert r.returncode == 0, r.stderr
+    lines = json.loads(r.stdout)
+    assert lines and all(x["clientIpFromOutside"] == "dropped here: no local endpoint"
+                         for x in lines), lines

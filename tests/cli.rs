@@ -263,3 +263,60 @@ fn cleanup_kube_proxy_removes_every_mode_leftovers_and_nothing_else() {
         assert_eq!(again_out.trim(), "deleted 0 nftables table(s)");
     });
 }
+
+/// `explain`, `services` and `report` offline, as an operator runs them on a file (`-f`, the
+/// node by `--node`): the JSON fields tools rely on, and the text.
+#[test]
+fn explain_services_report_offline() {
+    let file = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/flows/cluster.yaml");
+    let run = |args: &[&str]| {
+        let out = nftproxy()
+            .args(args)
+            .args(["-f", file, "--node", "node-a", "--cluster-cidr", "10.0.0.0/8"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let e: serde_json::Value = serde_json::from_str(&run(&[
+        "explain",
+        "--from",
+        "203.0.113.5",
+        "--to",
+        "192.0.2.12:80/tcp",
+        "--json",
+    ]))
+    .unwrap();
+    assert_eq!(e["verdict"], "forward");
+    assert_eq!(e["service"], "ns/lb-local:p/tcp");
+    assert_eq!(e["endpoints"], serde_json::json!(["10.0.1.3:8080"]));
+    assert_eq!(e["sourceSeenByEndpoint"], "203.0.113.5");
+    assert_eq!(e["masquerade"], false);
+    assert!(e["steps"].as_array().is_some_and(|s| s.len() >= 3));
+    assert!(e["advice"].is_null());
+    let text = run(&["explain", "--from", "203.0.113.5", "--to", "192.0.2.13:80"]);
+    assert!(text.contains("verdict:   dropped"), "{text}");
+    assert!(text.contains("advice:") && text.contains(":32013/healthz"), "{text}");
+    let svc = run(&["svc", "-n", "ns", "lb-local"]);
+    assert!(svc.starts_with("NAMESPACE") && svc.contains("kept"), "{svc}");
+    let lines: serde_json::Value =
+        serde_json::from_str(&run(&["services", "--problems", "-o", "json"])).unwrap();
+    assert!(lines
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|l| l["name"] == "lb-local-remote"));
+    let report = run(&["report"]);
+    assert!(report.contains("ns/lb-cluster:p/tcp") && report.contains("Look at:"), "{report}");
+    // A malformed flow is a clear error (exit 2), not a crash.
+    let bad = nftproxy()
+        .args(["explain", "--from", "x", "--to", "1.2.3.4:80", "-f", file])
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--from \"x\""));
+}

@@ -272,7 +272,14 @@ fn explain_services_report_offline() {
     let run = |args: &[&str]| {
         let out = nftproxy()
             .args(args)
-            .args(["-f", file, "--node", "node-a", "--cluster-cidr", "10.0.0.0/8"])
+            .args([
+                "-f",
+                file,
+                "--node",
+                "node-a",
+                "--cluster-cidr",
+                "10.0.0.0/8",
+            ])
             .output()
             .unwrap();
         assert!(
@@ -300,9 +307,15 @@ fn explain_services_report_offline() {
     assert!(e["advice"].is_null());
     let text = run(&["explain", "--from", "203.0.113.5", "--to", "192.0.2.13:80"]);
     assert!(text.contains("verdict:   dropped"), "{text}");
-    assert!(text.contains("advice:") && text.contains(":32013/healthz"), "{text}");
+    assert!(
+        text.contains("advice:") && text.contains(":32013/healthz"),
+        "{text}"
+    );
     let svc = run(&["svc", "-n", "ns", "lb-local"]);
-    assert!(svc.starts_with("NAMESPACE") && svc.contains("kept"), "{svc}");
+    assert!(
+        svc.starts_with("NAMESPACE") && svc.contains("kept"),
+        "{svc}"
+    );
     let lines: serde_json::Value =
         serde_json::from_str(&run(&["services", "--problems", "-o", "json"])).unwrap();
     assert!(lines
@@ -311,7 +324,10 @@ fn explain_services_report_offline() {
         .iter()
         .any(|l| l["name"] == "lb-local-remote"));
     let report = run(&["report"]);
-    assert!(report.contains("ns/lb-cluster:p/tcp") && report.contains("Look at:"), "{report}");
+    assert!(
+        report.contains("ns/lb-cluster:p/tcp") && report.contains("Look at:"),
+        "{report}"
+    );
     // A malformed flow is a clear error (exit 2), not a crash.
     let bad = nftproxy()
         .args(["explain", "--from", "x", "--to", "1.2.3.4:80", "-f", file])

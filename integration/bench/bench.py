@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import ctypes
 import datetime
 import errno
@@ -89,6 +90,10 @@ from cluster import in_netns  # noqa: E402  (the e2e harness's setns-in-a-thread
 
 APISERVER = os.path.join(ROOT, "integration", "apiserver", "apiserver.py")
 TCPTOOL = os.path.join(HERE, "tcptool.py")
+FWDPROBE = os.path.join(HERE, "fwdprobe.py")
+FWD_NODE_C, FWD_CLIENT = "192.168.78.1", "192.168.78.2"
+FWD_NODE_S, FWD_SERVER = "192.168.79.1", "192.168.79.2"
+FWD_PORT = 9000
 DEFAULT_BIN = os.path.join(ROOT, "target", "release", "nftproxy")
 NETNS_DIR = "/var/run/netns"
 PREFIX = f"nfb{os.getpid()}-"
@@ -112,6 +117,8 @@ TARGETS = {  # tier -> figure -> (limit, unit)
     "50k": {"cold": 10.0, "ep_p50": 15, "ep_p99": 50, "svc_p50": 20, "rss": 400},
 }
 APPLY_RATIO_MAX = 1.0
+PEAK_RATIO_MAX = 1.3     # issue 14: peak RSS during cold start <= 1.3x settled
+FWD_ADDED_MAX_MS = 10.0  # issue 14: added latency on forwarded traffic while committing
 CONNECT_RATIO_MAX = 1.1
 BURST_MAX_S = 1.0
 
@@ -828,6 +835,113 @@ class Node:
         REG.del_netns(self.ns)
 
 
+class ForwardProbe:
+    """Packets the node forwards while it commits: a client and a server namespace on either
+    side of the node (192.168.78.0/24 and 192.168.79.0/24; no Service involved, plain routing
+    through nftproxy's hooks), `ping -i 0.001` and one established TCP connection echoing a
+    message every millisecond. `window()` says, for a time window, the worst round trip, how much
+    that adds to the median before it, and the pings lost."""
+
+    def __init__(self, node: Node, client_ns: str, server_ns: str):
+        self.node, self.c, self.s = node, client_ns, server_ns
+        self.dir = node.dir
+        self.echo: subprocess.Popen | None = None
+        self.procs: list[subprocess.Popen] = []
+        self.icmp: list[tuple[float, float]] = []
+        self.icmp_lost: list[float] = []
+        self.tcp: list[tuple[float, float]] = []
+        self.errors: list[str] = []
+
+    def create(self) -> None:
+        for ns in (self.c, self.s):
+            run(["ip", "netns", "add", ns], 10)
+            REG.netns.append(ns)
+        n = self.node.ns
+        run(["ip", "-n", n, "-batch", "-"], 30, input="\n".join([
+            f"link add fwc type veth peer name eth0 netns {self.c}",
+            f"link add fws type veth peer name eth0 netns {self.s}",
+            f"addr add {FWD_NODE_C}/24 dev fwc", f"addr add {FWD_NODE_S}/24 dev fws",
+            "link set fwc up", "link set fws up"]) + "\n")
+        run(["ip", "netns", "exec", n, "sysctl", "-qw", "net.ipv4.ip_forward=1"], 10)
+        for ns, addr, gw in ((self.c, FWD_CLIENT, FWD_NODE_C), (self.s, FWD_SERVER, FWD_NODE_S)):
+            run(["ip", "-n", ns, "-batch", "-"], 30, input="\n".join([
+                "link set lo up", f"addr add {addr}/24 dev eth0", "link set eth0 up",
+                f"route add default via {gw}"]) + "\n")
+        log = os.path.join(self.dir, "fwd-echo.log")
+        with open(log, "ab") as f:
+            self.echo = REG.add_proc(subprocess.Popen(
+                ["ip", "netns", "exec", self.s, sys.executable, FWDPROBE, "echo", "--port",
+                 str(FWD_PORT)], stdout=f, stderr=subprocess.STDOUT, start_new_session=True))
+        self.node.wait_line(self.echo, log, "READY", 10, "forwarding probe echo server")
+
+    def start(self) -> None:
+        if not shutil.which("ping"):
+            raise Functional("forwarding probe: `ping` is not installed (iputils-ping; "
+                             "scripts/setup.sh installs it) -- or run with --no-forwarding-probe")
+        self.stop_file = os.path.join(self.dir, f"fwd-stop-{time.monotonic_ns()}")
+        self.out = self.stop_file + ".json"
+        self.ping_log = self.stop_file + ".ping"
+        with open(self.ping_log, "wb") as f:
+            self.ping = REG.add_proc(subprocess.Popen(
+                ["ip", "netns", "exec", self.c, "ping", "-n", "-D", "-i", "0.001", "-W", "1",
+                 FWD_SERVER], stdout=f, stderr=subprocess.STDOUT, start_new_session=True))
+        self.stream = REG.add_proc(subprocess.Popen(
+            ["ip", "netns", "exec", self.c, sys.executable, FWDPROBE, "stream", "--dst",
+             FWD_SERVER, "--port", str(FWD_PORT), "--stop", self.stop_file, "--out", self.out],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True))
+        self.t_start = time.time()
+
+    def stop(self) -> None:
+        open(self.stop_file, "w").close()
+        try:
+            _, err = self.stream.communicate(timeout=20)
+            if self.stream.returncode != 0:
+                self.errors.append(f"TCP stream: {err.decode(errors='replace')[-300:]}")
+        except subprocess.TimeoutExpired:
+            self.errors.append("TCP stream did not stop")
+        REG.stop_proc(self.stream)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.ping.pid, signal.SIGINT)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.ping.wait(5)
+        REG.stop_proc(self.ping)
+        with contextlib.suppress(OSError, json.JSONDecodeError):
+            d = json.load(open(self.out))
+            self.tcp = list(zip(d["t"], d["rtt_ms"]))
+            if d.get("error"):
+                self.errors.append(f"TCP stream: {d['error']}")
+        seqs: dict[int, tuple[float, float]] = {}
+        for line in open(self.ping_log, errors="replace"):
+            m = re.match(r"\[(\d+\.\d+)\] .*icmp_seq=(\d+) .*time=([\d.]+) ms", line)
+            if m:
+                t, seq, rtt = float(m.group(1)), int(m.group(2)), float(m.group(3))
+                seqs[seq] = (t - rtt / 1000.0, rtt)
+        self.icmp = sorted(seqs.values())
+        if seqs:
+            first, last = min(seqs), max(seqs)
+            t0, t1 = seqs[first][0], seqs[last][0]
+            per = (t1 - t0) / max(1, last - first)
+            self.icmp_lost = [t0 + (q - first) * per for q in range(first, last + 1)
+                              if q not in seqs]
+
+    def window(self, t_from: float, t_to: float) -> dict:
+        out: dict = {"seconds": round(t_to - t_from, 3)}
+        for name, samples in (("icmp", self.icmp), ("tcp", self.tcp)):
+            before = [r for t, r in samples if t < t_from]
+            inside = [r for t, r in samples if t_from <= t <= t_to]
+            if not inside:
+                out[name] = None
+                continue
+            base = statistics.median(before) if before else min(inside)
+            out[name] = {"samples": len(inside), "baseline_ms": round(base, 3),
+                         "max_ms": round(max(inside), 3), "p99_ms": round(pct(inside, 99), 3),
+                         "added_ms": round(max(inside) - base, 3)}
+        out["icmp_lost"] = sum(1 for t in self.icmp_lost if t_from <= t <= t_to)
+        if self.errors:
+            out["errors"] = self.errors
+        return out
+
+
 class ConnectTimer:
     """One thread that times TCP connects in several namespaces, switching with setns() before
     each socket is created (a socket stays in the namespace it was created in). One thread for
@@ -933,6 +1047,9 @@ class Run:
                 + f" in namespace {node.ns}")
             node.create()
             node.start_tcp_server()
+            if a.forwarding_probe:
+                self.fwd = ForwardProbe(node, self.name("pc"), self.name("ps"))
+                self.fwd.create()
             t = time.monotonic()
             node.write_objects()
             self.r["objects_gen_s"] = time.monotonic() - t
@@ -1014,9 +1131,22 @@ class Run:
             f"({len(p.stdout) / 1e6:.1f} MB text)")
 
     def cold_start(self, world: World, node: Node) -> None:
+        fwd = getattr(self, "fwd", None)
+        if fwd:
+            fwd.start()
+            time.sleep(0.5)  # the baseline: round trips before the agent runs
         t_start = node.start_agent()
         wall_start = time.time()
-        t_seen, t_miss = node.wait_element(world.last_cip, t_start, 90 + 2 * self.scale)
+        try:
+            t_seen, t_miss = node.wait_element(world.last_cip, t_start, 90 + 2 * self.scale)
+        finally:
+            if fwd:
+                time.sleep(0.3)
+                fwd.stop()
+        if fwd:
+            # the whole cold start: the agent's lists, compute and its commits
+            self.r["fwd_cold"] = fwd.window(wall_start, wall_start + (t_seen - t_start) + 0.3)
+            say(f"  forwarding during cold start: {self.r['fwd_cold']}")
         self.r["cold_s"] = t_seen - t_start
         ws = node.watch_started
         if "services" in ws and "endpointslices" in ws:
@@ -1327,9 +1457,21 @@ class Run:
         node.log.poll()
         n0 = len(node.log.synced)
         off = time.time() - time.monotonic()
+        fwd = getattr(self, "fwd", None)
+        if fwd:
+            fwd.start()
+            time.sleep(0.5)
         t0, _ = node.apply(objs, timeout=120)
         t_resp = time.monotonic()
-        got = mon.wait_all(tokens, t0, 30 * self.scale)
+        try:
+            got = mon.wait_all(tokens, t0, 30 * self.scale)
+        finally:
+            if fwd:
+                time.sleep(0.3)
+                fwd.stop()
+        if fwd and got:
+            self.r["fwd_burst"] = fwd.window(t0 + off, max(got.values()) + off + 0.3)
+            say(f"  forwarding during the burst: {self.r['fwd_burst']}")
         if got is None:
             miss = mon.missing(tokens, t0)
             raise Functional(f"burst: {len(miss)} of {len(tokens)} new endpoints never reached the "
@@ -1514,6 +1656,24 @@ def rows_for(runs: list[dict]) -> list[tuple]:
     row("endpoint replaced p99", med(runs, "ep_p99"), "{:.1f} ms", t["ep_p99"], " ms")
     row("new Service + slice p50 (API write -> commit)", med(runs, "svc_p50"), "{:.1f} ms", t["svc_p50"], " ms")
     row("agent RSS after cold start", med(runs, "rss_mib"), "{:.1f} MiB", t["rss"], " MiB")
+    for r in runs:
+        if r.get("hwm_mib") and r.get("rss_mib"):
+            r["peak_ratio"] = r["hwm_mib"] / r["rss_mib"]
+    row("  peak RSS during cold start / settled", med(runs, "peak_ratio"), "{:.2f}x", PEAK_RATIO_MAX, "x")
+    row("  peak RSS (VmHWM)", med(runs, "hwm_mib"), "{:.1f} MiB", None, "")
+    for when, key in (("cold start", "fwd_cold"), ("the burst", "fwd_burst")):
+        for r in runs:
+            w = r.get(key) or {}
+            if w.get("icmp"):
+                r[key + "_icmp_added"] = w["icmp"]["added_ms"]
+                r[key + "_lost"] = w.get("icmp_lost", 0)
+            if w.get("tcp"):
+                r[key + "_tcp_added"] = w["tcp"]["added_ms"]
+        row(f"forwarded 1 ms pings during {when}: worst added RTT", med(runs, key + "_icmp_added"),
+            "{:.2f} ms", FWD_ADDED_MAX_MS, " ms")
+        row(f"  pings lost during {when}", med(runs, key + "_lost"), "{:.0f}", 0, "")
+        row("  established TCP flow (1 ms echo, Python client): worst added RTT",
+            med(runs, key + "_tcp_added"), "{:.2f} ms", None, "")
     row("apply_ms / nft -f wall (same ruleset)", med(runs, "apply_ratio"), "{:.2f}x", APPLY_RATIO_MAX, "x")
     fs, nf = med(runs, "first_apply_ms"), med(runs, "nft_f_s")
     row("  first full sync apply_ms", fs, "{:.0f} ms", None, "")
@@ -1607,6 +1767,8 @@ def main(argv=None) -> int:
     ap.add_argument("--nft-monitor", action="store_true",
                     help="watch elements with `nft monitor` instead of a netlink listener (small sizes only)")
     ap.add_argument("--json", help="also write every raw figure to this file")
+    ap.add_argument("--no-forwarding-probe", dest="forwarding_probe", action="store_false",
+                    help="skip the ping / TCP stream through the node during cold start and burst")
     ap.add_argument("--keep-workdir", action="store_true", help="keep logs and objects (path printed)")
     a = ap.parse_args(argv)
 

@@ -1139,13 +1139,21 @@ class Run:
         wall_start = time.time()
         try:
             t_seen, t_miss = node.wait_element(world.last_cip, t_start, 90 + 2 * self.scale)
+            if fwd:
+                # The probe runs until the first commit has returned: the kernel makes the new
+                # generation visible before it has freed the old one (a 400k-element commit
+                # goes on for seconds after its elements show).
+                node.wait_synced(1, 60 * self.scale)
         finally:
             if fwd:
                 time.sleep(0.3)
                 fwd.stop()
         if fwd:
-            # the whole cold start: the agent's lists, compute and its commits
-            self.r["fwd_cold"] = fwd.window(wall_start, wall_start + (t_seen - t_start) + 0.3)
+            end = wall_start + (t_seen - t_start)
+            if node.log.synced and node.log.synced[0].get("ts"):
+                end = max(end, node.log.synced[0]["ts"])
+            # the whole cold start: the agent's lists, compute and its first commit
+            self.r["fwd_cold"] = fwd.window(wall_start, end + 0.3)
             say(f"  forwarding during cold start: {self.r['fwd_cold']}")
         self.r["cold_s"] = t_seen - t_start
         ws = node.watch_started

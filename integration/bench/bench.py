@@ -90,7 +90,6 @@ from cluster import in_netns  # noqa: E402  (the e2e harness's setns-in-a-thread
 
 APISERVER = os.path.join(ROOT, "integration", "apiserver", "apiserver.py")
 TCPTOOL = os.path.join(HERE, "tcptool.py")
-FWDPROBE = os.path.join(HERE, "fwdprobe.py")
 FWD_NODE_C, FWD_CLIENT = "192.168.78.1", "192.168.78.2"
 FWD_NODE_S, FWD_SERVER = "192.168.79.1", "192.168.79.2"
 FWD_PORT = 9000
@@ -870,7 +869,7 @@ class ForwardProbe:
         log = os.path.join(self.dir, "fwd-echo.log")
         with open(log, "ab") as f:
             self.echo = REG.add_proc(subprocess.Popen(
-                ["ip", "netns", "exec", self.s, sys.executable, FWDPROBE, "echo", "--port",
+                ["ip", "netns", "exec", self.s, sys.executable, TCPTOOL, "echo", "--port",
                  str(FWD_PORT)], stdout=f, stderr=subprocess.STDOUT, start_new_session=True))
         self.node.wait_line(self.echo, log, "READY", 10, "forwarding probe echo server")
 
@@ -886,7 +885,7 @@ class ForwardProbe:
                 ["ip", "netns", "exec", self.c, "ping", "-n", "-D", "-i", "0.001", "-W", "1",
                  FWD_SERVER], stdout=f, stderr=subprocess.STDOUT, start_new_session=True))
         self.stream = REG.add_proc(subprocess.Popen(
-            ["ip", "netns", "exec", self.c, sys.executable, FWDPROBE, "stream", "--dst",
+            ["ip", "netns", "exec", self.c, sys.executable, TCPTOOL, "stream", "--dst",
              FWD_SERVER, "--port", str(FWD_PORT), "--stop", self.stop_file, "--out", self.out],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True))
         self.t_start = time.time()

@@ -203,32 +203,14 @@ pub fn diff(args: DiffArgs) -> ExitCode {
             Ok(o) => o,
             Err(e) => return fail(e),
         },
-        None => {
-            let rt = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => return fail(format!("cannot start the runtime: {e}")),
-            };
-            let listed = rt.block_on(async {
-                let (client, _) = crate::k8s::client::client(
-                    args.kubeconfig.as_deref(),
-                    args.master.as_deref(),
-                    None,
-                    None,
-                )
-                .await
-                .map_err(|e| e.to_string())?;
-                list_objects(client, &cfg.node_name)
-                    .await
-                    .map_err(|e| format!("listing from the API: {e}"))
-            });
-            match listed {
-                Ok(o) => o,
-                Err(e) => return fail(e),
-            }
-        }
+        None => match super::list_from_api(
+            args.kubeconfig.as_deref(),
+            args.master.as_deref(),
+            &cfg.node_name,
+        ) {
+            Ok(o) => o,
+            Err(e) => return fail(e),
+        },
     };
     // From a file, like `render`: the named node, else the file's only Node.
     let node = match &args.file {

@@ -102,24 +102,14 @@ fn compute(src: &SourceArgs) -> Result<Owned, String> {
     let mut cfg = src.proxy.proxy_config().map_err(|e| e.to_string())?;
     let (objs, from_file) = match &src.file {
         Some(f) => (super::read_objects(f)?, true),
-        None => {
-            let rt = runtime()?;
-            let node = cfg.node_name.clone();
-            let objs = rt.block_on(async {
-                let (client, _) = crate::k8s::client::client(
-                    src.kubeconfig.as_deref(),
-                    src.master.as_deref(),
-                    None,
-                    None,
-                )
-                .await
-                .map_err(|e| e.to_string())?;
-                super::diff::list_objects(client, &node)
-                    .await
-                    .map_err(|e| format!("listing from the API: {e}"))
-            })?;
-            (objs, false)
-        }
+        None => (
+            super::list_from_api(
+                src.kubeconfig.as_deref(),
+                src.master.as_deref(),
+                &cfg.node_name,
+            )?,
+            false,
+        ),
     };
     let node = if from_file {
         objs.node_info(src.proxy.hostname_override.as_deref())

@@ -150,6 +150,27 @@ fn set_oom_score_adj(v: i32) {
     }
 }
 
+/// The objects this node's agent would see, listed once from the API (`diff`, and `explain`,
+/// `services`, `report` without an agent socket).
+pub(crate) fn list_from_api(
+    kubeconfig: Option<&std::path::Path>,
+    master: Option<&str>,
+    node: &str,
+) -> Result<Objects, String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))?;
+    rt.block_on(async {
+        let (client, _) = crate::k8s::client::client(kubeconfig, master, None, None)
+            .await
+            .map_err(|e| e.to_string())?;
+        diff::list_objects(client, node)
+            .await
+            .map_err(|e| format!("listing from the API: {e}"))
+    })
+}
+
 /// Read objects from a file or standard input (`-`).
 pub(crate) fn read_objects(file: &str) -> Result<Objects, String> {
     let text = if file == "-" {

@@ -14,76 +14,9 @@ import time
 import pytest
 
 import cluster as C
+from kubeadm import kubeadm_config
 from cluster import endpoint, endpoint_slice, node_ip, service, svc_port, wait_until
 
-CONFIG = """apiVersion: kubeproxy.config.k8s.io/v1alpha1
-kind: KubeProxyConfiguration
-bindAddress: 0.0.0.0
-bindAddressHardFail: false
-clientConnection:
-  acceptContentTypes: ""
-  burst: 0
-  contentType: ""
-  kubeconfig: {kubeconfig}
-  qps: 0
-clusterCIDR: {cluster_cidr}
-configSyncPeriod: 0s
-conntrack:
-  maxPerCore: null
-  min: null
-  tcpBeLiberal: false
-  tcpCloseWaitTimeout: null
-  tcpEstablishedTimeout: null
-  udpStreamTimeout: 0s
-  udpTimeout: 0s
-detectLocal:
-  bridgeInterface: ""
-  interfaceNamePrefix: ""
-detectLocalMode: ""
-enableProfiling: false
-healthzBindAddress: {healthz}
-hostnameOverride: ""
-iptables:
-  localhostNodePorts: null
-  masqueradeAll: false
-  masqueradeBit: null
-  minSyncPeriod: 0s
-  syncPeriod: 0s
-ipvs:
-  excludeCIDRs: null
-  minSyncPeriod: 0s
-  scheduler: ""
-  strictARP: false
-  syncPeriod: 0s
-  tcpFinTimeout: 0s
-  tcpTimeout: 0s
-  udpTimeout: 0s
-logging:
-  flushFrequency: 0
-  options:
-    json:
-      infoBufferSize: "0"
-    text:
-      infoBufferSize: "0"
-  verbosity: 0
-metricsBindAddress: 127.0.0.1:10249
-mode: nftables
-nftables:
-  masqueradeAll: false
-  masqueradeBit: null
-  minSyncPeriod: 1s
-  syncPeriod: 1m30s
-nodePortAddresses: null
-oomScoreAdj: -999
-portRange: ""
-showHiddenMetricsForVersion: ""
-winkernel:
-  enableDSR: false
-  forwardHealthCheckVip: false
-  networkName: ""
-  rootHnsEndpointName: ""
-  sourceVip: ""
-"""
 
 
 @pytest.fixture
@@ -91,8 +24,16 @@ def kubeadm_agent(cluster):
     a = cluster.agents["node-a"]
     path = os.path.join(cluster.workdir, "kube-proxy-config.conf")
     with open(path, "w") as f:
-        f.write(CONFIG.format(kubeconfig=cluster.kubeconfig, cluster_cidr=C.CLUSTER_CIDR,
-                              healthz=f"{node_ip('node-a')}:10256"))
+        # kubeadm's file with what differs on this cluster (API access, pod CIDRs, where the
+        # health server may listen in node-a's namespace) and values to see in force
+        f.write(kubeadm_config({
+            "clientConnection.kubeconfig": cluster.kubeconfig,
+            "clusterCIDR": C.CLUSTER_CIDR,
+            "healthzBindAddress": f"{node_ip('node-a')}:10256",
+            "metricsBindAddress": "127.0.0.1:10249",
+            "nftables.syncPeriod": "1m30s",
+            "oomScoreAdj": "-999",
+        }))
     a.stop()
     # kubeadm's file asks for kube-proxy's conntrack defaults, which the agent sets in node-a's
     # network namespace (the timeouts are per namespace): put them back afterwards, so later

@@ -18,89 +18,29 @@ import json
 import os
 import re
 import subprocess
+import sys
 import time
 
 import pytest
 
 import realnode as R
 from conftest import cluster
+
+sys.path.insert(0, os.path.dirname(R.HERE))  # integration/: kubeadm's file, shared
+from kubeadm import kubeadm_config  # noqa: E402
 from workload import (LB_CLUSTER, LB_LOCAL, NS, WHO, agent_logs, deploy_workload, echo_pods,
                       parse, wait_until)
 
 KS = ("-n", "kube-system")
 
 # kubeadm 1.36's kube-proxy ConfigMap (`kubeadm init` with podSubnet 10.244.0.0/16 and
-# `mode: nftables`), printed with its defaults. conntrack as kind writes it: a node in a network
-# namespace cannot raise the global nf_conntrack_max, and 0 leaves the timeouts alone.
-KUBEADM_CONFIG_CONF = """\
-apiVersion: kubeproxy.config.k8s.io/v1alpha1
-bindAddress: 0.0.0.0
-bindAddressHardFail: false
-clientConnection:
-  acceptContentTypes: ""
-  burst: 0
-  contentType: ""
-  kubeconfig: /var/lib/kube-proxy/kubeconfig.conf
-  qps: 0
-clusterCIDR: 10.244.0.0/16
-configSyncPeriod: 0s
-conntrack:
-  maxPerCore: 0
-  min: null
-  tcpBeLiberal: false
-  tcpCloseWaitTimeout: 0s
-  tcpEstablishedTimeout: 0s
-  udpStreamTimeout: 0s
-  udpTimeout: 0s
-detectLocal:
-  bridgeInterface: ""
-  interfaceNamePrefix: ""
-detectLocalMode: ""
-enableProfiling: false
-healthzBindAddress: ""
-hostnameOverride: ""
-iptables:
-  localhostNodePorts: null
-  masqueradeAll: false
-  masqueradeBit: null
-  minSyncPeriod: 0s
-  syncPeriod: 0s
-ipvs:
-  excludeCIDRs: null
-  minSyncPeriod: 0s
-  scheduler: ""
-  strictARP: false
-  syncPeriod: 0s
-  tcpFinTimeout: 0s
-  tcpTimeout: 0s
-  udpTimeout: 0s
-kind: KubeProxyConfiguration
-logging:
-  flushFrequency: 0
-  options:
-    json:
-      infoBufferSize: "0"
-    text:
-      infoBufferSize: "0"
-  verbosity: 0
-metricsBindAddress: ""
-mode: nftables
-nftables:
-  masqueradeAll: false
-  masqueradeBit: null
-  minSyncPeriod: 0s
-  syncPeriod: 0s
-nodePortAddresses: null
-oomScoreAdj: null
-portRange: ""
-showHiddenMetricsForVersion: ""
-winkernel:
-  enableDSR: false
-  forwardHealthCheckVip: false
-  networkName: ""
-  rootHnsEndpointName: ""
-  sourceVip: ""
-"""
+# `mode: nftables`; tests/fixtures/kubeadm-config.conf). conntrack as kind writes it: a node in
+# a network namespace cannot raise the global nf_conntrack_max, and 0 leaves the timeouts alone.
+KUBEADM_CONFIG_CONF = kubeadm_config({
+    "conntrack.maxPerCore": "0",
+    "conntrack.tcpCloseWaitTimeout": "0s",
+    "conntrack.tcpEstablishedTimeout": "0s",
+})
 
 KUBEADM_KUBECONFIG_CONF = f"""\
 apiVersion: v1

@@ -245,10 +245,7 @@ impl<'a> Tracer<'a> {
         if def.flags.interval {
             els.iter().any(|e| element_covers(e, key))
         } else {
-            els.contains(&Element {
-                key: key.to_vec(),
-                value: None,
-            }) || els.iter().any(|e| e.key == key)
+            first_with_key(els, key).is_some()
         }
     }
 
@@ -262,12 +259,7 @@ impl<'a> Tracer<'a> {
                 .and_then(|m| m.get(key))
                 .cloned();
         }
-        self.table
-            .elements
-            .get(map)?
-            .iter()
-            .find(|e| e.key == key)
-            .and_then(|e| e.value.clone())
+        first_with_key(self.table.elements.get(map)?, key).and_then(|e| e.value.clone())
     }
 
     fn matches(&self, m: &Match, st: &State, p: &Packet) -> bool {
@@ -404,6 +396,20 @@ impl<'a> Tracer<'a> {
     pub fn expire(&self) {
         self.runtime.borrow_mut().clear();
     }
+}
+
+/// The element with this key (elements sort by key, then value, `None` first): a lookup in
+/// log time, as the kernel's hash does it in constant time. `explain` traces over the applied
+/// ruleset, which at 50k Services holds 400k elements.
+fn first_with_key<'e>(els: &'e crate::nft::ir::Elements, key: &[Value]) -> Option<&'e Element> {
+    els.range(
+        Element {
+            key: key.to_vec(),
+            value: None,
+        }..,
+    )
+    .next()
+    .filter(|e| e.key == key)
 }
 
 /// Interval membership: every component equal, except prefixes, which must contain the value.

@@ -74,9 +74,9 @@ struct Owned {
 
 impl Owned {
     fn view<R>(&self, f: impl FnOnce(&View<'_>) -> R) -> R {
-        let endpoints = |svc: &ServiceName, fam: Family| {
-            explain::endpoints_of(&self.objs.slices, &self.node.name, svc, fam)
-        };
+        let slices = explain::SlicesByService::new(&self.objs.slices);
+        let endpoints =
+            |svc: &ServiceName, fam: Family| slices.endpoints(&self.node.name, svc, fam);
         let primary = |ep: std::net::IpAddr| {
             self.node.primary(if ep.is_ipv4() {
                 Family::Ip

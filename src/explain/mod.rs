@@ -132,33 +132,59 @@ pub struct View<'a> {
     pub counters: Option<&'a CountersOf<'a>>,
 }
 
-/// A Service's endpoints in one family from EndpointSlices: the model's reading of each slice
-/// and its merge (slices in name order, as the pipeline merges them).
-pub fn endpoints_of<'s>(
-    slices: impl IntoIterator<Item = &'s k8s_openapi::api::discovery::v1::EndpointSlice>,
-    node: &str,
-    svc: &ServiceName,
-    f: Family,
-) -> PortEndpoints {
-    let mut mine: Vec<&k8s_openapi::api::discovery::v1::EndpointSlice> = slices
-        .into_iter()
-        .filter(|s| {
-            s.metadata.namespace.as_deref().unwrap_or("default") == svc.namespace
-                && s.metadata
-                    .labels
-                    .as_ref()
-                    .and_then(|l| l.get(crate::model::SERVICE_NAME_LABEL))
-                    .is_some_and(|n| *n == svc.name)
-        })
-        .collect();
-    mine.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
-    let mut ignored = Vec::new();
-    let infos: Vec<crate::model::SliceInfo> = mine
-        .into_iter()
-        .filter_map(|s| crate::model::slice_info(s, node, &mut ignored))
-        .filter(|i| i.family == f)
-        .collect();
-    crate::model::merge_slices(&infos)
+/// EndpointSlices grouped by their Service once (offline answers ask for one Service's
+/// endpoints per port: a scan of every slice each time would make `services` quadratic).
+pub struct SlicesByService<'s> {
+    by: std::collections::HashMap<
+        ServiceName,
+        Vec<&'s k8s_openapi::api::discovery::v1::EndpointSlice>,
+    >,
+}
+
+impl<'s> SlicesByService<'s> {
+    pub fn new(
+        slices: impl IntoIterator<Item = &'s k8s_openapi::api::discovery::v1::EndpointSlice>,
+    ) -> SlicesByService<'s> {
+        let mut by: std::collections::HashMap<ServiceName, Vec<_>> = Default::default();
+        for s in slices {
+            let Some(name) = s
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(crate::model::SERVICE_NAME_LABEL))
+            else {
+                continue;
+            };
+            let svc = ServiceName {
+                namespace: s
+                    .metadata
+                    .namespace
+                    .clone()
+                    .unwrap_or_else(|| "default".into()),
+                name: name.clone(),
+            };
+            by.entry(svc).or_default().push(s);
+        }
+        // Slices in name order, as the pipeline merges them.
+        for v in by.values_mut() {
+            v.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+        }
+        SlicesByService { by }
+    }
+
+    /// A Service's endpoints in one family: the model's reading of each slice and its merge.
+    pub fn endpoints(&self, node: &str, svc: &ServiceName, f: Family) -> PortEndpoints {
+        let mut ignored = Vec::new();
+        let infos: Vec<crate::model::SliceInfo> = self
+            .by
+            .get(svc)
+            .into_iter()
+            .flatten()
+            .filter_map(|s| crate::model::slice_info(s, node, &mut ignored))
+            .filter(|i| i.family == f)
+            .collect();
+        crate::model::merge_slices(&infos)
+    }
 }
 
 /// Offline: what `render` would program for these objects on `node`, as a [`View`] (local
@@ -170,8 +196,8 @@ pub fn offline<R>(
     f: impl FnOnce(&View<'_>) -> R,
 ) -> Result<R, crate::nft::compile::CompileError> {
     let fs = crate::pipeline::from_objects(objs, cfg, node)?;
-    let endpoints =
-        |svc: &ServiceName, fam: Family| endpoints_of(&objs.slices, &node.name, svc, fam);
+    let slices = SlicesByService::new(&objs.slices);
+    let endpoints = |svc: &ServiceName, fam: Family| slices.endpoints(&node.name, svc, fam);
     let masq = |ep: IpAddr| {
         node.primary(if ep.is_ipv4() {
             Family::Ip
@@ -302,23 +328,39 @@ const ENTRY_SETS: &[&str] = &[
     names::NODEPORT_NO_ENDPOINT_DROP,
 ];
 
-/// The port state an entry key belongs to (compile's own entry keys decide).
-fn owner<'a>(state: &'a ProxyState, f: Family, key: &[Value]) -> Option<&'a PortState> {
-    state.families.get(&f)?.ports.values().find_map(|ps| {
-        crate::nft::compile::entry_keys(&ps.sp)
-            .any(|k| k == key)
-            .then_some(ps.as_ref())
-    })
+/// Which port state an entry key belongs to (compile's own entry keys decide), and which
+/// Service has a ClusterIP: built once per answer, so that `services` and `report`, which explain
+/// a flow per Service port, stay linear in the number of ports.
+pub struct EntryIndex<'a> {
+    entries: std::collections::HashMap<(Family, Vec<Value>), &'a PortState>,
+    cluster_ips: std::collections::HashMap<IpAddr, &'a PortState>,
 }
 
-fn by_cluster_ip(state: &ProxyState, f: Family, ip: IpAddr) -> Option<&PortState> {
-    state
-        .families
-        .get(&f)?
-        .ports
-        .values()
-        .find(|ps| ps.sp.cluster_ip == ip)
-        .map(|ps| ps.as_ref())
+impl<'a> EntryIndex<'a> {
+    pub fn new(state: &'a ProxyState) -> EntryIndex<'a> {
+        let mut entries = std::collections::HashMap::new();
+        let mut cluster_ips = std::collections::HashMap::new();
+        for (f, fs) in &state.families {
+            for ps in fs.ports.values() {
+                for k in crate::nft::compile::entry_keys(&ps.sp) {
+                    entries.entry((*f, k)).or_insert(ps.as_ref());
+                }
+                cluster_ips.entry(ps.sp.cluster_ip).or_insert(ps.as_ref());
+            }
+        }
+        EntryIndex {
+            entries,
+            cluster_ips,
+        }
+    }
+
+    fn owner(&self, f: Family, key: &[Value]) -> Option<&'a PortState> {
+        self.entries.get(&(f, key.to_vec())).copied()
+    }
+
+    fn by_cluster_ip(&self, ip: IpAddr) -> Option<&'a PortState> {
+        self.cluster_ips.get(&ip).copied()
+    }
 }
 
 fn infer_via(view: &View<'_>, flow: &Flow) -> Via {
@@ -455,6 +497,11 @@ fn endpoint_steps(
 
 /// Explain one flow on this node.
 pub fn explain(view: &View<'_>, flow: &Flow) -> Explanation {
+    explain_indexed(view, &EntryIndex::new(view.state), flow)
+}
+
+/// [`explain`] with an index built once for many flows.
+pub fn explain_indexed(view: &View<'_>, index: &EntryIndex<'_>, flow: &Flow) -> Explanation {
     let family = if flow.dst.is_ipv4() {
         Family::Ip
     } else {
@@ -547,7 +594,7 @@ pub fn explain(view: &View<'_>, flow: &Flow) -> Explanation {
                 continue;
             }
             if ENTRY_SETS.contains(&set.as_str()) && ps.is_none() {
-                ps = owner(view.state, family, key);
+                ps = index.owner(family, key);
                 nodeport |= key.len() == 2;
             }
         }
@@ -558,7 +605,7 @@ pub fn explain(view: &View<'_>, flow: &Flow) -> Explanation {
             .any(|(s, _, n)| s == names::CLUSTER_IPS && !n)
     });
     if ps.is_none() && unknown_port {
-        if let Some(other) = by_cluster_ip(view.state, family, flow.dst) {
+        if let Some(other) = index.by_cluster_ip(flow.dst) {
             ex.service = Some(other.sp.key.service.to_string());
         }
     }

@@ -7,7 +7,9 @@ use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 
-use super::{explain, fmt_addr, port_label, Explanation, Flow, Verdict, Via, View};
+use super::{
+    explain_indexed, fmt_addr, port_label, EntryIndex, Explanation, Flow, Verdict, Via, View,
+};
 use crate::model::Endpoint;
 use crate::net::Family;
 use crate::proxy::PortState;
@@ -195,6 +197,7 @@ fn outside_entry(view: &View<'_>, ps: &PortState, f: Family) -> Option<(IpAddr, 
 
 /// The Services as programmed on this node, one line per Service port and family.
 pub fn services(view: &View<'_>, q: &ServicesQuery) -> Vec<ServiceLine> {
+    let index = EntryIndex::new(view.state);
     let mut out = Vec::new();
     for (f, fs) in &view.state.families {
         for ps in fs.ports.values() {
@@ -212,7 +215,10 @@ pub fn services(view: &View<'_>, q: &ServicesQuery) -> Vec<ServiceLine> {
             let client = match outside_entry(view, ps, *f) {
                 Some((dst, port)) => {
                     let src = outside_client(view, *f);
-                    client_ip(&explain(view, &flow(src, dst, port, ps, Via::Outside)), src)
+                    client_ip(
+                        &explain_indexed(view, &index, &flow(src, dst, port, ps, Via::Outside)),
+                        src,
+                    )
                 }
                 None => "no external entry".into(),
             };
@@ -343,6 +349,7 @@ pub struct ReportRow {
 /// Per Service port and access path: is the client address kept, replaced (by what) or dropped
 /// on this node?
 pub fn report(view: &View<'_>) -> Vec<ReportRow> {
+    let index = EntryIndex::new(view.state);
     let mut out = Vec::new();
     let mut seen = BTreeSet::new();
     for (f, fs) in &view.state.families {
@@ -401,7 +408,7 @@ pub fn report(view: &View<'_>) -> Vec<ReportRow> {
                 ));
             }
             for (path, fl) in paths {
-                let ex = explain(view, &fl);
+                let ex = explain_indexed(view, &index, &fl);
                 let mut client = client_ip(&ex, fl.src);
                 if path.starts_with("hairpin") && ex.verdict == Verdict::Forward {
                     client = match ex.sources_by_endpoint.iter().find(|(e, _)| {

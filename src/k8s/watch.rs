@@ -314,6 +314,9 @@ pub async fn start(client: Client, node_name: &str, changes: mpsc::Sender<()>) -
     tokio::spawn(async move {
         if svc_listed.wait_for(|l| *l).await.is_ok() && slice_listed.wait_for(|l| *l).await.is_ok()
         {
+            // Operators (and the benchmark) read the cold start's split from this line: lists
+            // before it, compute and the first commit after it.
+            tracing::info!("initial Service and EndpointSlice lists received");
             r.store(true, std::sync::atomic::Ordering::SeqCst);
             // The watchers' own nudges may have come before the flag: sync now.
             let _ = ready_nudge.try_send(());

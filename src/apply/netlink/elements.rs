@@ -162,12 +162,16 @@ pub(super) fn nlerr(e: NlError) -> LowerError {
 }
 
 /// Kernel elements for adding (`add == true`) or deleting IR elements.
+///
+/// Each kernel element goes to `out` as soon as it is made: the caller packs it into the batch
+/// right away, so a set of 250,000 elements never exists as 250,000 libnftnl objects at once
+/// (about 300 bytes each; that was most of the first commit's memory peak).
 pub(super) fn kernel_elements(
     layout: &SetLayout,
     elements: &[Element],
     add: bool,
-) -> Result<Vec<KElem>, LowerError> {
-    let mut out = Vec::with_capacity(elements.len() * if layout.rbtree() { 2 } else { 1 });
+    out: &mut dyn FnMut(KElem) -> Result<(), LowerError>,
+) -> Result<(), LowerError> {
     let data_of = |e: &Element| -> Result<Option<Vec<u8>>, LowerError> {
         match (&layout.data, &e.value) {
             (Some(d), Some(v)) => Ok(Some(encode_values(v, d, false)?)),
@@ -209,21 +213,21 @@ pub(super) fn kernel_elements(
                     .set_userdata(&interval_open_udata().map_err(nlerr)?)
                     .map_err(nlerr)?;
             }
-            out.push(KElem {
+            out(KElem {
                 elem: start,
                 origin: Some(i),
-            });
+            })?;
             if let Some(end) = end {
                 let mut e = nl::SetElem::new().map_err(nlerr)?;
                 e.set_key(&end).map_err(nlerr)?;
                 e.set_flags(NFT_SET_ELEM_INTERVAL_END);
-                out.push(KElem {
+                out(KElem {
                     elem: e,
                     origin: Some(i),
-                });
+                })?;
             }
         }
-        return Ok(out);
+        return Ok(());
     }
     for (i, e) in elements.iter().enumerate() {
         let mut k = nl::SetElem::new().map_err(nlerr)?;
@@ -259,12 +263,27 @@ pub(super) fn kernel_elements(
                 k.set_data(&d).map_err(nlerr)?;
             }
         }
-        out.push(KElem {
+        out(KElem {
             elem: k,
             origin: Some(i),
-        });
+        })?;
     }
-    Ok(out)
+    Ok(())
+}
+
+/// [`kernel_elements`] collected (tests look at them one by one).
+#[cfg(test)]
+pub(super) fn kernel_elements_vec(
+    layout: &SetLayout,
+    elements: &[Element],
+    add: bool,
+) -> Result<Vec<KElem>, LowerError> {
+    let mut v = Vec::new();
+    kernel_elements(layout, elements, add, &mut |k| {
+        v.push(k);
+        Ok(())
+    })?;
+    Ok(v)
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -91,9 +91,26 @@ impl<'a> Lowering<'a> {
         elems: Vec<KElem>,
         tag: usize,
     ) -> Result<(), LowerError> {
+        self.stream_elems(cmd, flags, family, set, tag, |out| {
+            elems.into_iter().try_for_each(out)
+        })
+    }
+
+    /// Send the elements `make` produces, each packed as soon as it is made and every full
+    /// message's libnftnl objects freed once written into the batch: the batch holds only the
+    /// wire bytes, never a second copy of a big set as objects.
+    pub(super) fn stream_elems(
+        &mut self,
+        cmd: Cmd,
+        flags: u16,
+        family: Family,
+        set: &str,
+        tag: usize,
+        make: impl FnOnce(&mut dyn FnMut(KElem) -> Result<(), LowerError>) -> Result<(), LowerError>,
+    ) -> Result<(), LowerError> {
         let mut carrier = self.elems_carrier(family, set)?;
         let mut origins = Vec::new();
-        for k in elems {
+        make(&mut |k: KElem| {
             if carrier.elem_count() > 0
                 && carrier.elems_bound() + k.elem.bound() > nl::ELEMS_PER_MSG_BUDGET
             {
@@ -103,7 +120,8 @@ impl<'a> Lowering<'a> {
             }
             origins.push(k.origin);
             carrier.push_elem(k.elem);
-        }
+            Ok(())
+        })?;
         if carrier.elem_count() > 0 {
             let seq = self.push(cmd, family, flags, Payload::SetElems(&carrier), tag)?;
             self.elem_origin.insert(seq, origins);
@@ -219,17 +237,16 @@ impl<'a> Lowering<'a> {
                     return Ok(());
                 }
                 let layout = SetLayout::from_def(*family, def)?;
-                let elems = kernel_elements(&layout, elements, true)?;
                 if layout.rbtree() && self.empty.remove(&(*family, set.clone())) {
                     self.leading_interval_end(&layout, *family, set, elements, tag)?;
                 }
-                self.push_elems(
+                self.stream_elems(
                     Cmd::NewSetElem,
                     NLM_F_CREATE | NLM_F_EXCL,
                     *family,
                     set,
-                    elems,
                     tag,
+                    |out| kernel_elements(&layout, elements, true, out),
                 )?;
             }
             Op::DeleteElements {
@@ -242,8 +259,9 @@ impl<'a> Lowering<'a> {
                     return Ok(());
                 }
                 let layout = SetLayout::from_def(*family, def)?;
-                let elems = kernel_elements(&layout, elements, false)?;
-                self.push_elems(Cmd::DelSetElem, 0, *family, set, elems, tag)?;
+                self.stream_elems(Cmd::DelSetElem, 0, *family, set, tag, |out| {
+                    kernel_elements(&layout, elements, false, out)
+                })?;
             }
         }
         Ok(())

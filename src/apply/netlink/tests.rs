@@ -712,7 +712,7 @@ fn keys_that_do_not_fit_the_registers_are_rejected() {
 }
 
 fn infos(layout: &SetLayout, elements: &[Element], add: bool) -> Vec<nl::ElemInfo> {
-    kernel_elements(layout, elements, add)
+    kernel_elements_vec(layout, elements, add)
         .unwrap()
         .iter()
         .map(|k| k.elem.info())
@@ -880,7 +880,7 @@ fn slots_are_host_order_except_in_interval_sets() {
 fn element_values_are_type_checked() {
     let d = def(ty(&[V4, PROTO, SVC]), None, fl(false, false, false));
     let layout = SetLayout::from_def(Family::Ip, &d).unwrap();
-    let err = |els: Vec<Element>| kernel_elements(&layout, &els, true).err().unwrap();
+    let err = |els: Vec<Element>| kernel_elements_vec(&layout, &els, true).err().unwrap();
     assert!(err(vec![el(vec![ip("fd00::1"), TCP, Value::Port(1)])])
         .to_string()
         .contains("does not fit"));

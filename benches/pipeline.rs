@@ -134,7 +134,7 @@ fn main() {
             .insert(key_of(&one_slice.metadata), Some(one_slice.clone()));
         let t = Instant::now();
         let out = engine
-            .compute(Batch::default(), batch, &node, &[], &cfg_c)
+            .compute(Batch::<Service>::default(), batch, &node, &[], &cfg_c)
             .expect("engine");
         let t_compute = ms(t);
         let t = Instant::now();
@@ -168,7 +168,7 @@ fn main() {
         batch.changed.insert(key_of(&s.metadata), Some(s));
     }
     let out = engine
-        .compute(Batch::default(), batch, &node, &[], &cfg_c)
+        .compute(Batch::<Service>::default(), batch, &node, &[], &cfg_c)
         .expect("engine");
     let p = plan::partial(&applied, &out.ruleset, &BTreeSet::new());
     applied = plan::after(&applied, &out.ruleset, &p);
@@ -183,7 +183,7 @@ fn main() {
         batch.changed.insert(key_of(&s.metadata), Some(s));
         let t = Instant::now();
         let out = engine
-            .compute(Batch::default(), batch, &node, &[], &cfg_c)
+            .compute(Batch::<Service>::default(), batch, &node, &[], &cfg_c)
             .expect("engine");
         let t_c = ms(t);
         let t = Instant::now();

@@ -7,12 +7,44 @@ use std::sync::Arc;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
-/// Services and EndpointSlices as delivered by their watches, waiting for the engine (which
-/// keeps only its reduced model of them: there is no store of whole objects).
+use crate::model::{ReadService, ReadSlice};
+
+/// Services and EndpointSlices as delivered by their watches, already read into what the model
+/// keeps (the watch reads each object as it arrives and drops it), waiting for the engine:
+/// there is no store of whole objects, not even during a list.
 #[derive(Debug, Default)]
 pub struct Inbox {
-    pub services: Pending<Service>,
-    pub slices: Pending<EndpointSlice>,
+    pub services: Pending<ReadService>,
+    pub slices: Pending<ReadSlice>,
+}
+
+/// What a watched object is filed under.
+pub trait Keyed {
+    fn key(&self) -> ObjKey;
+}
+
+impl Keyed for Service {
+    fn key(&self) -> ObjKey {
+        key_of(&self.metadata)
+    }
+}
+
+impl Keyed for EndpointSlice {
+    fn key(&self) -> ObjKey {
+        key_of(&self.metadata)
+    }
+}
+
+impl Keyed for ReadService {
+    fn key(&self) -> ObjKey {
+        self.key.clone()
+    }
+}
+
+impl Keyed for ReadSlice {
+    fn key(&self) -> ObjKey {
+        self.key.clone()
+    }
 }
 
 pub type SharedInbox = Arc<std::sync::Mutex<Inbox>>;
@@ -71,22 +103,22 @@ impl<K> Batch<K> {
     /// A complete list.
     pub fn all(objects: impl IntoIterator<Item = K>) -> Batch<K>
     where
-        K: kube::Resource,
+        K: Keyed,
     {
         Batch {
-            replaced: Some(objects.into_iter().map(|o| (key_of(o.meta()), o)).collect()),
+            replaced: Some(objects.into_iter().map(|o| (o.key(), o)).collect()),
             changed: HashMap::new(),
         }
     }
 }
 
-impl<K: kube::Resource> Pending<K> {
+impl<K: Keyed> Pending<K> {
     /// Record one watch event.
     pub fn event(&mut self, ev: kube::runtime::watcher::Event<K>) {
         use kube::runtime::watcher::Event;
         match ev {
             Event::Apply(o) => {
-                let key = key_of(o.meta());
+                let key = o.key();
                 match &mut self.replaced {
                     Some(all) => {
                         all.insert(key, o);
@@ -97,7 +129,7 @@ impl<K: kube::Resource> Pending<K> {
                 }
             }
             Event::Delete(o) => {
-                let key = key_of(o.meta());
+                let key = o.key();
                 match &mut self.replaced {
                     Some(all) => {
                         all.remove(&key);
@@ -111,7 +143,7 @@ impl<K: kube::Resource> Pending<K> {
             Event::InitApply(o) => {
                 self.relisting
                     .get_or_insert_with(HashMap::new)
-                    .insert(key_of(o.meta()), o);
+                    .insert(o.key(), o);
             }
             Event::InitDone => {
                 // The new list supersedes every change before it.
@@ -135,8 +167,5 @@ impl<K: kube::Resource> Pending<K> {
 }
 
 pub fn key_of(meta: &kube::api::ObjectMeta) -> ObjKey {
-    (
-        meta.namespace.clone().unwrap_or_else(|| "default".into()),
-        meta.name.clone().unwrap_or_default(),
-    )
+    crate::model::object_key(meta)
 }

@@ -17,8 +17,9 @@ use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client, Resource, ResourceExt};
 use tokio::sync::mpsc;
 
-use crate::k8s::inbox::{Inbox, Pending, SharedInbox};
+use crate::k8s::inbox::{Inbox, Keyed, Pending, SharedInbox};
 use crate::lock::lock;
+use crate::model::{ReadService, ReadSlice};
 
 /// Upstream kube-proxy's selector: Services and slices handed to another proxy, and headless
 /// Services' slices, are not ours.
@@ -194,21 +195,39 @@ where
     reader
 }
 
-/// Watch `api` into the inbox slot `slot`; `listed` turns true after the first complete list.
-fn watch_into<K>(
+/// The same event with its object read by `read`.
+pub fn read_event<K, T>(ev: &watcher::Event<K>, read: impl Fn(&K) -> T) -> watcher::Event<T> {
+    use watcher::Event;
+    match ev {
+        Event::Apply(o) => Event::Apply(read(o)),
+        Event::Delete(o) => Event::Delete(read(o)),
+        Event::Init => Event::Init,
+        Event::InitApply(o) => Event::InitApply(read(o)),
+        Event::InitDone => Event::InitDone,
+    }
+}
+
+/// Watch `api` into the inbox slot `slot`, each object read by `read` as it arrives and then
+/// dropped; `listed` turns true after the first complete list.
+#[allow(clippy::too_many_arguments)]
+fn watch_into<K, T>(
     name: &'static str,
     api: Api<K>,
     cfg: watcher::Config,
     changes: mpsc::Sender<()>,
     inbox: SharedInbox,
-    slot: fn(&mut Inbox) -> &mut Pending<K>,
+    slot: fn(&mut Inbox) -> &mut Pending<T>,
+    read: impl Fn(&K) -> T + Send + 'static,
     listed: tokio::sync::watch::Sender<bool>,
 ) where
     K: Watched,
+    T: Keyed + 'static,
 {
     drive(name, watch_stream(name, api, cfg), changes, move |ev| {
         let done = matches!(ev, watcher::Event::InitDone);
-        slot(&mut lock(&inbox)).event(ev.clone());
+        // Read outside the lock: the sync loop takes the inbox while a page is being read.
+        let ev = read_event(ev, &read);
+        slot(&mut lock(&inbox)).event(ev);
         if done {
             listed.send_replace(true);
         }
@@ -275,6 +294,7 @@ pub async fn start(client: Client, node_name: &str, changes: mpsc::Sender<()>) -
         changes.clone(),
         inbox.clone(),
         |i| &mut i.services,
+        ReadService::read,
         svc_listed_tx,
     );
     watch_into(
@@ -287,6 +307,10 @@ pub async fn start(client: Client, node_name: &str, changes: mpsc::Sender<()>) -
         changes.clone(),
         inbox.clone(),
         |i| &mut i.slices,
+        {
+            let node = node_name.to_string();
+            move |s: &EndpointSlice| ReadSlice::read(s, &node)
+        },
         slice_listed_tx,
     );
     // The Node and ServiceCIDRs are small: kept in stores and compared whole on every sync.

@@ -25,6 +25,56 @@ use crate::proxy::{self, Backend, ProxyState};
 pub mod config;
 use config::ProxyConfig;
 
+/// What the model reads a Service from: the object itself (render, explain -f, tests) or the
+/// watch's reading of it as it arrived (the agent, which never keeps objects).
+pub trait ServiceInput {
+    fn into_ports(self, problems: &mut Vec<Problem>) -> Vec<ServicePort>;
+}
+
+impl ServiceInput for Service {
+    fn into_ports(self, problems: &mut Vec<Problem>) -> Vec<ServicePort> {
+        model::service_ports(&self, problems)
+    }
+}
+
+impl ServiceInput for model::ReadService {
+    fn into_ports(self, problems: &mut Vec<Problem>) -> Vec<ServicePort> {
+        problems.extend(self.problems);
+        self.ports
+    }
+}
+
+impl ServiceInput for &Service {
+    fn into_ports(self, problems: &mut Vec<Problem>) -> Vec<ServicePort> {
+        model::service_ports(self, problems)
+    }
+}
+
+/// What the model reads an EndpointSlice from (see [`ServiceInput`]). `node` is this node's
+/// name; a [`model::ReadSlice`] was read with the same one.
+pub trait SliceInput {
+    fn into_info(self, node: &str, problems: &mut Vec<Problem>) -> Option<SliceInfo>;
+}
+
+impl SliceInput for EndpointSlice {
+    fn into_info(self, node: &str, problems: &mut Vec<Problem>) -> Option<SliceInfo> {
+        model::slice_info(&self, node, problems)
+    }
+}
+
+impl SliceInput for &EndpointSlice {
+    fn into_info(self, node: &str, problems: &mut Vec<Problem>) -> Option<SliceInfo> {
+        model::slice_info(self, node, problems)
+    }
+}
+
+impl SliceInput for model::ReadSlice {
+    fn into_info(self, _node: &str, problems: &mut Vec<Problem>) -> Option<SliceInfo> {
+        problems.extend(self.problems);
+        self.info
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Kind {
     Service,
@@ -166,13 +216,13 @@ impl Model {
     }
 
     /// Re-read one Service (None: deleted).
-    fn read_service(&mut self, key: &ObjKey, svc: Option<&Service>) {
+    fn read_service(&mut self, key: &ObjKey, svc: Option<impl ServiceInput>) {
         let name = svc_name(key);
         self.problems.remove(&(Kind::Service, key.clone()));
         let mut ports = Vec::new();
         if let Some(svc) = svc {
             let mut p = Vec::new();
-            ports = model::service_ports(svc, &mut p);
+            ports = svc.into_ports(&mut p);
             if !p.is_empty() {
                 self.problems.insert((Kind::Service, key.clone()), p);
             }
@@ -182,7 +232,7 @@ impl Model {
 
     /// Re-read one EndpointSlice (None: deleted). Returns the Services it belonged to, before
     /// and after.
-    fn read_slice(&mut self, key: &ObjKey, slice: Option<&EndpointSlice>) -> Vec<ServiceName> {
+    fn read_slice(&mut self, key: &ObjKey, slice: Option<impl SliceInput>) -> Vec<ServiceName> {
         let mut touched = Vec::new();
         self.problems.remove(&(Kind::Slice, key.clone()));
         if let Some(old) = self.slices.remove(key) {
@@ -197,7 +247,7 @@ impl Model {
         }
         if let Some(slice) = slice {
             let mut p = Vec::new();
-            if let Some(info) = model::slice_info(slice, &self.node.name, &mut p) {
+            if let Some(info) = slice.into_info(&self.node.name, &mut p) {
                 let set = self
                     .by_service
                     .entry((info.service.clone(), info.family))
@@ -259,8 +309,8 @@ impl Model {
     /// changed (all of them after a relist).
     pub fn apply(
         &mut self,
-        services: Batch<Service>,
-        slices: Batch<EndpointSlice>,
+        services: Batch<impl ServiceInput>,
+        slices: Batch<impl SliceInput>,
     ) -> BTreeSet<ServiceName> {
         let mut touched = BTreeSet::new();
         if let Some(all) = slices.replaced {
@@ -270,16 +320,16 @@ impl Model {
                 .filter(|k| !all.contains_key(k))
                 .collect();
             for k in gone {
-                touched.extend(self.read_slice(&k, None));
+                touched.extend(self.read_slice(&k, None::<EndpointSlice>));
             }
             // By value: each object is freed once read, so a full list's objects (192 MiB of
             // them at 50k Services x 5) shrink while the model grows instead of adding to it.
             for (k, o) in all {
-                touched.extend(self.read_slice(&k, Some(&o)));
+                touched.extend(self.read_slice(&k, Some(o)));
             }
         }
         for (k, o) in slices.changed {
-            touched.extend(self.read_slice(&k, o.as_ref()));
+            touched.extend(self.read_slice(&k, o));
         }
         if let Some(all) = services.replaced {
             let gone: Vec<ObjKey> = self
@@ -288,16 +338,16 @@ impl Model {
                 .filter(|k| !all.contains_key(k))
                 .collect();
             for k in gone {
-                self.read_service(&k, None);
+                self.read_service(&k, None::<Service>);
                 touched.insert(svc_name(&k));
             }
             for (k, o) in all {
-                self.read_service(&k, Some(&o));
+                self.read_service(&k, Some(o));
                 touched.insert(svc_name(&k));
             }
         }
         for (k, o) in services.changed {
-            self.read_service(&k, o.as_ref());
+            self.read_service(&k, o);
             touched.insert(svc_name(&k));
         }
         for s in &touched {
@@ -382,8 +432,8 @@ impl Engine {
     /// carry complete lists (`replaced`) of both kinds.
     pub fn compute(
         &mut self,
-        services: Batch<Service>,
-        slices: Batch<EndpointSlice>,
+        services: Batch<impl ServiceInput>,
+        slices: Batch<impl SliceInput>,
         node: &NodeInfo,
         cidrs: &[IpNet],
         cfg: &CompileConfig,

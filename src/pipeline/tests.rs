@@ -26,6 +26,7 @@ use super::*;
 use crate::apply::fake::FakeApplier;
 use crate::apply::Applier;
 use crate::k8s::inbox::Pending;
+use crate::model::{ReadService, ReadSlice};
 use crate::nft::{plan, render};
 
 #[derive(Default)]
@@ -59,8 +60,22 @@ struct World {
     objs: Objs,
     node: NodeSpec,
     cidrs: u8,
-    services: Pending<Service>,
-    slices: Pending<EndpointSlice>,
+    /// Read as the agent's watches read them: the engine under test never sees an object, the
+    /// from-scratch oracle reads the objects themselves.
+    services: Pending<ReadService>,
+    slices: Pending<ReadSlice>,
+}
+
+fn read_svc(
+    ev: kube::runtime::watcher::Event<Service>,
+) -> kube::runtime::watcher::Event<ReadService> {
+    crate::k8s::watch::read_event(&ev, ReadService::read)
+}
+
+fn read_slice(
+    ev: kube::runtime::watcher::Event<EndpointSlice>,
+) -> kube::runtime::watcher::Event<ReadSlice> {
+    crate::k8s::watch::read_event(&ev, |s| ReadSlice::read(s, gen::NODE))
 }
 
 impl World {
@@ -74,12 +89,12 @@ impl World {
                     Some(s) => {
                         let o = gen::service(*i, s);
                         self.objs.services.insert(key, o.clone());
-                        self.services.event(Event::Apply(o));
+                        self.services.event(read_svc(Event::Apply(o)));
                     }
                     // A watch reports the deletion of an object it knew, with its last state.
                     None => {
                         if let Some(o) = self.objs.services.remove(&key) {
-                            self.services.event(Event::Delete(o));
+                            self.services.event(read_svc(Event::Delete(o)));
                         }
                     }
                 }
@@ -90,11 +105,11 @@ impl World {
                     Some(s) => {
                         let o = gen::slice(*i, s);
                         self.objs.slices.insert(key, o.clone());
-                        self.slices.event(Event::Apply(o));
+                        self.slices.event(read_slice(Event::Apply(o)));
                     }
                     None => {
                         if let Some(o) = self.objs.slices.remove(&key) {
-                            self.slices.event(Event::Delete(o));
+                            self.slices.event(read_slice(Event::Delete(o)));
                         }
                     }
                 }
@@ -109,18 +124,18 @@ impl World {
     fn relist(&mut self, services: bool, slices: bool) {
         use kube::runtime::watcher::Event;
         if services {
-            self.services.event(Event::Init);
+            self.services.event(read_svc(Event::Init));
             for o in self.objs.services.values() {
-                self.services.event(Event::InitApply(o.clone()));
+                self.services.event(read_svc(Event::InitApply(o.clone())));
             }
-            self.services.event(Event::InitDone);
+            self.services.event(read_svc(Event::InitDone));
         }
         if slices {
-            self.slices.event(Event::Init);
+            self.slices.event(read_slice(Event::Init));
             for o in self.objs.slices.values() {
-                self.slices.event(Event::InitApply(o.clone()));
+                self.slices.event(read_slice(Event::InitApply(o.clone())));
             }
-            self.slices.event(Event::InitDone);
+            self.slices.event(read_slice(Event::InitDone));
         }
     }
 }
@@ -416,7 +431,13 @@ fn a_change_recompiles_only_its_service() {
     let mut zoned = node();
     zoned.zone = Some("z1".into());
     let out = engine
-        .compute(Batch::default(), Batch::default(), &zoned, &[], &cfg())
+        .compute(
+            Batch::<Service>::default(),
+            Batch::<EndpointSlice>::default(),
+            &zoned,
+            &[],
+            &cfg(),
+        )
         .expect("zone");
     assert!(out.rebuilt);
     assert_eq!(out.changed, 6);
@@ -538,7 +559,13 @@ fn service_cidrs_are_split_by_family() {
     let (s, e) = Objs::default().lists();
     engine.compute(s, e, &node(), &[], &cfg()).expect("first");
     let out = engine
-        .compute(Batch::default(), Batch::default(), &node(), &cidrs, &cfg())
+        .compute(
+            Batch::<Service>::default(),
+            Batch::<EndpointSlice>::default(),
+            &node(),
+            &cidrs,
+            &cfg(),
+        )
         .expect("cidrs");
     assert!(out.rebuilt);
     assert_eq!(

@@ -52,7 +52,7 @@ impl DesiredSource {
             .changed
             .values()
             .flatten()
-            .filter_map(model::trigger_time)
+            .filter_map(|s| s.trigger)
             .collect();
         let (relist, changed_services, changed_slices) = (
             services.replaced.is_some() || slices.replaced.is_some(),

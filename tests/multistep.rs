@@ -210,12 +210,12 @@ fn the_fake_is_strict() {
     let t = &rs.tables[&Family::Ip];
     let def = t.sets["cluster-ips"].clone();
     let dup = t.elements["cluster-ips"].iter().next().unwrap().clone();
-    let add = |els| nftproxy::nft::tx::Transaction {
+    let add = |els: Vec<nftproxy::nft::ir::Element>| nftproxy::nft::tx::Transaction {
         ops: vec![Op::AddElements {
             family: Family::Ip,
             set: "cluster-ips".into(),
             def: def.clone(),
-            elements: els,
+            elements: els.into(),
         }],
     };
     assert!(matches!(
@@ -230,7 +230,8 @@ fn the_fake_is_strict() {
             elements: vec![nftproxy::nft::ir::Element {
                 key: vec![nftproxy::nft::ir::Value::Addr("9.9.9.9".parse().unwrap())],
                 value: None,
-            }],
+            }]
+            .into(),
         }],
     };
     assert!(matches!(fake.apply(&del), Err(ApplyError::NotFound { .. })));

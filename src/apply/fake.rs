@@ -538,7 +538,7 @@ mod tests {
                 family: Family::Ip,
                 set: set.clone(),
                 def,
-                elements: elements.clone(),
+                elements: elements.clone().into(),
             }],
         };
         assert!(matches!(

@@ -245,7 +245,7 @@ fn probe_tx(f: &Feature) -> Transaction {
             family: fam,
             set: (*name).into(),
             def: def.clone(),
-            elements: vec![crate::nft::ir::Element {
+            elements: crate::nft::ir::Elements::unit(crate::nft::ir::Element {
                 key: vec![
                     Value::Addr([192, 0, 2, 1].into()),
                     Value::Proto(Proto::Tcp),
@@ -257,7 +257,7 @@ fn probe_tx(f: &Feature) -> Transaction {
                     ),
                 ],
                 value: None,
-            }],
+            }),
         });
     }
     ops.push(Op::DeleteTable(fam));

@@ -297,7 +297,7 @@ mod tests {
                     family: Family::Ip,
                     set: set.into(),
                     def: t.sets[set].clone(),
-                    elements: vec![gone.clone()],
+                    elements: crate::nft::ir::Elements::unit(gone.clone()),
                 },
                 Op::AddRule {
                     family: Family::Ip,

@@ -1,7 +1,7 @@
 //! A transaction: the ordered operations of one atomic commit. `plan` produces it, the appliers
 //! (netlink, fake) execute it all-or-nothing.
 
-use super::ir::{BaseChain, Element, Rule, SetDef};
+use super::ir::{BaseChain, Elements, Rule, SetDef};
 use crate::net::Family;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,14 +42,14 @@ pub enum Op {
         family: Family,
         set: String,
         def: SetDef,
-        elements: Vec<Element>,
+        elements: Elements,
     },
     /// Delete elements; a missing element is an error (ENOENT).
     DeleteElements {
         family: Family,
         set: String,
         def: SetDef,
-        elements: Vec<Element>,
+        elements: Elements,
     },
 }
 

@@ -117,7 +117,7 @@ pub fn clean<A: Applier>(
                         family: f,
                         set: map.into(),
                         def,
-                        elements: dead,
+                        elements: dead.into_iter().collect(),
                     });
                 }
             }

@@ -444,13 +444,13 @@ mod tests {
                             family: f,
                             set: set.clone(),
                             def: def.clone(),
-                            elements: vec![gone],
+                            elements: crate::nft::ir::Elements::unit(gone),
                         },
                         Op::AddElements {
                             family: f,
                             set,
                             def,
-                            elements: vec![one],
+                            elements: crate::nft::ir::Elements::unit(one),
                         },
                     ],
                 })

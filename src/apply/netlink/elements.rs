@@ -166,9 +166,9 @@ pub(super) fn nlerr(e: NlError) -> LowerError {
 /// Each kernel element goes to `out` as soon as it is made: the caller packs it into the batch
 /// right away, so a set of 250,000 elements never exists as 250,000 libnftnl objects at once
 /// (about 300 bytes each; that was most of the first commit's memory peak).
-pub(super) fn kernel_elements(
+pub(super) fn kernel_elements<'e>(
     layout: &SetLayout,
-    elements: &[Element],
+    elements: impl IntoIterator<Item = &'e Element>,
     add: bool,
     out: &mut dyn FnMut(KElem) -> Result<(), LowerError>,
 ) -> Result<(), LowerError> {
@@ -188,8 +188,8 @@ pub(super) fn kernel_elements(
     };
     if layout.rbtree() {
         // nft sends intervals in ascending order, each start followed by its end.
-        let mut ranges = Vec::with_capacity(elements.len());
-        for (i, e) in elements.iter().enumerate() {
+        let mut ranges = Vec::new();
+        for (i, e) in elements.into_iter().enumerate() {
             if e.key.len() != 1 {
                 return Err(LowerError::Encode(format!(
                     "{} has {} components, the set wants 1",
@@ -229,7 +229,7 @@ pub(super) fn kernel_elements(
         }
         return Ok(());
     }
-    for (i, e) in elements.iter().enumerate() {
+    for (i, e) in elements.into_iter().enumerate() {
         let mut k = nl::SetElem::new().map_err(nlerr)?;
         if layout.pipapo() {
             if e.key.len() != layout.key.comps.len() {

@@ -106,7 +106,7 @@ pub(super) fn failed_element(
         .iter()
         .position(|(_, start, payload)| off >= *start && off < start + 4 + payload.len())?;
     let origin = (*elem_origin.get(&e.seq)?.get(idx)?)?;
-    elements.get(origin).map(fmt_element)
+    elements.iter().nth(origin).map(fmt_element)
 }
 
 /// Short description of an op for error messages, e.g. `delete chain ip nftproxy foo`.

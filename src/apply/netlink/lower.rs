@@ -276,7 +276,7 @@ impl<'a> Lowering<'a> {
         layout: &SetLayout,
         family: Family,
         set: &str,
-        elements: &[Element],
+        elements: &crate::nft::ir::Elements,
         tag: usize,
     ) -> Result<(), LowerError> {
         let comp = &layout.key.comps[0];

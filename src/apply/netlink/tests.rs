@@ -936,7 +936,7 @@ fn ops_are_described_for_errors() {
                 family: f,
                 set: "cluster-backends".into(),
                 def: d.clone(),
-                elements: vec![]
+                elements: vec![].into()
             },
             "nftproxy"
         ),
@@ -1934,7 +1934,7 @@ fn one_batch_of_100k_elements() {
             family: Family::Ip,
             set: "cluster-backends".into(),
             def: d.clone(),
-            elements: elements.clone(),
+            elements: elements.clone().into(),
         });
         let start = Instant::now();
         a.apply(&tx).unwrap();
@@ -1966,7 +1966,7 @@ fn one_batch_of_100k_elements() {
                 family: Family::Ip,
                 set: "cluster-backends".into(),
                 def: d,
-                elements: dels,
+                elements: dels.into(),
             }],
         })
         .unwrap();
@@ -2025,7 +2025,7 @@ fn failed_batch_changes_nothing() {
                     family: Family::Ip,
                     set: "cluster-backends".into(),
                     def: d,
-                    elements: vec![backend(0)],
+                    elements: vec![backend(0)].into(),
                 },
                 Op::DeleteChain {
                     family: Family::Ip,
@@ -2100,7 +2100,7 @@ fn kernel_errors_are_classified_and_name_their_op() {
                 family: Family::Ip,
                 set: set(),
                 def: d.clone(),
-                elements: vec![backend(99)],
+                elements: vec![backend(99)].into(),
             }],
         };
         let err = a.apply(&missing).unwrap_err();
@@ -2164,7 +2164,7 @@ fn kernel_errors_are_classified_and_name_their_op() {
                 family: Family::Ip,
                 set: set(),
                 def: d.clone(),
-                elements: vec![el(vec![ip("10.0.0.1")])],
+                elements: vec![el(vec![ip("10.0.0.1")])].into(),
             }],
         };
         assert!(matches!(
@@ -2271,13 +2271,13 @@ fn map_value_changes_by_delete_and_add_in_one_batch() {
                     family: Family::Ip,
                     set: "cluster-backends".into(),
                     def: d.clone(),
-                    elements: vec![old.clone()],
+                    elements: vec![old.clone()].into(),
                 },
                 Op::AddElements {
                     family: Family::Ip,
                     set: "cluster-backends".into(),
                     def: d.clone(),
-                    elements: vec![new.clone()],
+                    elements: vec![new.clone()].into(),
                 },
             ],
         })
@@ -2294,7 +2294,7 @@ fn map_value_changes_by_delete_and_add_in_one_batch() {
                     family: Family::Ip,
                     set: "cluster-backends".into(),
                     def: d,
-                    elements: vec![backend(2)],
+                    elements: vec![backend(2)].into(),
                 }],
             })
             .unwrap_err();
@@ -2318,7 +2318,8 @@ fn interval_elements_delete_like_nft() {
                 elements: vec![
                     el(vec![pfx("192.168.1.0/24")]),
                     el(vec![pfx("255.255.255.0/24")]),
-                ],
+                ]
+                .into(),
             },
             Op::DeleteElements {
                 family: Family::Ip,
@@ -2329,13 +2330,14 @@ fn interval_elements_delete_like_nft() {
                     TCP,
                     Value::Port(80),
                     pfx("203.0.113.0/24"),
-                ])],
+                ])]
+                .into(),
             },
             Op::AddElements {
                 family: Family::Ip,
                 set: "pod-cidrs".into(),
                 def: pod,
-                elements: vec![el(vec![pfx("172.16.0.0/12")])],
+                elements: vec![el(vec![pfx("172.16.0.0/12")])].into(),
             },
             Op::AddElements {
                 family: Family::Ip,
@@ -2346,7 +2348,8 @@ fn interval_elements_delete_like_nft() {
                     SCTP,
                     Value::Port(9),
                     pfx("0.0.0.0/0"),
-                ])],
+                ])]
+                .into(),
             },
         ],
     };
@@ -2399,7 +2402,7 @@ fn leading_interval_end_is_harmless_on_existing_sets() {
                     family: Family::Ip,
                     set: "cidrs".into(),
                     def: d.clone(),
-                    elements: elems,
+                    elements: elems.into(),
                 },
             ],
         };
@@ -2427,7 +2430,7 @@ fn leading_interval_end_is_harmless_on_existing_sets() {
                     family: Family::Ip,
                     set: "cidrs".into(),
                     def: d.clone(),
-                    elements: vec![el(vec![pfx("10.0.0.0/8")])],
+                    elements: vec![el(vec![pfx("10.0.0.0/8")])].into(),
                 },
             ],
         })

@@ -28,7 +28,9 @@ fn create_table(f: Family, t: &Table, ops: &mut Vec<Op>) {
                 family: f,
                 set: name.clone(),
                 def: def.clone(),
-                elements: els.iter().cloned().collect(),
+                // Shared with the desired ruleset (an imbl set: O(1) to clone), not copied:
+                // a full sync of 50,000 Services would otherwise hold 400,000 elements twice.
+                elements: els.clone(),
             });
         }
     }
@@ -138,7 +140,7 @@ pub fn partial(
                             family: f,
                             set: name.clone(),
                             def: def.clone(),
-                            elements: del,
+                            elements: del.into_iter().collect(),
                         });
                     }
                     if !add.is_empty() {
@@ -146,7 +148,7 @@ pub fn partial(
                             family: f,
                             set: name.clone(),
                             def: def.clone(),
-                            elements: add,
+                            elements: add.into_iter().collect(),
                         });
                     }
                 }

@@ -26,6 +26,9 @@ if [ -f integration/bench/bench.py ]; then
   echo "== benchmark smoke run (figures are reported, not asserted)"
   cargo build -q --release --bin nftproxy
   python3 integration/bench/bench.py --smoke
+  echo "== real-API benchmark smoke run: nftproxy and kube-proxy over a real kube-apiserver"
+  echo "   (skips itself without etcd/kube-apiserver/kube-proxy binaries; see its --help)"
+  python3 integration/bench/realapi.py --smoke
 fi
 echo "== end-to-end (namespaces cluster) and stand-in API server tests"
 python3 -m pytest integration -q -p no:cacheprovider

@@ -11,21 +11,24 @@ or holding a k8s-*.tar.xz as ../shared/k8s does), else ../shared/k8s next to the
 none is at hand the script says so and exits 0 without measuring: `bench.py` (the stand-in API
 server) stays the default benchmark. Needs root, `ip`, `nft`, `openssl` and a release build.
 
-One run, in fresh network namespaces ``nfb<pid>-r<run>n`` laid out as bench.py's (the same
+One size, in a fresh network namespace ``nfb<pid>-r<n>n`` laid out as bench.py's (the same
 objects, addresses and agent flags):
   1. etcd and kube-apiserver 1.36 start inside the namespace (127.0.0.1:2379 / :6443, client
      certificates, RBAC); the Node, the Services and their EndpointSlices are created through
-     the API (16 parallel clients; no controllers run, so nothing else writes);
+     the API (16 parallel clients; no controllers run, so nothing else writes). This happens
+     once per size; each of the --repeat runs below starts from an empty kernel (both proxies'
+     tables deleted);
   2. nftproxy: cold start (exec -> the last Service's clusterip element, polled every 10 ms over
      netlink), where it went (exec -> "initial ... lists received" log line -> first `synced`
-     line), peak and settled RSS, then --samples endpoint replacements (PUT of one slice -> the
-     new backend element announced by the kernel) and new Services (POST of the Service, then
-     of its slice -> its clusterip and backend elements; timed from the slice's write); nftproxy is then stopped (its table stays, untouched);
+     line) and the RSS at each point, peak and settled RSS, then --samples endpoint
+     replacements (PUT of one slice -> the new backend element announced by the kernel) and
+     new Services (POST of the Service, then of its slice -> its clusterip and backend
+     elements; timed from the slice's write); then nftproxy stops (its table stays);
   3. kube-proxy --proxy-mode=nftables with the same kubeconfig, node name and cluster CIDR (up to
      --kube-proxy-max-services): cold start (exec -> the last Service's `service-ips` element of
-     table ip kube-proxy), peak and settled RSS, --kube-proxy-samples endpoint replacements (-> a
-     new chain whose name carries the new endpoint, kube-proxy's `endpoint-…__IP/PORT` chains)
-     and new Services (-> its `service-ips` element).
+     table ip kube-proxy), peak and settled RSS, --kube-proxy-samples endpoint replacements (->
+     the new endpoint in a new anonymous DNAT map of its Service chain, or a new
+     `endpoint-…__IP/PORT` chain) and new Services (-> its `service-ips` element).
 Everything runs on this machine's two cores in turn, never two proxies at once. Timing targets
 are reported, never asserted; exit status 1 only on a functional failure (rules never appear,
 a process dies), 2 on a setup error.

@@ -20,7 +20,7 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use crate::apply::monitor::{self, Notice, Touched};
+use crate::apply::monitor::{self, Notice, QuietSwitch, Touched};
 use crate::apply::{Applier, ApplyError, KernelTable};
 pub(crate) use crate::lock::lock;
 use crate::net::Family;
@@ -29,6 +29,10 @@ use crate::nft::plan;
 use crate::nft::tx::Transaction;
 use crate::proxy::ProxyState;
 
+/// Commits with at least this many element operations run with the monitor's notifications
+/// paused: below it, the notifications cost the kernel little and fit the monitor's queue
+/// (a routine partial sync changes a handful of elements; a 1,000-endpoint burst 2,000).
+pub const QUIET_ELEMENTS: usize = 5_000;
 /// Syncs allowed back to back before `min_sync_period` rate limiting sets in.
 const SYNC_BURST: u32 = 3;
 /// How long a change waits for its companions (a Service and its EndpointSlice are written
@@ -271,6 +275,10 @@ pub struct Syncer<A: Applier + 'static> {
     compute_time: Duration,
     /// Foreign changes to our tables announced by the kernel (None: no monitor).
     outside: Option<mpsc::Receiver<Notice>>,
+    /// Stops the monitor's notifications during a big commit of ours (see [`QuietSwitch`]).
+    quiet: Option<(Arc<dyn QuietSwitch>, usize)>,
+    /// Another commit ran while the notifications were paused: verify everything.
+    unseen: bool,
     /// The first sync may adopt the tables a previous agent left (instead of recreating them).
     adopt: bool,
     /// A repair was committed for drift in this scope: verify it once more after the sync.
@@ -303,6 +311,8 @@ impl<A: Applier + 'static> Syncer<A> {
             failures: 0,
             compute_time: Duration::ZERO,
             outside: None,
+            quiet: None,
+            unseen: false,
             adopt: true,
             repairing: None,
             last_full_verify: None,
@@ -318,6 +328,14 @@ impl<A: Applier + 'static> Syncer<A> {
     /// at once instead of at the next periodic check.
     pub fn with_monitor(mut self, notices: mpsc::Receiver<Notice>) -> Self {
         self.outside = Some(notices);
+        self
+    }
+
+    /// Pause the monitor's notifications around commits of at least `min_elements` element
+    /// operations (the agent: [`QUIET_ELEMENTS`]; the kernel then builds none, see
+    /// [`QuietSwitch`]).
+    pub fn with_quiet_switch(mut self, switch: Arc<dyn QuietSwitch>, min_elements: usize) -> Self {
+        self.quiet = Some((switch, min_elements));
         self
     }
 
@@ -780,16 +798,43 @@ impl<A: Applier + 'static> Syncer<A> {
         }
         let ops = tx.ops.len();
         let started = Instant::now();
+        let quiet = self
+            .quiet
+            .clone()
+            .filter(|(_, min)| tx.element_count() >= *min)
+            .map(|(q, _)| q);
         let result = self
-            .call(move |a| -> Result<u32, ApplyError> {
-                a.apply(&tx)?;
-                a.generation()
+            .call(move |a| -> Result<(u32, bool), ApplyError> {
+                let Some(q) = quiet else {
+                    a.apply(&tx)?;
+                    return Ok((a.generation()?, false));
+                };
+                let before = a.generation()?;
+                let paused = match q.pause() {
+                    Ok(()) => true,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "could not pause nftables notifications; committing with them");
+                        false
+                    }
+                };
+                let applied = a.apply(&tx);
+                if paused {
+                    if let Err(e) = q.resume() {
+                        tracing::warn!(error = %e, "could not resume nftables notifications; outside changes are found by the periodic check only");
+                    }
+                }
+                let after = a.generation()?;
+                applied?;
+                // Our commit moved the generation by exactly one; more means someone else
+                // committed while nobody listened.
+                Ok((after, paused && after != before.wrapping_add(1)))
             })
             .await
             .and_then(|r| r);
         match result {
-            Ok(generation) => {
+            Ok((generation, unseen)) => {
                 self.our_generation = Some(generation);
+                self.unseen |= unseen;
                 Ok(started.elapsed())
             }
             Err(e) => {
@@ -881,6 +926,16 @@ impl<A: Applier + 'static> Syncer<A> {
                     self.compute_time = last_sync.duration_since(compute_start);
                     if self.sync(d, false, observer).await.is_ok() {
                         lock(&self.status).pending_since = None;
+                    }
+                }
+                if std::mem::take(&mut self.unseen) {
+                    // Someone else committed while our commit ran without notifications.
+                    tracing::info!("another commit ran while notifications were paused for ours; verifying the whole ruleset");
+                    if self
+                        .verify(None, self.previous_state.clone(), observer)
+                        .await
+                    {
+                        continue;
                     }
                 }
                 if self.repairing.is_some() && self.applied.is_some() {

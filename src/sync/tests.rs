@@ -518,3 +518,116 @@ async fn affinity_cleanup(ipv4_only: bool) {
     assert_eq!(lock(&seen).deleted, 1);
     assert_eq!(lock(&applier).calls, 4);
 }
+
+/// A kernel where another component deletes one of our elements right after the agent's first
+/// (big) commit, while the agent's notifications are paused: nobody announces it.
+struct Racing {
+    inner: FakeApplier,
+    race: bool,
+}
+
+impl Applier for Racing {
+    fn apply(&mut self, tx: &crate::nft::tx::Transaction) -> Result<(), ApplyError> {
+        self.inner.apply(tx)?;
+        if std::mem::take(&mut self.race) {
+            let (set, one) = busiest(&self.inner);
+            self.inner.external_delete_element(Family::Ip, &set, &one);
+        }
+        Ok(())
+    }
+    fn generation(&mut self) -> Result<u32, ApplyError> {
+        self.inner.generation()
+    }
+    fn table_exists(&mut self, family: Family) -> Result<bool, ApplyError> {
+        self.inner.table_exists(family)
+    }
+    fn skeleton(&mut self, family: Family) -> Result<crate::apply::Skeleton, ApplyError> {
+        self.inner.skeleton(family)
+    }
+    fn list_elements(
+        &mut self,
+        family: Family,
+        set: &str,
+    ) -> Result<Vec<crate::apply::Counted>, ApplyError> {
+        self.inner.list_elements(family, set)
+    }
+    fn read_table(
+        &mut self,
+        family: Family,
+        like: &crate::nft::ir::Table,
+        sets: Option<&BTreeSet<String>>,
+    ) -> Result<Option<crate::apply::KernelTable>, ApplyError> {
+        self.inner.read_table(family, like, sets)
+    }
+}
+
+#[derive(Default)]
+struct Switch {
+    calls: Mutex<Vec<&'static str>>,
+}
+
+impl QuietSwitch for Switch {
+    fn pause(&self) -> std::io::Result<()> {
+        lock(&self.calls).push("pause");
+        Ok(())
+    }
+    fn resume(&self) -> std::io::Result<()> {
+        lock(&self.calls).push("resume");
+        Ok(())
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_commit_made_without_notifications_is_verified_when_others_committed_meanwhile() {
+    let objs = objects();
+    let switch = Arc::new(Switch::default());
+    let fake = Racing {
+        inner: FakeApplier::new(),
+        race: true,
+    };
+    let (_tx, rx) = mpsc::channel::<Notice>(1);
+    // Every commit is "big" here (at least one element), so the first one runs paused.
+    let syncer = Syncer::new(cfg(), fake, SharedStatus::default())
+        .with_monitor(rx)
+        .with_quiet_switch(switch.clone(), 1);
+    let applier = syncer.applier();
+    let (_changes_tx, changes) = mpsc::channel(8);
+    let rec = Arc::new(Mutex::new(Recorder::default()));
+    let r = rec.clone();
+    tokio::spawn(async move {
+        struct Fwd(Arc<Mutex<Recorder>>);
+        impl Observer for Fwd {
+            fn applied(&mut self, r: &Report) {
+                lock(&self.0).applied(r)
+            }
+            fn failed(&mut self, e: &SyncError) {
+                lock(&self.0).failed(e)
+            }
+            fn drifted(&mut self, f: &[drift::Finding]) {
+                lock(&self.0)
+                    .drifts
+                    .push(f.iter().map(|f| f.to_string()).collect());
+            }
+        }
+        let mut fwd = Fwd(r);
+        syncer
+            .run(changes, move || Some(desired_of(&objs)), &mut fwd)
+            .await
+    });
+    // Well before the periodic check (30 s): found by the generation moving by two.
+    settle(Duration::from_secs(2)).await;
+    assert_eq!(
+        lock(&switch.calls).first().copied(),
+        Some("pause"),
+        "the first commit ran without notifications"
+    );
+    assert_eq!(lock(&switch.calls)[1], "resume");
+    assert_eq!(lock(&rec).drifts.len(), 1, "the foreign deletion was found");
+    let last = lock(&applier)
+        .inner
+        .committed
+        .last()
+        .cloned()
+        .expect("repair");
+    assert_eq!(last.element_count(), 1, "and repaired: {last:?}");
+}

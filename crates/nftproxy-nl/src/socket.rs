@@ -65,12 +65,26 @@ impl RawSocket {
         Ok(s)
     }
 
+    /// Join (`member`) or leave the multicast group `group` (a group number, not a mask).
+    pub fn set_membership(&self, group: u32, member: bool) -> io::Result<()> {
+        let opt = if member {
+            libc::NETLINK_ADD_MEMBERSHIP
+        } else {
+            libc::NETLINK_DROP_MEMBERSHIP
+        };
+        self.set_opt_at(libc::SOL_NETLINK, opt, &group)
+    }
+
     fn set_opt<T>(&self, opt: libc::c_int, value: &T) -> io::Result<()> {
+        self.set_opt_at(libc::SOL_SOCKET, opt, value)
+    }
+
+    fn set_opt_at<T>(&self, level: libc::c_int, opt: libc::c_int, value: &T) -> io::Result<()> {
         // SAFETY: `value` is a live `T` and the length passed is its size.
         let rc = unsafe {
             libc::setsockopt(
                 self.fd.as_raw_fd(),
-                libc::SOL_SOCKET,
+                level,
                 opt,
                 (value as *const T).cast(),
                 std::mem::size_of::<T>() as libc::socklen_t,

@@ -248,7 +248,11 @@ async fn run_until_stopped(args: RunArgs) -> Result<(), AgentError> {
     let portid = applier.inner.portid();
     let mut syncer = Syncer::new(sync_cfg, applier, status);
     match spawn_monitor(portid) {
-        Ok(rx) => syncer = syncer.with_monitor(rx),
+        Ok((rx, switch)) => {
+            syncer = syncer
+                .with_monitor(rx)
+                .with_quiet_switch(std::sync::Arc::new(switch), crate::sync::QUIET_ELEMENTS)
+        }
         Err(e) => {
             tracing::warn!(error = %e, "cannot subscribe to nftables change notifications; outside changes are found by the periodic check only")
         }
@@ -301,8 +305,15 @@ async fn run_until_stopped(args: RunArgs) -> Result<(), AgentError> {
 /// pass foreign changes of our tables to the sync loop.
 fn spawn_monitor(
     own_portid: u32,
-) -> Result<mpsc::Receiver<crate::apply::monitor::Notice>, nftproxy_nl::NlError> {
+) -> Result<
+    (
+        mpsc::Receiver<crate::apply::monitor::Notice>,
+        crate::apply::monitor::Listening,
+    ),
+    nftproxy_nl::NlError,
+> {
     let mut m = crate::apply::monitor::Monitor::open(crate::nft::ir::TABLE_NAME, own_portid)?;
+    let switch = m.switch();
     let (tx, rx) = mpsc::channel(64);
     std::thread::Builder::new()
         .name("nft-monitor".into())
@@ -323,7 +334,7 @@ fn spawn_monitor(
             op: "spawn monitor thread",
             source,
         })?;
-    Ok(rx)
+    Ok((rx, switch))
 }
 
 /// kube-proxy's policy for its health and metrics ports (kubernetes

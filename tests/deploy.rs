@@ -143,6 +143,22 @@ fn daemonset_runs_on_every_node_with_host_network_and_probes() {
         .as_ref()
         .and_then(|r| r.requests.as_ref())
         .is_some_and(|r| r.contains_key("cpu") && r.contains_key("memory")));
+    // The memory limit covers the cold-start peaks measured for the README's sizing table
+    // (100k Services x 5: 697 MiB, 5k x 250: 812 MiB): a lower one OOM-kills the agent at every
+    // start on such a node.
+    let limit = c
+        .resources
+        .as_ref()
+        .and_then(|r| r.limits.as_ref())
+        .and_then(|l| l.get("memory"))
+        .map(|q| q.0.clone())
+        .unwrap_or_default();
+    let mib = match (limit.strip_suffix("Gi"), limit.strip_suffix("Mi")) {
+        (Some(g), _) => g.parse::<u64>().unwrap() * 1024,
+        (_, Some(m)) => m.parse::<u64>().unwrap(),
+        _ => panic!("memory limit {limit:?} not in Mi or Gi"),
+    };
+    assert!(mib >= 900, "memory limit {limit} below the measured peaks");
     // kube-proxy's command line, as kubeadm's DaemonSet has it: the config file and the node.
     let args = c.args.clone().unwrap_or_default();
     assert_eq!(

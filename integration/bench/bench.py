@@ -1941,21 +1941,28 @@ def main(argv=None) -> int:
                   f"(services x endpoints), {a.repeat} run(s) each (median), load avg at start "
                   f"{raw[0]['loadavg_start']:.2f} ==")
             print_table(all_rows)
-            shown = set()
-            for r in raw:
-                for note in r["notes"]:
-                    if (r["services"], note) not in shown:
-                        shown.add((r["services"], note))
-                        print(f"note ({r['services']}): {note}")
-                for f_ in r["failures"]:
-                    print(f"FUNCTIONAL FAILURE ({r['services']}): {f_.splitlines()[0]}")
-            print("timing targets are reported, not asserted; exit status reflects functional "
-                  "failures only")
-        if a.keep_workdir or failed:
-            print(f"logs and objects kept in {workdir}", file=sys.stderr)
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+        finish(raw, bool(all_rows), failed, a.keep_workdir, workdir)
     return 1 if failed else 0
+
+
+def finish(raw: list[dict], printed: bool, failed: bool, keep: bool, workdir: str) -> None:
+    """After the table: each run's notes (once per size) and failures, then keep or remove the
+    work dir (kept on failure)."""
+    if printed:
+        shown = set()
+        for r in raw:
+            for note in r["notes"]:
+                if (r["services"], note) not in shown:
+                    shown.add((r["services"], note))
+                    print(f"note ({r['services']}): {note}")
+            for f_ in r["failures"]:
+                print(f"FUNCTIONAL FAILURE ({r['services']}): {f_.splitlines()[0]}")
+        print("timing targets are reported, not asserted; exit status reflects functional "
+              "failures only")
+    if keep or failed:
+        print(f"logs and objects kept in {workdir}", file=sys.stderr)
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -388,10 +388,7 @@ class RealRun:
             time.sleep(0.3)
             ep, svc = [], []
             for _ in range(self.a.samples):
-                i = self.rng.choice(world.normal())
-                obj, new = world.replace(i, self.rng.randrange(world.e))
-                t0 = time.monotonic()
-                self.api.must("PUT", path_of(obj, True), obj)
+                obj, new, t0 = self.replace_endpoint(world)
                 got = mon.wait_all([("ip-cluster-backends", "v", new)], t0, 10 + self.scale)
                 if got is None:
                     raise Functional(f"nftproxy: endpoint {new} never reached the kernel")
@@ -415,6 +412,15 @@ class RealRun:
             f"{fig['svc_p50']:.1f} ms; idle CPU {fig['idle_cpu_pct']:.2f}%")
         REG.stop_proc(node.agent)
         node.agent = None
+
+    def replace_endpoint(self, world: World) -> tuple[dict, str, float]:
+        """PUT one Service's slice with one endpoint replaced: (slice, new address, time just
+        before the write)."""
+        i = self.rng.choice(world.normal())
+        obj, new = world.replace(i, self.rng.randrange(world.e))
+        t0 = time.monotonic()
+        self.api.must("PUT", path_of(obj, True), obj)
+        return obj, new, t0
 
     def idle_cpu(self, pid: int) -> float:
         def ticks():
@@ -461,10 +467,7 @@ class RealRun:
             time.sleep(0.3)
             ep, svc = [], []
             for _ in range(self.a.kube_proxy_samples):
-                i = self.rng.choice(world.normal())
-                obj, new = world.replace(i, self.rng.randrange(world.e))
-                t0 = time.monotonic()
-                self.api.must("PUT", path_of(obj, True), obj)
+                obj, new, t0 = self.replace_endpoint(world)
                 # kube-proxy 1.36 DNATs through an anonymous map in the Service's chain
                 # (`dnat ip to numgen random mod N map { 0 : IP . PORT, ... }`) and only gives an
                 # endpoint a chain of its own when it needs more (affinity, hairpin masquerade):
@@ -612,17 +615,7 @@ def main(argv=None) -> int:
             print(f"\n== real kube-apiserver 1.36: nftproxy and kube-proxy (nftables mode), "
                   f"{a.repeat} run(s) per size (median), {a.endpoints} endpoints per Service ==")
             print_table(rows)
-            for r in raw:
-                for note in r["notes"]:
-                    print(f"note ({r['services']}): {note}")
-                for f_ in r["failures"]:
-                    print(f"FUNCTIONAL FAILURE ({r['services']}): {f_.splitlines()[0]}")
-            print("timing targets are reported, not asserted; exit status reflects functional "
-                  "failures only")
-        if a.keep_workdir or failed:
-            print(f"logs kept in {workdir}", file=sys.stderr)
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+        bench.finish(raw, bool(rows), failed, a.keep_workdir, workdir)
     return 1 if failed else 0
 
 

@@ -32,6 +32,23 @@ impl Observer for Recorder {
     }
 }
 
+/// The loop's observer in these tests: records into a shared [`Recorder`].
+struct Fwd(Arc<Mutex<Recorder>>);
+
+impl Observer for Fwd {
+    fn applied(&mut self, r: &Report) {
+        lock(&self.0).applied(r)
+    }
+    fn failed(&mut self, e: &SyncError) {
+        lock(&self.0).failed(e)
+    }
+    fn drifted(&mut self, f: &[drift::Finding]) {
+        lock(&self.0)
+            .drifts
+            .push(f.iter().map(|f| f.to_string()).collect());
+    }
+}
+
 fn cfg() -> SyncConfig {
     SyncConfig {
         min_sync_period: Duration::from_millis(100),
@@ -74,20 +91,6 @@ fn start_with(fake: FakeApplier, notices: Option<mpsc::Receiver<Notice>>) -> Run
     let computed = Arc::new(Mutex::new(0usize));
     let (o, r, c) = (objs.clone(), rec.clone(), computed.clone());
     tokio::spawn(async move {
-        struct Fwd(Arc<Mutex<Recorder>>);
-        impl Observer for Fwd {
-            fn applied(&mut self, r: &Report) {
-                lock(&self.0).applied(r)
-            }
-            fn failed(&mut self, e: &SyncError) {
-                lock(&self.0).failed(e)
-            }
-            fn drifted(&mut self, f: &[drift::Finding]) {
-                lock(&self.0)
-                    .drifts
-                    .push(f.iter().map(|f| f.to_string()).collect());
-            }
-        }
         let mut fwd = Fwd(r);
         syncer
             .run(
@@ -595,20 +598,6 @@ async fn a_commit_made_without_notifications_is_verified_when_others_committed_m
     let rec = Arc::new(Mutex::new(Recorder::default()));
     let r = rec.clone();
     tokio::spawn(async move {
-        struct Fwd(Arc<Mutex<Recorder>>);
-        impl Observer for Fwd {
-            fn applied(&mut self, r: &Report) {
-                lock(&self.0).applied(r)
-            }
-            fn failed(&mut self, e: &SyncError) {
-                lock(&self.0).failed(e)
-            }
-            fn drifted(&mut self, f: &[drift::Finding]) {
-                lock(&self.0)
-                    .drifts
-                    .push(f.iter().map(|f| f.to_string()).collect());
-            }
-        }
         let mut fwd = Fwd(r);
         syncer
             .run(changes, move || Some(desired_of(&objs)), &mut fwd)

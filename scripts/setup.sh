@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what nftproxy needs to build, test and run its demo on Debian (as root).
 set -euo pipefail
-need=(libnftnl-dev libmnl-dev nftables iproute2 conntrack iptables ipset iputils-ping pkg-config python3 python3-pip curl gcc)
+need=(libnftnl-dev libmnl-dev nftables iproute2 conntrack iptables ipset iputils-ping pkg-config python3 python3-pip curl gcc openssl)
 missing=()
 for p in "${need[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

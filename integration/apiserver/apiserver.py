@@ -13,7 +13,8 @@ that kube-rs / kube-runtime (and client-go) expect, over plain HTTP/1.1:
 * watch (``watch=1|true``) as a chunked stream of newline-terminated
   ``{"type":..., "object":...}`` events, replayed from an in-memory event log;
   410 Expired ERROR events for compacted positions, periodic BOOKMARKs,
-  ``timeoutSeconds``, ``sendInitialEvents`` streaming lists.
+  ``timeoutSeconds``, ``sendInitialEvents`` streaming lists (``--no-streaming-lists``
+  refuses them with 422 Invalid, as kube-apiserver does with the WatchList gate off).
 * get / create (POST) / replace (PUT) / patch (merge, strategic-merge treated
   as merge, apply, json-patch) / delete of single objects.
 * one global, monotonically increasing resourceVersion (like etcd).
@@ -1254,6 +1255,11 @@ class Handler(BaseHTTPRequestHandler):
             timeout = float(q["timeoutSeconds"]) if q.get("timeoutSeconds") else srv.default_watch_timeout
         except ValueError:
             raise ApiError(400, "BadRequest", "timeoutSeconds must be a number")
+        if send_initial_param is not None and not srv.streaming_lists:
+            # kube-apiserver's answer with the WatchList feature gate off (ValidateListOptions)
+            raise ApiError(422, "Invalid", 'ListOptions.meta.k8s.io "" is invalid: sendInitialEvents: '
+                           "Forbidden: sendInitialEvents is forbidden for watch unless the WatchList "
+                           "feature gate is enabled")
         if send_initial and q.get("resourceVersionMatch") not in (None, "", "NotOlderThan"):
             raise ApiError(422, "Invalid", "sendInitialEvents requires resourceVersionMatch=NotOlderThan")
         if rv_param not in ("", "0"):
@@ -1377,7 +1383,7 @@ class ApiServer(ThreadingHTTPServer):
     request_queue_size = 128
 
     def __init__(self, addr, store: Store, *, verbose=False, bookmark_interval=1.0,
-                 default_watch_timeout=1800.0):
+                 default_watch_timeout=1800.0, streaming_lists=True):
         host = addr[0]
         if ":" in host:
             self.address_family = socket.AF_INET6
@@ -1385,6 +1391,7 @@ class ApiServer(ThreadingHTTPServer):
         self.verbose = verbose
         self.bookmark_interval = bookmark_interval
         self.default_watch_timeout = default_watch_timeout
+        self.streaming_lists = streaming_lists
         super().__init__(addr, Handler)
 
     def handle_error(self, request, client_address):
@@ -1417,6 +1424,9 @@ def main(argv=None):
                     help="do not default Services (clusterIP/nodePort allocation, protocol, targetPort...)")
     ap.add_argument("--service-cluster-ip-range", default="10.96.0.0/12",
                     help="range for allocated Service clusterIPs (default 10.96.0.0/12)")
+    ap.add_argument("--no-streaming-lists", action="store_true",
+                    help="refuse sendInitialEvents watches with 422 Invalid (kube-apiserver with the "
+                         "WatchList feature gate off, or older than 1.27)")
     ap.add_argument("--port-file", help="also write the bound port to this file")
     ap.add_argument("--verbose", action="store_true", help="log requests to stderr")
     args = ap.parse_args(argv)
@@ -1430,7 +1440,8 @@ def main(argv=None):
             sys.stderr.write(f"apiserver: errors loading {path}: {res['errors'][:5]}\n")
             return 2
     server = ApiServer(parse_listen(args.listen), store, verbose=args.verbose,
-                       bookmark_interval=args.bookmark_interval, default_watch_timeout=args.watch_timeout)
+                       bookmark_interval=args.bookmark_interval, default_watch_timeout=args.watch_timeout,
+                       streaming_lists=not args.no_streaming_lists)
     host, port = server.server_address[:2]
     if args.port_file:
         tmp = args.port_file + ".tmp"

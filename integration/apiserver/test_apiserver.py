@@ -378,6 +378,23 @@ def test_watch_rv0_and_streaming_list(server):
     w.close()
 
 
+def test_streaming_lists_refused(make_server):
+    """--no-streaming-lists answers as kube-apiserver with the WatchList gate off; plain
+    watches and paged lists still work."""
+    off = make_server("--no-streaming-lists")
+    off.apply([svc("a")])
+    status, st = off.request("GET", "/api/v1/services?watch=true&resourceVersion=0&sendInitialEvents=true"
+                                    "&resourceVersionMatch=NotOlderThan&allowWatchBookmarks=true")
+    assert status == 422 and st["kind"] == "Status" and st["reason"] == "Invalid" and st["code"] == 422
+    assert "WatchList feature gate" in st["message"]
+    assert names(off.ok("GET", "/api/v1/services?limit=1")["items"]) == [("default", "a")]
+    w = off.watch("/api/v1/services", resourceVersion=str(off.rv()), timeoutSeconds=2)
+    off.apply(svc("b"))
+    ev = w.next_non_bookmark()
+    assert (ev["type"], ev["object"]["metadata"]["name"]) == ("ADDED", "b")
+    w.close()
+
+
 def test_bookmarks(server):
     server.apply(svc("a"))
     rv = server.rv()

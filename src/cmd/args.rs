@@ -87,6 +87,15 @@ pub struct ExplainArgs {
     pub json: bool,
 }
 
+/// How `run` reads its initial lists of Services and EndpointSlices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum InitialLists {
+    /// Streamed (one watch with sendInitialEvents) where the API server serves that, else paged.
+    Auto,
+    /// Always paged (500 objects per request), as kube-proxy does.
+    Paging,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum OutputFormat {
     Wide,
@@ -185,6 +194,11 @@ pub struct RunArgs {
     /// Coalescing window for bursts of changes.
     #[arg(long, default_value = "50ms", value_parser = parse_duration)]
     pub min_sync_period: Duration,
+    /// How the initial lists of Services and EndpointSlices are read: `auto` streams them
+    /// where the API server serves streaming lists (Kubernetes 1.27+ with the WatchList gate;
+    /// on by default in 1.36) and pages them otherwise; `paging` always pages.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub initial_lists: InitialLists,
     /// How long to wait for the initial lists before programming anyway.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub initial_sync_timeout: Duration,

@@ -38,6 +38,9 @@ pub struct Stores {
     /// Set once Services and EndpointSlices hold their initial lists. Until then nothing is
     /// programmed: an agent restarting while the API is down keeps the rules it left.
     pub ready: Arc<std::sync::atomic::AtomicBool>,
+    /// True once the Node and ServiceCIDR stores hold their initial lists (what the model is
+    /// computed against: work done on the Services before would be redone).
+    pub others_listed: tokio::sync::watch::Receiver<bool>,
     /// True once every store (also the Node and ServiceCIDRs) holds its initial list.
     complete: tokio::sync::watch::Receiver<bool>,
 }
@@ -184,13 +187,14 @@ fn reflect<K>(
     name: &'static str,
     api: Api<K>,
     cfg: watcher::Config,
+    listing: Listing,
     changes: mpsc::Sender<()>,
 ) -> Store<K>
 where
     K: Watched,
 {
     let (reader, writer) = reflector::store::<K>();
-    let stream = reflector::reflector(writer, watch_stream(name, api, cfg));
+    let stream = reflector::reflector(writer, watch_stream(name, api, cfg, listing));
     drive(name, stream, changes, |_| {});
     reader
 }
@@ -214,6 +218,7 @@ fn watch_into<K, T>(
     name: &'static str,
     api: Api<K>,
     cfg: watcher::Config,
+    listing: Listing,
     changes: mpsc::Sender<()>,
     inbox: SharedInbox,
     slot: fn(&mut Inbox) -> &mut Pending<T>,
@@ -223,22 +228,128 @@ fn watch_into<K, T>(
     K: Watched,
     T: Keyed + 'static,
 {
-    drive(name, watch_stream(name, api, cfg), changes, move |ev| {
-        let done = matches!(ev, watcher::Event::InitDone);
-        // Read outside the lock: the sync loop takes the inbox while a page is being read.
-        let ev = read_event(ev, &read);
-        slot(&mut lock(&inbox)).event(ev);
-        if done {
-            listed.send_replace(true);
-        }
-    });
+    drive(
+        name,
+        watch_stream(name, api, cfg, listing),
+        changes,
+        move |ev| {
+            let done = matches!(ev, watcher::Event::InitDone);
+            // Read outside the lock: the sync loop takes the inbox while a page is being read.
+            let ev = read_event(ev, &read);
+            slot(&mut lock(&inbox)).event(ev);
+            if done {
+                listed.send_replace(true);
+            }
+        },
+    );
 }
 
-/// The watch of one kind: list+watch with relists, backoff, and slimmed objects.
+/// How a watch receives its initial lists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listing {
+    /// One watch request with `sendInitialEvents=true` (a "streaming list", KEP-3157): the API
+    /// server sends the objects one by one from its watch cache and ends the list with a
+    /// bookmark, so the agent reads each object while the server is still sending the next,
+    /// with no round trip per page. kube-apiserver 1.36 serves it by default.
+    Streaming,
+    /// Paginated list requests (500 objects each), then a watch: what every API server serves.
+    Paging,
+}
+
+impl Listing {
+    fn config(self, paged: watcher::Config) -> watcher::Config {
+        match self {
+            Listing::Streaming => paged.streaming_lists(),
+            Listing::Paging => paged,
+        }
+    }
+}
+
+/// Whether a streaming list attempt says the API server will not stream: it rejected the
+/// request as invalid (kube-apiserver before 1.27, or with the WatchList feature gate off,
+/// answers 422 Invalid: `sendInitialEvents is forbidden for watch unless the WatchList feature
+/// gate is enabled`; older ones `resourceVersionMatch is forbidden for watch`), or a streamed
+/// list restarted before its end (a server or proxy in between that dropped the parameter and
+/// never sends the end-of-list bookmark would otherwise restart forever).
+fn refuses_streaming<K>(
+    ev: &Result<watcher::Event<K>, watcher::Error>,
+    mid_list: bool,
+) -> Option<String> {
+    match ev {
+        Err(watcher::Error::WatchStartFailed(kube::Error::Api(s)))
+            if matches!(s.code, 400 | 422) =>
+        {
+            Some(format!("{} {}: {}", s.code, s.reason, s.message))
+        }
+        Ok(watcher::Event::Init) if mid_list => {
+            Some("the streamed list restarted before its end".into())
+        }
+        _ => None,
+    }
+}
+
+/// The initial lists of `make`'s watcher read as `first` says; when streamed, falling back to
+/// paging for good when the API server refuses to stream (see [`refuses_streaming`]). The
+/// refusal itself is not passed on: paging starts at once, without the error backoff.
+pub fn streaming_or_paging<K, S>(
+    name: &'static str,
+    first: Listing,
+    make: impl Fn(Listing) -> S + Send + 'static,
+) -> impl Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static
+where
+    K: Send + 'static,
+    S: Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
+{
+    struct State<S, F> {
+        inner: std::pin::Pin<Box<S>>,
+        listing: Listing,
+        mid_list: bool,
+        objects: usize,
+        make: F,
+    }
+    let start = State {
+        inner: Box::pin(make(first)),
+        listing: first,
+        mid_list: false,
+        objects: 0,
+        make,
+    };
+    futures::stream::unfold(start, move |mut st| async move {
+        loop {
+            let ev = st.inner.next().await?;
+            if st.listing == Listing::Streaming {
+                if let Some(why) = refuses_streaming(&ev, st.mid_list) {
+                    tracing::info!(resource = name, reason = %why, "the API server does not stream initial lists; paging them from now on");
+                    st.inner = Box::pin((st.make)(Listing::Paging));
+                    st.listing = Listing::Paging;
+                    st.mid_list = false;
+                    continue;
+                }
+            }
+            match &ev {
+                Ok(watcher::Event::Init) => {
+                    st.mid_list = true;
+                    st.objects = 0;
+                }
+                Ok(watcher::Event::InitApply(_)) => st.objects += 1,
+                Ok(watcher::Event::InitDone) => {
+                    st.mid_list = false;
+                    tracing::info!(resource = name, listing = ?st.listing, objects = st.objects, "list received");
+                }
+                _ => {}
+            }
+            return Some((ev, st));
+        }
+    })
+}
+
+/// The watch of one kind: list (streamed where served, unless `listing` says paging) + watch
+/// with relists, backoff, and slimmed objects. `cfg` is the paging configuration.
 fn watch_stream<K>(
     name: &'static str,
     api: Api<K>,
     cfg: watcher::Config,
+    listing: Listing,
 ) -> impl Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static
 where
     K: Watched,
@@ -247,18 +358,20 @@ where
     // now", as client-go does: the first one in a row skips the backoff, which after an outage
     // has grown to seconds. A second 410 without progress in between is backed off as usual.
     let mut gone_before = false;
-    watcher(api, cfg)
-        .filter(move |ev| {
-            let gone = matches!(ev, Err(watcher::Error::WatchError(s)) if s.code == 410);
-            let relist_now = gone && !gone_before;
-            gone_before = gone || (gone_before && ev.is_err());
-            if relist_now {
-                tracing::info!(resource = name, "resource version expired; relisting now");
-            }
-            std::future::ready(!relist_now)
-        })
-        .default_backoff()
-        .modify(Slim::slim)
+    streaming_or_paging(name, listing, move |listing| {
+        watcher(api.clone(), listing.config(cfg.clone()))
+    })
+    .filter(move |ev| {
+        let gone = matches!(ev, Err(watcher::Error::WatchError(s)) if s.code == 410);
+        let relist_now = gone && !gone_before;
+        gone_before = gone || (gone_before && ev.is_err());
+        if relist_now {
+            tracing::info!(resource = name, "resource version expired; relisting now");
+        }
+        std::future::ready(!relist_now)
+    })
+    .default_backoff()
+    .modify(Slim::slim)
 }
 
 /// Whether the API serves ServiceCIDRs (a 404 turns the feature off instead of a watch error loop).
@@ -277,8 +390,14 @@ async fn service_cidrs_served(client: &Client) -> bool {
     }
 }
 
-/// Start every watch. Each event sends a nudge on `changes`.
-pub async fn start(client: Client, node_name: &str, changes: mpsc::Sender<()>) -> Stores {
+/// Start every watch, their initial lists read as `listing` says. Each event sends a nudge on
+/// `changes`.
+pub async fn start(
+    client: Client,
+    node_name: &str,
+    listing: Listing,
+    changes: mpsc::Sender<()>,
+) -> Stores {
     let ready_nudge = changes.clone();
     let page = 500;
     let inbox: SharedInbox = Arc::default();
@@ -291,6 +410,7 @@ pub async fn start(client: Client, node_name: &str, changes: mpsc::Sender<()>) -
             .labels(SERVICE_SELECTOR)
             .page_size(page)
             .any_semantic(),
+        listing,
         changes.clone(),
         inbox.clone(),
         |i| &mut i.services,
@@ -304,6 +424,7 @@ pub async fn start(client: Client, node_name: &str, changes: mpsc::Sender<()>) -
             .labels(SLICE_SELECTOR)
             .page_size(page)
             .any_semantic(),
+        listing,
         changes.clone(),
         inbox.clone(),
         |i| &mut i.slices,
@@ -318,6 +439,7 @@ pub async fn start(client: Client, node_name: &str, changes: mpsc::Sender<()>) -
         "node",
         Api::<Node>::all(client.clone()),
         watcher::Config::default().fields(&format!("metadata.name={node_name}")),
+        listing,
         changes.clone(),
     );
     let service_cidrs = if service_cidrs_served(&client).await {
@@ -325,6 +447,7 @@ pub async fn start(client: Client, node_name: &str, changes: mpsc::Sender<()>) -
             "servicecidrs",
             Api::<ServiceCIDR>::all(client.clone()),
             watcher::Config::default(),
+            listing,
             changes,
         ))
     } else {
@@ -334,21 +457,29 @@ pub async fn start(client: Client, node_name: &str, changes: mpsc::Sender<()>) -
     // that polled `wait_until_ready`, so two concurrent waiters can hang one of them.
     let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (complete_tx, complete) = tokio::sync::watch::channel(false);
+    let (others_tx, others_listed) = tokio::sync::watch::channel(false);
     let (r, n, c) = (ready.clone(), node.clone(), service_cidrs.clone());
     tokio::spawn(async move {
-        if svc_listed.wait_for(|l| *l).await.is_ok() && slice_listed.wait_for(|l| *l).await.is_ok()
-        {
-            // Operators (and the benchmark) read the cold start's split from this line: lists
-            // before it, compute and the first commit after it.
-            tracing::info!("initial Service and EndpointSlice lists received");
-            r.store(true, std::sync::atomic::Ordering::SeqCst);
-            // The watchers' own nudges may have come before the flag: sync now.
-            let _ = ready_nudge.try_send(());
-        }
-        let _ = n.wait_until_ready().await;
-        if let Some(c) = c {
-            let _ = c.wait_until_ready().await;
-        }
+        let lists = async {
+            if svc_listed.wait_for(|l| *l).await.is_ok()
+                && slice_listed.wait_for(|l| *l).await.is_ok()
+            {
+                // Operators (and the benchmark) read the cold start's split from this line:
+                // lists before it, the rest of the compute and the first commit after it.
+                tracing::info!("initial Service and EndpointSlice lists received");
+                r.store(true, std::sync::atomic::Ordering::SeqCst);
+                // The watchers' own nudges may have come before the flag: sync now.
+                let _ = ready_nudge.try_send(());
+            }
+        };
+        let others = async {
+            let _ = n.wait_until_ready().await;
+            if let Some(c) = c {
+                let _ = c.wait_until_ready().await;
+            }
+            others_tx.send_replace(true);
+        };
+        tokio::join!(lists, others);
         let _ = complete_tx.send(true);
     });
     Stores {
@@ -356,6 +487,7 @@ pub async fn start(client: Client, node_name: &str, changes: mpsc::Sender<()>) -
         node,
         service_cidrs,
         ready,
+        others_listed,
         complete,
     }
 }
@@ -370,6 +502,151 @@ mod tests {
     use super::*;
     use crate::k8s::objects::Objects;
     use crate::model::NodeInfo;
+    use kube::core::Status;
+    use watcher::Event;
+
+    type Ev = Result<Event<&'static str>, watcher::Error>;
+
+    fn api_error(code: u16, reason: &str) -> Ev {
+        Err(watcher::Error::WatchStartFailed(kube::Error::Api(
+            Status::failure("refused", reason).with_code(code).boxed(),
+        )))
+    }
+
+    /// Runs `streaming_or_paging` over scripted watchers: what came out (errors as their
+    /// code) and which listings were asked for.
+    fn run(streaming: Vec<Ev>, paging: Vec<Ev>) -> (Vec<String>, Vec<Listing>) {
+        let asked = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let a = asked.clone();
+        let out = streaming_or_paging("test", Listing::Streaming, move |l| {
+            lock(&a).push(l);
+            let evs: Vec<Ev> = match l {
+                Listing::Streaming => streaming.iter().map(clone_ev).collect(),
+                Listing::Paging => paging.iter().map(clone_ev).collect(),
+            };
+            futures::stream::iter(evs)
+        });
+        let got = futures::executor::block_on(out.collect::<Vec<_>>());
+        let shown = got
+            .iter()
+            .map(|e| match e {
+                Ok(Event::Init) => "Init".to_string(),
+                Ok(Event::InitApply(o)) => format!("InitApply {o}"),
+                Ok(Event::InitDone) => "InitDone".to_string(),
+                Ok(Event::Apply(o)) => format!("Apply {o}"),
+                Ok(Event::Delete(o)) => format!("Delete {o}"),
+                Err(watcher::Error::WatchStartFailed(kube::Error::Api(s))) => {
+                    format!("error {}", s.code)
+                }
+                Err(e) => format!("error {e}"),
+            })
+            .collect();
+        let asked = lock(&asked).clone();
+        (shown, asked)
+    }
+
+    fn clone_ev(e: &Ev) -> Ev {
+        match e {
+            Ok(ev) => Ok(ev.clone()),
+            Err(watcher::Error::WatchStartFailed(kube::Error::Api(s))) => Err(
+                watcher::Error::WatchStartFailed(kube::Error::Api(s.clone())),
+            ),
+            Err(_) => Err(watcher::Error::NoResourceVersion),
+        }
+    }
+
+    fn list(objs: &[&'static str]) -> Vec<Ev> {
+        std::iter::once(Ok(Event::Init))
+            .chain(objs.iter().map(|o| Ok(Event::InitApply(*o))))
+            .chain([Ok(Event::InitDone)])
+            .collect()
+    }
+
+    #[test]
+    fn a_served_streaming_list_is_used_as_is() {
+        let mut streamed = list(&["a", "b"]);
+        streamed.push(Ok(Event::Apply("c")));
+        // A later relist (after 410 Gone) streams again: not a refusal.
+        streamed.extend(list(&["a"]));
+        let (got, asked) = run(streamed, list(&["never"]));
+        assert_eq!(
+            got,
+            [
+                "Init",
+                "InitApply a",
+                "InitApply b",
+                "InitDone",
+                "Apply c",
+                "Init",
+                "InitApply a",
+                "InitDone"
+            ]
+        );
+        assert_eq!(asked, [Listing::Streaming]);
+    }
+
+    #[test]
+    fn a_refused_streaming_list_falls_back_to_paging_at_once() {
+        for code in [400, 422] {
+            let (got, asked) = run(vec![api_error(code, "Invalid")], list(&["a"]));
+            assert_eq!(got, ["Init", "InitApply a", "InitDone"], "{code}");
+            assert_eq!(asked, [Listing::Streaming, Listing::Paging]);
+        }
+    }
+
+    #[test]
+    fn paging_asked_for_is_all_there_is() {
+        let asked = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let a = asked.clone();
+        let out = streaming_or_paging("test", Listing::Paging, move |l| {
+            lock(&a).push(l);
+            futures::stream::iter(vec![api_error(422, "Invalid")])
+        });
+        let got = futures::executor::block_on(out.collect::<Vec<_>>());
+        assert_eq!(got.len(), 1, "a paged list's errors are passed on");
+        assert_eq!(*lock(&asked), [Listing::Paging]);
+    }
+
+    #[test]
+    fn other_errors_are_not_a_refusal() {
+        // 403: RBAC would refuse a paged list as well; 500: the server is unwell.
+        for code in [403, 500] {
+            let mut streamed = vec![api_error(code, "Forbidden")];
+            streamed.extend(list(&["a"]));
+            let (got, asked) = run(streamed, list(&["never"]));
+            assert_eq!(
+                got,
+                [
+                    format!("error {code}"),
+                    "Init".into(),
+                    "InitApply a".into(),
+                    "InitDone".into()
+                ]
+            );
+            assert_eq!(asked, [Listing::Streaming]);
+        }
+    }
+
+    #[test]
+    fn a_streamed_list_that_restarts_before_its_end_falls_back_to_paging() {
+        // A server that drops sendInitialEvents sends the objects and never the end bookmark:
+        // the watch times out and the list starts again, forever.
+        let mut streamed = vec![Ok(Event::Init), Ok(Event::InitApply("a"))];
+        streamed.extend(list(&["a"]));
+        let (got, asked) = run(streamed, list(&["a", "b"]));
+        assert_eq!(
+            got,
+            [
+                "Init",
+                "InitApply a",
+                "Init",
+                "InitApply a",
+                "InitApply b",
+                "InitDone"
+            ]
+        );
+        assert_eq!(asked, [Listing::Streaming, Listing::Paging]);
+    }
 
     #[test]
     fn slimming_changes_nothing_nftproxy_reads() {

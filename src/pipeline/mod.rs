@@ -6,7 +6,9 @@
 //! The incremental result is always exactly what the from-scratch path gives for the same
 //! objects; `tests` hold it to that over random change sequences.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
+
+use rustc_hash::FxHashMap as HashMap;
 use std::sync::Arc;
 
 use ipnet::IpNet;
@@ -150,10 +152,10 @@ impl Model {
         Model {
             node: node.clone(),
             cidrs: cidrs.to_vec(),
-            slices: HashMap::new(),
-            fresh: HashMap::new(),
-            by_service: HashMap::new(),
-            problems: HashMap::new(),
+            slices: HashMap::default(),
+            fresh: HashMap::default(),
+            by_service: HashMap::default(),
+            problems: HashMap::default(),
             state,
         }
     }
@@ -428,8 +430,9 @@ impl Engine {
             .unwrap_or_default()
     }
 
-    /// Bring the desired state up to date with what the watches delivered. The first call must
-    /// carry complete lists (`replaced`) of both kinds.
+    /// Bring the desired state up to date with what the watches delivered. The engine starts
+    /// from nothing: what it has been given (here and by [`Engine::absorb`]) before the first
+    /// computation must add up to complete lists of both kinds.
     pub fn compute(
         &mut self,
         services: Batch<impl ServiceInput>,
@@ -438,6 +441,56 @@ impl Engine {
         cidrs: &[IpNet],
         cfg: &CompileConfig,
     ) -> Result<Output, CompileError> {
+        let started = tokio::time::Instant::now();
+        let (model, compiled, changed, rebuilt) =
+            self.advance(services, slices, node, cidrs, cfg)?;
+        let advanced = started.elapsed();
+        let mut problems = model.problems();
+        problems.extend(compiled.problems());
+        let out = Output {
+            ruleset: compiled.ruleset().clone(),
+            state: Arc::new(model.state().clone()),
+            problems,
+            rebuilt,
+            changed: changed.len(),
+        };
+        tracing::debug!(
+            advance_ms = advanced.as_secs_f64() * 1000.0,
+            output_ms = (started.elapsed() - advanced).as_secs_f64() * 1000.0,
+            rebuilt,
+            services = out.changed,
+            "engine"
+        );
+        Ok(out)
+    }
+
+    /// Model and compile part of a first list while the rest is still arriving: the same work
+    /// [`Engine::compute`] does, without a desired state (nothing may be programmed from an
+    /// incomplete list). Returns how many Services were brought up to date.
+    pub fn absorb(
+        &mut self,
+        services: Batch<impl ServiceInput>,
+        slices: Batch<impl SliceInput>,
+        node: &NodeInfo,
+        cidrs: &[IpNet],
+        cfg: &CompileConfig,
+    ) -> Result<usize, CompileError> {
+        let (_, _, changed, _) = self.advance(services, slices, node, cidrs, cfg)?;
+        Ok(changed.len())
+    }
+
+    /// Apply the batches to the model and bring the compiled ruleset up to date: only the
+    /// Services they touched, unless everything must be rebuilt (first compile, after a failed
+    /// one, the Node, the ServiceCIDRs or the configuration changed). Returns the Services
+    /// compiled and whether everything was.
+    fn advance(
+        &mut self,
+        services: Batch<impl ServiceInput>,
+        slices: Batch<impl SliceInput>,
+        node: &NodeInfo,
+        cidrs: &[IpNet],
+        cfg: &CompileConfig,
+    ) -> Result<(&Model, &Compiled, BTreeSet<ServiceName>, bool), CompileError> {
         let model = self.model.get_or_insert_with(|| Model::empty(node, cidrs));
         let compiled = self.compiled.take();
         let started = tokio::time::Instant::now();
@@ -466,26 +519,15 @@ impl Engine {
                 (Compiled::new(model.state(), cfg)?, true)
             }
         };
-        let compiled_at = started.elapsed();
-        let mut problems = model.problems();
-        problems.extend(compiled.problems());
-        let out = Output {
-            ruleset: compiled.ruleset().clone(),
-            state: Arc::new(model.state().clone()),
-            problems,
-            rebuilt,
-            changed: changed.len(),
-        };
-        self.compiled = Some(compiled);
+        let compiled = self.compiled.insert(compiled);
         tracing::debug!(
             model_ms = modelled.as_secs_f64() * 1000.0,
-            compile_ms = (compiled_at - modelled).as_secs_f64() * 1000.0,
-            output_ms = (started.elapsed() - compiled_at).as_secs_f64() * 1000.0,
+            compile_ms = (started.elapsed() - modelled).as_secs_f64() * 1000.0,
             rebuilt,
-            services = out.changed,
-            "engine"
+            services = changed.len(),
+            "engine advanced"
         );
-        Ok(out)
+        Ok((model, compiled, changed, rebuilt))
     }
 }
 

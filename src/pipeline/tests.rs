@@ -25,11 +25,11 @@ use proptest::prelude::*;
 use super::*;
 use crate::apply::fake::FakeApplier;
 use crate::apply::Applier;
-use crate::k8s::inbox::Pending;
+use crate::k8s::inbox::{Inbox, Pending};
 use crate::model::{ReadService, ReadSlice};
 use crate::nft::{plan, render};
 
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct Objs {
     services: BTreeMap<ObjKey, Service>,
     slices: BTreeMap<ObjKey, EndpointSlice>,
@@ -62,8 +62,7 @@ struct World {
     cidrs: u8,
     /// Read as the agent's watches read them: the engine under test never sees an object, the
     /// from-scratch oracle reads the objects themselves.
-    services: Pending<ReadService>,
-    slices: Pending<ReadSlice>,
+    inbox: Inbox,
 }
 
 fn read_svc(
@@ -89,12 +88,12 @@ impl World {
                     Some(s) => {
                         let o = gen::service(*i, s);
                         self.objs.services.insert(key, o.clone());
-                        self.services.event(read_svc(Event::Apply(o)));
+                        self.inbox.services.event(read_svc(Event::Apply(o)));
                     }
                     // A watch reports the deletion of an object it knew, with its last state.
                     None => {
                         if let Some(o) = self.objs.services.remove(&key) {
-                            self.services.event(read_svc(Event::Delete(o)));
+                            self.inbox.services.event(read_svc(Event::Delete(o)));
                         }
                     }
                 }
@@ -105,11 +104,11 @@ impl World {
                     Some(s) => {
                         let o = gen::slice(*i, s);
                         self.objs.slices.insert(key, o.clone());
-                        self.slices.event(read_slice(Event::Apply(o)));
+                        self.inbox.slices.event(read_slice(Event::Apply(o)));
                     }
                     None => {
                         if let Some(o) = self.objs.slices.remove(&key) {
-                            self.slices.event(read_slice(Event::Delete(o)));
+                            self.inbox.slices.event(read_slice(Event::Delete(o)));
                         }
                     }
                 }
@@ -124,19 +123,136 @@ impl World {
     fn relist(&mut self, services: bool, slices: bool) {
         use kube::runtime::watcher::Event;
         if services {
-            self.services.event(read_svc(Event::Init));
+            self.inbox.services.event(read_svc(Event::Init));
             for o in self.objs.services.values() {
-                self.services.event(read_svc(Event::InitApply(o.clone())));
+                self.inbox
+                    .services
+                    .event(read_svc(Event::InitApply(o.clone())));
             }
-            self.services.event(read_svc(Event::InitDone));
+            self.inbox.services.event(read_svc(Event::InitDone));
         }
         if slices {
-            self.slices.event(read_slice(Event::Init));
+            self.inbox.slices.event(read_slice(Event::Init));
             for o in self.objs.slices.values() {
-                self.slices.event(read_slice(Event::InitApply(o.clone())));
+                self.inbox
+                    .slices
+                    .event(read_slice(Event::InitApply(o.clone())));
             }
-            self.slices.event(read_slice(Event::InitDone));
+            self.inbox.slices.event(read_slice(Event::InitDone));
         }
+    }
+}
+
+/// How the agent's first lists arrive in a property-test case: streamed as changes, modelled
+/// and compiled at random points while they arrive, possibly against a Node and ServiceCIDRs
+/// that are not yet the final ones, and possibly restarted midway (the watch broke) after
+/// more changes happened.
+#[derive(Debug, Clone)]
+struct FirstLists {
+    /// Where (modulo the number of events) the engine absorbs what came so far.
+    absorb_at: Vec<u16>,
+    /// A first attempt that breaks off after this many events (modulo), before `more` ops.
+    restart: Option<(u16, Vec<Op>)>,
+    /// The Node and ServiceCIDRs of the early absorbs (else the final ones).
+    early_node: Option<NodeSpec>,
+    early_cidrs: Option<u8>,
+    /// Objects of each kind one absorb takes at most (the agent's pieces).
+    piece: usize,
+}
+
+fn first_lists() -> impl Strategy<Value = FirstLists> {
+    (
+        prop::collection::vec(any::<u16>(), 0..6),
+        prop::option::of((any::<u16>(), prop::collection::vec(gen::op(), 1..8))),
+        prop::option::of(gen::node_spec()),
+        prop::option::of(0..gen::CIDR_CHOICES),
+        prop_oneof![1..4usize, Just(usize::MAX)],
+    )
+        .prop_map(
+            |(absorb_at, restart, early_node, early_cidrs, piece)| FirstLists {
+                absorb_at,
+                restart,
+                early_node,
+                early_cidrs,
+                piece,
+            },
+        )
+}
+
+/// One event of either watch during the first lists.
+enum ListEvent {
+    Service(Box<kube::runtime::watcher::Event<Service>>),
+    Slice(Box<kube::runtime::watcher::Event<EndpointSlice>>),
+}
+
+/// The events of complete lists of `objs`: each kind's Init, then their objects interleaved,
+/// then each kind's InitDone.
+fn list_events(objs: &Objs) -> Vec<ListEvent> {
+    use kube::runtime::watcher::Event;
+    let mut out = vec![
+        ListEvent::Service(Box::new(Event::Init)),
+        ListEvent::Slice(Box::new(Event::Init)),
+    ];
+    let mut svcs = objs.services.values();
+    let mut slices = objs.slices.values();
+    loop {
+        let (a, b) = (svcs.next(), slices.next());
+        if a.is_none() && b.is_none() {
+            break;
+        }
+        out.extend(a.map(|o| ListEvent::Service(Box::new(Event::InitApply(o.clone())))));
+        out.extend(b.map(|o| ListEvent::Slice(Box::new(Event::InitApply(o.clone())))));
+    }
+    out.push(ListEvent::Service(Box::new(Event::InitDone)));
+    out.push(ListEvent::Slice(Box::new(Event::InitDone)));
+    out
+}
+
+impl World {
+    /// Deliver the first lists as the agent's watches do, with the engine absorbing at the
+    /// given points; the world's objects end as the lists say.
+    fn first_lists(&mut self, first: &FirstLists, engine: &mut Engine, pc: &ProxyConfig) -> usize {
+        // Nothing was delivered before the watches started.
+        self.inbox = Inbox::default();
+        let mut events = Vec::new();
+        if let Some((at, more)) = &first.restart {
+            let broken = list_events(&self.objs);
+            let n = *at as usize % broken.len().max(1);
+            // Only the start of the broken attempt arrives (no InitDone: it broke).
+            events.extend(broken.into_iter().take(n).filter(|e| {
+                !matches!(
+                    e,
+                    ListEvent::Service(e) if matches!(**e, kube::runtime::watcher::Event::InitDone)
+                ) && !matches!(
+                    e,
+                    ListEvent::Slice(e) if matches!(**e, kube::runtime::watcher::Event::InitDone)
+                )
+            }));
+            for op in more {
+                self.apply(op);
+            }
+            self.inbox = Inbox::default();
+        }
+        events.extend(list_events(&self.objs));
+        let len = events.len() + 1;
+        let at: BTreeSet<usize> = first.absorb_at.iter().map(|a| *a as usize % len).collect();
+        let mut absorbs = 0;
+        for (i, ev) in events.into_iter().enumerate() {
+            if at.contains(&i) {
+                let node = first.early_node.as_ref().unwrap_or(&self.node).info();
+                let cidrs = gen::service_cidrs(first.early_cidrs.unwrap_or(self.cidrs));
+                let (services, slices) = self.inbox.take_piece(first.piece);
+                engine
+                    .absorb(services, slices, &node, &cidrs, &pc.compile_config(&node))
+                    .expect("absorb");
+                absorbs += 1;
+            }
+            match ev {
+                ListEvent::Service(e) => self.inbox.services.event(read_svc(*e)),
+                ListEvent::Slice(e) => self.inbox.slices.event(read_slice(*e)),
+            }
+        }
+        absorbs
     }
 }
 
@@ -336,6 +452,7 @@ proptest! {
         start_node in gen::node_spec(),
         start_cidrs in 0..gen::CIDR_CHOICES,
         initial in prop::collection::vec(gen::op(), 0..24),
+        first in first_lists(),
         steps in prop::collection::vec(
             prop::collection::vec(gen::op(), 1..5),
             1..=env_or("NFTPROXY_PROP_STEPS", STEPS).max(1),
@@ -346,17 +463,24 @@ proptest! {
         for op in &initial {
             world.apply(op);
         }
-        // The first computation gets complete lists, as after the agent's initial list.
-        world.relist(true, true);
+        // The first lists arrive as the agent's watches deliver them, partly modelled while
+        // they arrive; the first computation then completes them.
+        let mut engine = Engine::default();
+        let absorbs = world.first_lists(&first, &mut engine, &pc);
         let node = world.node.info();
         let cfg = pc.compile_config(&node);
         check_config(&cfg, &node, &flags)?;
         let cidrs = gen::service_cidrs(world.cidrs);
-        let mut engine = Engine::default();
-        let (svcs, slices) = (world.services.take(), world.slices.take());
-        prop_assert!(svcs.replaced.is_some() && slices.replaced.is_some());
-        let first = engine.compute(svcs, slices, &node, &cidrs, &cfg).expect("first");
-        prop_assert!(first.rebuilt);
+        let first = engine
+            .compute(world.inbox.services.take(), world.inbox.slices.take(), &node, &cidrs, &cfg)
+            .expect("first");
+        prop_assert!(first.rebuilt || absorbs > 0);
+        let (state, ruleset, problems) = from_scratch(&world.objs, &node, &cidrs, &cfg);
+        prop_assert_eq!(sorted_backends(&first.state), state);
+        prop_assert_eq!(sorted_slots(&first.ruleset), ruleset);
+        let got: BTreeSet<(String, String)> =
+            first.problems.iter().map(|p| (p.object.to_string(), p.reason.clone())).collect();
+        prop_assert_eq!(got, problems);
         let mut fake = FakeApplier::new();
         fake.apply(&plan::full(&first.ruleset)).expect("full apply");
         let mut applied = first.ruleset.clone();
@@ -370,7 +494,7 @@ proptest! {
             check_config(&cfg, &node, &flags)?;
             let cidrs = gen::service_cidrs(world.cidrs);
             let out = engine
-                .compute(world.services.take(), world.slices.take(), &node, &cidrs, &cfg)
+                .compute(world.inbox.services.take(), world.inbox.slices.take(), &node, &cidrs, &cfg)
                 .expect("compute");
             let (state, ruleset, problems) = from_scratch(&world.objs, &node, &cidrs, &cfg);
             // Equal up to which slot each backend holds (the engine keeps slots stable).
@@ -449,6 +573,9 @@ fn pending_folds_events_and_relists() {
     let spec = plain(0);
     let (a, b) = (gen::service(0, &spec), gen::service(1, &spec));
     let mut p: Pending<Service> = Pending::default();
+    // The first list (empty here; a first list is handed out as changes).
+    p.event(Event::Init);
+    p.event(Event::InitDone);
     p.event(Event::Apply(a.clone()));
     p.event(Event::Delete(a.clone()));
     let batch = p.take();
@@ -460,9 +587,7 @@ fn pending_folds_events_and_relists() {
     p.event(Event::Apply(b.clone()));
     p.event(Event::Init);
     p.event(Event::InitApply(a.clone()));
-    assert!(!p.listed);
     p.event(Event::InitDone);
-    assert!(p.listed);
     p.event(Event::Apply(b.clone()));
     p.event(Event::Delete(a));
     let batch = p.take();

@@ -213,7 +213,18 @@ async fn run_until_stopped(args: RunArgs) -> Result<(), AgentError> {
     let (changes_tx, changes_rx) = mpsc::channel(1);
     let lists_done = Arc::new(std::sync::atomic::AtomicBool::new(false));
     spawn_api_probe(api, status.clone(), lists_done.clone());
-    let stores = watch::start(client, &cfg.node_name, changes_tx.clone()).await;
+    let started = std::time::SystemTime::now();
+    let listing = match args.initial_lists {
+        crate::cmd::args::InitialLists::Auto => watch::Listing::Streaming,
+        crate::cmd::args::InitialLists::Paging => watch::Listing::Paging,
+    };
+    let stores = watch::start(client, &cfg.node_name, listing, changes_tx.clone()).await;
+    let engine = Arc::new(Mutex::new(Engine::default()));
+    tokio::spawn(desired::absorb_first_lists(
+        stores.clone(),
+        cfg.clone(),
+        engine.clone(),
+    ));
     {
         let (ready, done) = (stores.ready.clone(), lists_done);
         tokio::spawn(async move {
@@ -267,7 +278,6 @@ async fn run_until_stopped(args: RunArgs) -> Result<(), AgentError> {
         owners: None,
         applied: None,
     };
-    let engine = Arc::new(Mutex::new(Engine::default()));
     if !args.debug_socket.as_os_str().is_empty() {
         let applied: crate::observe::debug::SharedApplied = Arc::default();
         observer.applied = Some(applied.clone());
@@ -293,6 +303,7 @@ async fn run_until_stopped(args: RunArgs) -> Result<(), AgentError> {
         metrics,
         events,
         engine,
+        started,
     };
     syncer
         .run(changes_rx, move || source.compute(), &mut observer)

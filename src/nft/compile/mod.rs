@@ -855,6 +855,10 @@ impl Compiled {
                 }
             }
             for svc in changed {
+                // A Service that had no ports (new, as every Service of a first list modelled
+                // while it arrives) has no slots to keep: its backends go straight in. The
+                // elements are counted, so the order of adds and removes does not matter.
+                let new_here = service_ports(old_ports, svc).next().is_none();
                 for ps in service_ports(new_ports, svc) {
                     // An entry already in use means a conflict: who wins depends on every
                     // claimant, so the caller compiles everything.
@@ -867,7 +871,9 @@ impl Compiled {
                     if conflict {
                         return None;
                     }
-                    split(&mut c, 1);
+                    if !new_here {
+                        split(&mut c, 1);
+                    }
                     ft.add(c);
                 }
             }

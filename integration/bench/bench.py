@@ -888,6 +888,11 @@ class RssTimeline:
         return max(inside) if inside else None
 
 
+# `--probe-rt`: the TCP echo server and client run SCHED_FIFO (chrt), so that a stall they see
+# is not their own scheduling on a busy machine
+PROBE_PRIO: list[str] = []
+
+
 class ForwardProbe:
     """Packets the node forwards while it commits: a client and a server namespace on either
     side of the node (192.168.78.0/24 and 192.168.79.0/24; no Service involved, plain routing
@@ -923,8 +928,8 @@ class ForwardProbe:
         log = os.path.join(self.dir, "fwd-echo.log")
         with open(log, "ab") as f:
             self.echo = REG.add_proc(subprocess.Popen(
-                ["ip", "netns", "exec", self.s, sys.executable, TCPTOOL, "echo", "--port",
-                 str(FWD_PORT)], stdout=f, stderr=subprocess.STDOUT, start_new_session=True))
+                ["ip", "netns", "exec", self.s, *PROBE_PRIO, sys.executable, TCPTOOL, "echo",
+                 "--port", str(FWD_PORT)], stdout=f, stderr=subprocess.STDOUT, start_new_session=True))
         self.node.wait_line(self.echo, log, "READY", 10, "forwarding probe echo server")
 
     def start(self) -> None:
@@ -939,8 +944,8 @@ class ForwardProbe:
                 ["ip", "netns", "exec", self.c, "ping", "-n", "-D", "-i", "0.001", "-W", "1",
                  FWD_SERVER], stdout=f, stderr=subprocess.STDOUT, start_new_session=True))
         self.stream = REG.add_proc(subprocess.Popen(
-            ["ip", "netns", "exec", self.c, sys.executable, TCPTOOL, "stream", "--dst",
-             FWD_SERVER, "--port", str(FWD_PORT), "--stop", self.stop_file, "--out", self.out],
+            ["ip", "netns", "exec", self.c, *PROBE_PRIO, sys.executable, TCPTOOL, "stream",
+             "--dst", FWD_SERVER, "--port", str(FWD_PORT), "--stop", self.stop_file, "--out", self.out],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True))
         self.t_start = time.time()
 
@@ -1758,7 +1763,8 @@ def rows_for(runs: list[dict]) -> list[tuple]:
         row(f"forwarded 1 ms pings during {when}: worst added RTT", med(runs, key + "_icmp_added"),
             "{:.2f} ms", FWD_ADDED_MAX_MS, " ms")
         row(f"  pings lost during {when}", med(runs, key + "_lost"), "{:.0f}", 0, "")
-        row("  established TCP flow (1 ms echo, Python client): worst added RTT",
+        row("  established TCP flow (1 ms echo, Python client" + (", SCHED_FIFO" if PROBE_PRIO else "")
+        + "): worst added RTT",
             med(runs, key + "_tcp_added"), "{:.2f} ms", None, "")
     row("apply_ms / nft -f wall (same ruleset)", med(runs, "apply_ratio"), "{:.2f}x", APPLY_RATIO_MAX, "x")
     fs, nf = med(runs, "first_apply_ms"), med(runs, "nft_f_s")
@@ -1861,8 +1867,13 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="also write every raw figure to this file")
     ap.add_argument("--no-forwarding-probe", dest="forwarding_probe", action="store_false",
                     help="skip the ping / TCP stream through the node during cold start and burst")
+    ap.add_argument("--probe-rt", action="store_true",
+                    help="run the forwarding probe's TCP echo server and client SCHED_FIFO (chrt -f 10): "
+                         "their stalls then are the data path's, not their own scheduling")
     ap.add_argument("--keep-workdir", action="store_true", help="keep logs and objects (path printed)")
     a = ap.parse_args(argv)
+    if a.probe_rt:
+        PROBE_PRIO[:] = ["chrt", "-f", "10"]
 
     if a.smoke:
         a.services, a.samples, a.connects = 200, 5, 100

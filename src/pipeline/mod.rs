@@ -430,9 +430,13 @@ impl Engine {
             .unwrap_or_default()
     }
 
-    /// Bring the desired state up to date with what the watches delivered. The engine starts
-    /// from nothing: what it has been given (here and by [`Engine::absorb`]) before the first
-    /// computation must add up to complete lists of both kinds.
+    /// Bring the desired state up to date with what the watches delivered: only the Services
+    /// they touched, unless everything must be rebuilt (first compile, after a failed one, the
+    /// Node, the ServiceCIDRs or the configuration changed). The engine starts from nothing:
+    /// what it has been given before the first complete output must add up to complete lists
+    /// of both kinds. While the first lists arrive, the agent calls this with pieces of them
+    /// and throws the outputs away (nothing may be programmed from an incomplete list): the
+    /// work is done by the time the lists are complete.
     pub fn compute(
         &mut self,
         services: Batch<impl ServiceInput>,
@@ -441,56 +445,6 @@ impl Engine {
         cidrs: &[IpNet],
         cfg: &CompileConfig,
     ) -> Result<Output, CompileError> {
-        let started = tokio::time::Instant::now();
-        let (model, compiled, changed, rebuilt) =
-            self.advance(services, slices, node, cidrs, cfg)?;
-        let advanced = started.elapsed();
-        let mut problems = model.problems();
-        problems.extend(compiled.problems());
-        let out = Output {
-            ruleset: compiled.ruleset().clone(),
-            state: Arc::new(model.state().clone()),
-            problems,
-            rebuilt,
-            changed: changed.len(),
-        };
-        tracing::debug!(
-            advance_ms = advanced.as_secs_f64() * 1000.0,
-            output_ms = (started.elapsed() - advanced).as_secs_f64() * 1000.0,
-            rebuilt,
-            services = out.changed,
-            "engine"
-        );
-        Ok(out)
-    }
-
-    /// Model and compile part of a first list while the rest is still arriving: the same work
-    /// [`Engine::compute`] does, without a desired state (nothing may be programmed from an
-    /// incomplete list). Returns how many Services were brought up to date.
-    pub fn absorb(
-        &mut self,
-        services: Batch<impl ServiceInput>,
-        slices: Batch<impl SliceInput>,
-        node: &NodeInfo,
-        cidrs: &[IpNet],
-        cfg: &CompileConfig,
-    ) -> Result<usize, CompileError> {
-        let (_, _, changed, _) = self.advance(services, slices, node, cidrs, cfg)?;
-        Ok(changed.len())
-    }
-
-    /// Apply the batches to the model and bring the compiled ruleset up to date: only the
-    /// Services they touched, unless everything must be rebuilt (first compile, after a failed
-    /// one, the Node, the ServiceCIDRs or the configuration changed). Returns the Services
-    /// compiled and whether everything was.
-    fn advance(
-        &mut self,
-        services: Batch<impl ServiceInput>,
-        slices: Batch<impl SliceInput>,
-        node: &NodeInfo,
-        cidrs: &[IpNet],
-        cfg: &CompileConfig,
-    ) -> Result<(&Model, &Compiled, BTreeSet<ServiceName>, bool), CompileError> {
         let model = self.model.get_or_insert_with(|| Model::empty(node, cidrs));
         let compiled = self.compiled.take();
         let started = tokio::time::Instant::now();
@@ -519,15 +473,26 @@ impl Engine {
                 (Compiled::new(model.state(), cfg)?, true)
             }
         };
-        let compiled = self.compiled.insert(compiled);
+        let compiled_at = started.elapsed();
+        let mut problems = model.problems();
+        problems.extend(compiled.problems());
+        let out = Output {
+            ruleset: compiled.ruleset().clone(),
+            state: Arc::new(model.state().clone()),
+            problems,
+            rebuilt,
+            changed: changed.len(),
+        };
+        self.compiled = Some(compiled);
         tracing::debug!(
             model_ms = modelled.as_secs_f64() * 1000.0,
-            compile_ms = (started.elapsed() - modelled).as_secs_f64() * 1000.0,
+            compile_ms = (compiled_at - modelled).as_secs_f64() * 1000.0,
+            output_ms = (started.elapsed() - compiled_at).as_secs_f64() * 1000.0,
             rebuilt,
-            services = changed.len(),
-            "engine advanced"
+            services = out.changed,
+            "engine"
         );
-        Ok((model, compiled, changed, rebuilt))
+        Ok(out)
     }
 }
 

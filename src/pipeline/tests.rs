@@ -243,7 +243,7 @@ impl World {
                 let cidrs = gen::service_cidrs(first.early_cidrs.unwrap_or(self.cidrs));
                 let (services, slices) = self.inbox.take_piece(first.piece);
                 engine
-                    .absorb(services, slices, &node, &cidrs, &pc.compile_config(&node))
+                    .compute(services, slices, &node, &cidrs, &pc.compile_config(&node))
                     .expect("absorb");
                 absorbs += 1;
             }
@@ -432,6 +432,39 @@ fn check_config(cfg: &CompileConfig, node: &NodeInfo, flags: &Flags) -> Result<(
     Ok(())
 }
 
+/// Compute from what the world delivered and hold the output to the from-scratch build of the
+/// world's objects (equal up to which slot each backend holds: the engine keeps slots stable).
+fn compute_checked(
+    engine: &mut Engine,
+    world: &mut World,
+    pc: &ProxyConfig,
+    flags: &Flags,
+) -> Result<Output, TestCaseError> {
+    let node = world.node.info();
+    let cfg = pc.compile_config(&node);
+    check_config(&cfg, &node, flags)?;
+    let cidrs = gen::service_cidrs(world.cidrs);
+    let out = engine
+        .compute(
+            world.inbox.services.take(),
+            world.inbox.slices.take(),
+            &node,
+            &cidrs,
+            &cfg,
+        )
+        .expect("compute");
+    let (state, ruleset, problems) = from_scratch(&world.objs, &node, &cidrs, &cfg);
+    prop_assert_eq!(sorted_backends(&out.state), state);
+    prop_assert_eq!(sorted_slots(&out.ruleset), ruleset);
+    let got: BTreeSet<(String, String)> = out
+        .problems
+        .iter()
+        .map(|p| (p.object.to_string(), p.reason.clone()))
+        .collect();
+    prop_assert_eq!(got, problems);
+    Ok(out)
+}
+
 proptest! {
     // Cases: PROPTEST_CASES (default CASES); steps per case: up to NFTPROXY_PROP_STEPS
     // (default STEPS). See the module comment for a long run.
@@ -467,20 +500,8 @@ proptest! {
         // they arrive; the first computation then completes them.
         let mut engine = Engine::default();
         let absorbs = world.first_lists(&first, &mut engine, &pc);
-        let node = world.node.info();
-        let cfg = pc.compile_config(&node);
-        check_config(&cfg, &node, &flags)?;
-        let cidrs = gen::service_cidrs(world.cidrs);
-        let first = engine
-            .compute(world.inbox.services.take(), world.inbox.slices.take(), &node, &cidrs, &cfg)
-            .expect("first");
+        let first = compute_checked(&mut engine, &mut world, &pc, &flags)?;
         prop_assert!(first.rebuilt || absorbs > 0);
-        let (state, ruleset, problems) = from_scratch(&world.objs, &node, &cidrs, &cfg);
-        prop_assert_eq!(sorted_backends(&first.state), state);
-        prop_assert_eq!(sorted_slots(&first.ruleset), ruleset);
-        let got: BTreeSet<(String, String)> =
-            first.problems.iter().map(|p| (p.object.to_string(), p.reason.clone())).collect();
-        prop_assert_eq!(got, problems);
         let mut fake = FakeApplier::new();
         fake.apply(&plan::full(&first.ruleset)).expect("full apply");
         let mut applied = first.ruleset.clone();
@@ -489,20 +510,7 @@ proptest! {
             for op in step {
                 world.apply(op);
             }
-            let node = world.node.info();
-            let cfg = pc.compile_config(&node);
-            check_config(&cfg, &node, &flags)?;
-            let cidrs = gen::service_cidrs(world.cidrs);
-            let out = engine
-                .compute(world.inbox.services.take(), world.inbox.slices.take(), &node, &cidrs, &cfg)
-                .expect("compute");
-            let (state, ruleset, problems) = from_scratch(&world.objs, &node, &cidrs, &cfg);
-            // Equal up to which slot each backend holds (the engine keeps slots stable).
-            prop_assert_eq!(sorted_backends(&out.state), state);
-            prop_assert_eq!(sorted_slots(&out.ruleset), ruleset);
-            let got: BTreeSet<(String, String)> =
-                out.problems.iter().map(|p| (p.object.to_string(), p.reason.clone())).collect();
-            prop_assert_eq!(got, problems);
+            let out = compute_checked(&mut engine, &mut world, &pc, &flags)?;
             // And the plan between successive outputs brings a strict kernel there.
             let p = plan::partial(&applied, &out.ruleset, &BTreeSet::new());
             prop_assert!(!p.needs_full);

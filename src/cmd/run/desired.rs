@@ -120,8 +120,9 @@ fn absorb_once(
     let node = node_info(stores, cfg);
     // Problems are reported by the first sync, which reads them all from the model.
     let cidrs = service_cidrs(stores, &mut Vec::new());
-    match lock(engine).absorb(services, slices, &node, &cidrs, &cfg.compile_config(&node)) {
-        Ok(n) => (n, rest),
+    // The output is dropped: only the engine's state is wanted.
+    match lock(engine).compute(services, slices, &node, &cidrs, &cfg.compile_config(&node)) {
+        Ok(out) => (out.changed, rest),
         Err(e) => {
             // The engine then compiles everything at the first sync.
             tracing::error!(error = %e, "cannot compile the first lists (bug)");

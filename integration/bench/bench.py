@@ -948,8 +948,21 @@ class ForwardProbe:
              "--dst", FWD_SERVER, "--port", str(FWD_PORT), "--stop", self.stop_file, "--out", self.out],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True))
         self.t_start = time.time()
+        self.retrans0 = self.retransmits()
+
+    def retransmits(self) -> int:
+        """TCP segments retransmitted by the echo client and server so far: a stall with
+        retransmissions is packets lost in the path, one without is a process not running."""
+        total = 0
+        for ns in (self.c, self.s):
+            snmp = run(["ip", "netns", "exec", ns, "cat", "/proc/net/snmp"], 10).stdout
+            rows = [ln.split() for ln in snmp.splitlines() if ln.startswith("Tcp:")]
+            if len(rows) >= 2 and "RetransSegs" in rows[0]:
+                total += int(rows[1][rows[0].index("RetransSegs")])
+        return total
 
     def stop(self) -> None:
+        self.retrans = self.retransmits() - self.retrans0
         open(self.stop_file, "w").close()
         try:
             _, err = self.stream.communicate(timeout=20)
@@ -995,6 +1008,8 @@ class ForwardProbe:
                          "max_ms": round(max(inside), 3), "p99_ms": round(pct(inside, 99), 3),
                          "added_ms": round(max(inside) - base, 3)}
         out["icmp_lost"] = sum(1 for t in self.icmp_lost if t_from <= t <= t_to)
+        # over the whole probe (it runs a little longer than the window)
+        out["tcp_retransmits"] = getattr(self, "retrans", None)
         if self.errors:
             out["errors"] = self.errors
         return out

@@ -260,6 +260,16 @@ class RealRun:
                                    table], 30, check=False)
                 node.log = bench.AgentLog(os.path.join(node.dir, f"agent-{rep + 1}.log"))
                 self.nftproxy(node, world)
+                if self.a.agent_args_b is not None:
+                    # the same cold start with other flags, over the same server and objects
+                    for fam in ("ip", "ip6"):
+                        bench.run(["ip", "netns", "exec", node.ns, "nft", "delete", "table", fam,
+                                   "nftproxy"], 30, check=False)
+                    node.extra_args = self.a.agent_args_b.split()
+                    node.log = bench.AgentLog(os.path.join(node.dir, f"agent-{rep + 1}-b.log"))
+                    say(f"  nftproxy with --agent-args-b {self.a.agent_args_b!r}:")
+                    self.nftproxy(node, world, "nftproxy-b")
+                    node.extra_args = self.a.agent_args.split() if self.a.agent_args else []
                 if self.n <= self.a.kube_proxy_max_services:
                     self.kube_proxy(node, world, rep + 1)
                 else:
@@ -361,8 +371,8 @@ class RealRun:
         fig["rss_mib"], fig["hwm_mib"] = st["VmRSS"], st["VmHWM"]
         fig["peak_ratio"] = st["VmHWM"] / st["VmRSS"]
 
-    def nftproxy(self, node: Node, world: World) -> None:
-        fig = self.r["nftproxy"]
+    def nftproxy(self, node: Node, world: World, key: str = "nftproxy") -> None:
+        fig = self.r.setdefault(key, {})
         t_start = node.start_agent()
         wall = time.time()
         line = bench.RssTimeline(node.agent.pid)
@@ -559,6 +569,9 @@ def main(argv=None) -> int:
     ap.add_argument("--kube-proxy-timeout", type=float, default=600.0)
     ap.add_argument("--idle-seconds", type=float, default=5.0)
     ap.add_argument("--agent-args", default="")
+    ap.add_argument("--agent-args-b", default=None,
+                    help="also measure nftproxy with these flags after each run, over the same "
+                         "server (an A/B, e.g. \"--initial-lists paging\"); in the JSON as nftproxy-b")
     ap.add_argument("--bin", default=os.environ.get("NFTPROXY_BIN", bench.DEFAULT_BIN))
     ap.add_argument("--json", help="also write every raw figure to this file")
     ap.add_argument("--keep-workdir", action="store_true")
@@ -615,6 +628,18 @@ def main(argv=None) -> int:
             print(f"\n== real kube-apiserver 1.36: nftproxy and kube-proxy (nftables mode), "
                   f"{a.repeat} run(s) per size (median), {a.endpoints} endpoints per Service ==")
             print_table(rows)
+        if a.agent_args_b is not None and raw:
+            print(f"\n== A/B over the same servers: nftproxy (A, {a.agent_args!r}) vs nftproxy "
+                  f"--agent-args-b (B, {a.agent_args_b!r}); medians, every run in brackets ==")
+            for key, what in (("cold_s", "cold start (s)"), ("lists_s", "lists received (s)"),
+                              ("compute_commit_s", "then compute + commit (s)"),
+                              ("hwm_mib", "peak RSS (MiB)")):
+                for side in ("nftproxy", "nftproxy-b"):
+                    vals = [r.get(side, {}).get(key) for r in raw]
+                    vals = [v for v in vals if v is not None]
+                    if vals:
+                        print(f"  {what:28s} {'A' if side == 'nftproxy' else 'B'}: {med(vals):.3f} "
+                              f"[{', '.join(f'{v:.3f}' for v in vals)}]")
         bench.finish(raw, bool(rows), failed, a.keep_workdir, workdir)
     return 1 if failed else 0
 

@@ -1004,9 +1004,15 @@ class ForwardProbe:
                 out[name] = None
                 continue
             base = statistics.median(before) if before else min(inside)
+            worst_t, worst = max(((t, r) for t, r in samples if t_from <= t <= t_to),
+                                 key=lambda x: x[1])
             out[name] = {"samples": len(inside), "baseline_ms": round(base, 3),
-                         "max_ms": round(max(inside), 3), "p99_ms": round(pct(inside, 99), 3),
-                         "added_ms": round(max(inside) - base, 3)}
+                         "max_ms": round(worst, 3), "p99_ms": round(pct(inside, 99), 3),
+                         "added_ms": round(worst - base, 3),
+                         # when the worst sample was sent (s into the window), and how many
+                         # samples waited more than 10 ms longer than the baseline
+                         "worst_at_s": round(worst_t - t_from, 3),
+                         "over_10ms": sum(1 for r in inside if r - base > 10.0)}
         out["icmp_lost"] = sum(1 for t in self.icmp_lost if t_from <= t <= t_to)
         # over the whole probe (it runs a little longer than the window)
         out["tcp_retransmits"] = getattr(self, "retrans", None)

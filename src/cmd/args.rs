@@ -199,6 +199,12 @@ pub struct RunArgs {
     /// on by default in 1.36) and pages them otherwise; `paging` always pages.
     #[arg(long, value_enum, default_value = "auto")]
     pub initial_lists: InitialLists,
+    /// A commit of more element changes than this (a cold start, a big change) goes to the
+    /// kernel as several transactions of about this many, each adding, changing or removing
+    /// whole Services, so no single commit holds the kernel for long; 0 commits everything in
+    /// one transaction.
+    #[arg(long, default_value_t = crate::sync::SPLIT_ELEMENTS)]
+    pub max_transaction_elements: usize,
     /// How long to wait for the initial lists before programming anyway.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub initial_sync_timeout: Duration,

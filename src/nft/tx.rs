@@ -90,3 +90,17 @@ impl Transaction {
             .count()
     }
 }
+
+/// Where an element goes when a big transaction is committed as several smaller ones
+/// (`plan::split`): everything of one group lands in the same transaction, so every
+/// intermediate ruleset shows each group whole, as it was or as it will be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Group {
+    /// Node-level state that Services rely on (Service CIDRs, NodePort addresses, ...): with the
+    /// chains and rules, before any Service.
+    Skeleton,
+    /// Reached only through some entry point, and harmless before it: any transaction.
+    Any,
+    /// One Service (or Services that share an entry point), by an opaque id.
+    Of(u64),
+}

@@ -27,7 +27,13 @@ use crate::apply::fake::FakeApplier;
 use crate::apply::Applier;
 use crate::k8s::inbox::{Inbox, Pending};
 use crate::model::{ReadService, ReadSlice};
-use crate::nft::{plan, render};
+use std::net::IpAddr;
+
+use crate::nft::compile::{entry_keys, Owners};
+use crate::nft::ir::Value;
+use crate::nft::tx::Transaction;
+use crate::nft::{names, plan, render};
+use crate::trace::{Origin, Outcome, Packet, Tracer};
 
 #[derive(Default, Clone)]
 struct Objs {
@@ -465,6 +471,128 @@ fn compute_checked(
     Ok(out)
 }
 
+/// What every Service of `states` does, entry point by entry point, for a client outside the
+/// node and for a process on it (None: the family's table is missing).
+fn behaviour(
+    rs: &Ruleset,
+    states: &[&ProxyState],
+    cfg: &CompileConfig,
+) -> BTreeMap<ServiceName, Vec<Option<BTreeSet<Outcome>>>> {
+    let mut entries: BTreeMap<(ServiceName, Family), BTreeSet<Vec<Value>>> = BTreeMap::new();
+    for st in states {
+        for (f, fs) in &st.families {
+            for (k, ps) in &fs.ports {
+                entries
+                    .entry((k.service.clone(), *f))
+                    .or_default()
+                    .extend(entry_keys(&ps.sp));
+            }
+        }
+    }
+    let mut out: BTreeMap<ServiceName, Vec<Option<BTreeSet<Outcome>>>> = BTreeMap::new();
+    for ((svc, f), es) in entries {
+        let local: Vec<IpAddr> = cfg
+            .node_ips
+            .iter()
+            .copied()
+            .filter(|a| a.is_ipv4() == (f == Family::Ip))
+            .collect();
+        let client: IpAddr = match f {
+            Family::Ip => "203.0.113.9".parse().expect("ip"),
+            Family::Ip6 => "2001:db8::9".parse().expect("ip"),
+        };
+        let tracer = rs.tables.get(&f).map(|t| Tracer::new(f, t, &local));
+        let v = out.entry(svc).or_default();
+        for e in es {
+            let (dst, proto, port) = match e.as_slice() {
+                [Value::Addr(a), Value::Proto(p), Value::Port(n)] => (*a, *p, *n),
+                [Value::Proto(p), Value::Port(n)] => match local.first() {
+                    Some(a) => (*a, *p, *n),
+                    None => continue,
+                },
+                _ => continue,
+            };
+            for (origin, src, iif) in [
+                (Origin::Remote, client, "eth9"),
+                (Origin::Local, local.first().copied().unwrap_or(client), ""),
+            ] {
+                let p = Packet {
+                    origin,
+                    src,
+                    dst,
+                    proto,
+                    dport: port,
+                    iif: iif.into(),
+                };
+                v.push(tracer.as_ref().map(|t| t.trace(&p)));
+            }
+        }
+    }
+    out
+}
+
+/// The node-level sets that are not any Service's (Service CIDRs, NodePort addresses, ...).
+fn node_sets(rs: &Ruleset) -> Vec<(Family, &'static str, Option<&crate::nft::ir::Elements>)> {
+    let mut v = Vec::new();
+    for (f, t) in &rs.tables {
+        for set in [
+            names::L4PROTOS,
+            names::CLUSTER_CIDRS,
+            names::LOCAL_IFACES,
+            names::NODEPORT_ADDRS,
+            names::SERVICE_CIDRS,
+        ] {
+            v.push((*f, set, t.elements.get(set)));
+        }
+    }
+    v
+}
+
+/// Commit `tx` to the fake split into transactions of about `max` elements (as the sync loop
+/// does), checking after each that every Service behaves exactly as before the commit or
+/// exactly as after it, all of its entry points at once. `before` is what the fake held (for a
+/// build from nothing: the same node without Services). The check needs the same node-level
+/// sets before and after (a Service CIDR that changes alters how an absent Service's address
+/// is treated); without them only the end state is checked, by the caller.
+#[allow(clippy::too_many_arguments)]
+fn apply_split_checked(
+    fake: &mut FakeApplier,
+    tx: &Transaction,
+    max: usize,
+    before: &Ruleset,
+    after: &Ruleset,
+    states: [&ProxyState; 2],
+    cfg: &CompileConfig,
+) -> Result<usize, TestCaseError> {
+    let owners = Owners::new(states);
+    let check = node_sets(before) == node_sets(after);
+    let (was, will) = if check {
+        (
+            behaviour(before, &states, cfg),
+            behaviour(after, &states, cfg),
+        )
+    } else {
+        Default::default()
+    };
+    let mut sent = 0;
+    plan::split(tx, &|_, set, e| owners.group(set, e), max, &mut |t| {
+        fake.apply(&t).expect("split apply");
+        sent += 1;
+        if check {
+            let now = behaviour(&fake.state, &states, cfg);
+            for (svc, b) in &now {
+                prop_assert!(
+                    Some(b) == was.get(svc) || Some(b) == will.get(svc),
+                    "after transaction {} of a split commit, {} is neither as before nor as after:\nnow {:?}\nbefore {:?}\nafter {:?}",
+                    sent, svc, b, was.get(svc), will.get(svc)
+                );
+            }
+        }
+        Ok(())
+    })?;
+    Ok(sent)
+}
+
 proptest! {
     // Cases: PROPTEST_CASES (default CASES); steps per case: up to NFTPROXY_PROP_STEPS
     // (default STEPS). See the module comment for a long run.
@@ -490,6 +618,7 @@ proptest! {
             prop::collection::vec(gen::op(), 1..5),
             1..=env_or("NFTPROXY_PROP_STEPS", STEPS).max(1),
         ),
+        split in prop::option::weighted(0.7, 1usize..24),
     ) {
         let pc = flags.proxy_config();
         let mut world = World { node: start_node, cidrs: start_cidrs, ..World::default() };
@@ -503,9 +632,30 @@ proptest! {
         let first = compute_checked(&mut engine, &mut world, &pc, &flags)?;
         prop_assert!(first.rebuilt || absorbs > 0);
         let mut fake = FakeApplier::new();
-        fake.apply(&plan::full(&first.ruleset)).expect("full apply");
+        let node = world.node.info();
+        let cfg = pc.compile_config(&node);
+        let full = plan::full(&first.ruleset);
+        match split {
+            // Split as the sync loop commits a cold start (every Service whole or absent after
+            // each transaction); or in one.
+            Some(max) => {
+                prop_assert!(plan::splittable(&full, true));
+                let mut nothing = (*first.state).clone();
+                for fs in nothing.families.values_mut() {
+                    fs.ports = imbl::OrdMap::new();
+                }
+                let none = compile::compile(&nothing, &cfg).expect("compile");
+                apply_split_checked(&mut fake, &full, max, &none, &first.ruleset, [first.state.as_ref(), &nothing], &cfg)?;
+                prop_assert_eq!(
+                    render::normalise(&fake.dump()),
+                    render::normalise(&render::ruleset(&first.ruleset))
+                );
+            }
+            None => fake.apply(&full).expect("full apply"),
+        }
         let mut applied = first.ruleset.clone();
         let mut last = first.ruleset;
+        let mut last_state = first.state;
         for step in &steps {
             for op in step {
                 world.apply(op);
@@ -519,7 +669,13 @@ proptest! {
                 // (checked) output. Cheaper than rendering both again.
                 prop_assert_eq!(&out.ruleset, &last);
             } else {
-                fake.apply(&p.tx).expect("partial apply");
+                match split {
+                    Some(max) if plan::splittable(&p.tx, false) => {
+                        let cfg = pc.compile_config(&world.node.info());
+                        apply_split_checked(&mut fake, &p.tx, max, &applied, &out.ruleset, [out.state.as_ref(), last_state.as_ref()], &cfg)?;
+                    }
+                    _ => fake.apply(&p.tx).expect("partial apply"),
+                }
                 prop_assert_eq!(
                     render::normalise(&fake.dump()),
                     render::normalise(&render::ruleset(&out.ruleset))
@@ -527,6 +683,7 @@ proptest! {
             }
             applied = plan::after(&applied, &out.ruleset, &p);
             last = out.ruleset;
+            last_state = out.state;
         }
     }
 }

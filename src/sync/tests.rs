@@ -10,15 +10,16 @@ fn objects() -> Objects {
 fn desired_of(objs: &Objects) -> Desired {
     let node = objs.node_info(Some("node-a"));
     let cfg = crate::testutil::proxy_config("node-a");
-    let (ruleset, _) = crate::pipeline::from_objects(objs, &cfg, &node)
-        .map(|o| (o.ruleset, o.problems))
+    let (ruleset, state) = crate::pipeline::from_objects(objs, &cfg, &node)
+        .map(|o| (o.ruleset, o.state))
         .expect("compile");
-    Desired::new(ruleset, Arc::new(ProxyState::default()))
+    Desired::new(ruleset, Arc::new(state))
 }
 
 #[derive(Default)]
 struct Recorder {
     applied: Vec<(SyncKind, usize, usize)>,
+    transactions: Vec<usize>,
     failed: Vec<String>,
     drifts: Vec<Vec<String>>,
 }
@@ -26,6 +27,7 @@ struct Recorder {
 impl Observer for Recorder {
     fn applied(&mut self, r: &Report) {
         self.applied.push((r.kind, r.skeleton_ops, r.elements));
+        self.transactions.push(r.transactions);
     }
     fn failed(&mut self, e: &SyncError) {
         self.failed.push(e.to_string());
@@ -56,6 +58,7 @@ fn cfg() -> SyncConfig {
         chain_delete_grace: Duration::from_secs(1),
         blocking_apply: false,
         counter_period: None,
+        split_elements: 0,
     }
 }
 
@@ -79,9 +82,18 @@ fn start(fake: FakeApplier) -> Running {
 
 /// The same, with a stand-in for the kernel's change notifications.
 fn start_with(fake: FakeApplier, notices: Option<mpsc::Receiver<Notice>>) -> Running {
+    start_cfg(fake, notices, cfg())
+}
+
+/// The same, with a sync configuration.
+fn start_cfg(
+    fake: FakeApplier,
+    notices: Option<mpsc::Receiver<Notice>>,
+    cfg: SyncConfig,
+) -> Running {
     let objs: Shared = Arc::new(Mutex::new(objects()));
     let status: SharedStatus = Arc::default();
-    let mut syncer = Syncer::new(cfg(), fake, status.clone());
+    let mut syncer = Syncer::new(cfg, fake, status.clone());
     if let Some(n) = notices {
         syncer = syncer.with_monitor(n);
     }
@@ -619,4 +631,113 @@ async fn a_commit_made_without_notifications_is_verified_when_others_committed_m
         .cloned()
         .expect("repair");
     assert_eq!(last.element_count(), 1, "and repaired: {last:?}");
+}
+
+fn split_cfg(max: usize) -> SyncConfig {
+    SyncConfig {
+        split_elements: max,
+        ..cfg()
+    }
+}
+
+fn rendered(r: &crate::nft::ir::Ruleset) -> String {
+    crate::nft::render::normalise(&crate::nft::render::ruleset(r))
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cold_start_is_committed_in_pieces_of_whole_services() {
+    let (objs, tx, applier, rec, _, _) = start_cfg(FakeApplier::new(), None, split_cfg(4));
+    settle(Duration::from_millis(10)).await;
+    let desired = desired_of(&lock(&objs));
+    {
+        let r = lock(&rec);
+        assert_eq!(r.applied.len(), 1);
+        assert_eq!(r.applied[0].0, SyncKind::Full);
+        let a = lock(&applier);
+        assert!(r.transactions[0] > 2, "{:?}", r.transactions);
+        assert_eq!(a.committed.len(), r.transactions[0]);
+        // The first builds the skeleton; elements follow in small pieces.
+        assert!(a.committed[0].skeleton_ops() > 0);
+        assert!(a.committed[1..].iter().all(|t| t.skeleton_ops() == 0));
+        assert_eq!(
+            a.committed.iter().map(|t| t.element_count()).sum::<usize>(),
+            r.applied[0].2
+        );
+        assert_eq!(
+            crate::nft::render::normalise(&a.dump()),
+            rendered(&desired.ruleset)
+        );
+    }
+    // A routine change after it is one small transaction, as always.
+    drop_endpoint(&objs);
+    tx.send(()).await.unwrap();
+    settle(Duration::from_millis(200)).await;
+    let r = lock(&rec);
+    assert_eq!(r.applied.last().map(|a| a.0), Some(SyncKind::Partial));
+    assert_eq!(r.transactions.last(), Some(&1));
+    assert_eq!(
+        crate::nft::render::normalise(&lock(&applier).dump()),
+        rendered(&desired_of(&lock(&objs)).ruleset)
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_rebuild_over_existing_tables_stays_one_transaction() {
+    // Tables a previous agent left, with a set whose definition changed: they cannot be
+    // adopted, and replacing them piece by piece would show fewer Services meanwhile.
+    let objs = objects();
+    let desired = desired_of(&objs);
+    let mut old = desired.ruleset.clone();
+    let t = old.tables.get_mut(&Family::Ip).expect("ip table");
+    t.sets
+        .get_mut(crate::nft::names::NO_ENDPOINT_DROP)
+        .expect("set")
+        .flags
+        .counter = false;
+    let mut fake = FakeApplier::new();
+    fake.apply(&crate::nft::plan::full(&old)).unwrap();
+    let before = fake.committed.len();
+    let (_, _tx, applier, rec, _, _) = start_cfg(fake, None, split_cfg(4));
+    settle(Duration::from_millis(10)).await;
+    let r = lock(&rec);
+    assert_eq!(r.applied.len(), 1);
+    assert_eq!(r.applied[0].0, SyncKind::Full);
+    assert_eq!(r.transactions, vec![1]);
+    let a = lock(&applier);
+    assert_eq!(a.committed.len(), before + 1);
+    assert_eq!(
+        crate::nft::render::normalise(&a.dump()),
+        rendered(&desired.ruleset)
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_split_commit_that_fails_midway_is_read_back_and_completed() {
+    let mut fake = FakeApplier::new();
+    fake.fail_call.insert(
+        3,
+        ApplyError::Invalid {
+            what: "x".into(),
+            detail: "injected".into(),
+        },
+    );
+    let (objs, _tx, applier, rec, _, _) = start_cfg(fake, None, split_cfg(4));
+    settle(Duration::from_millis(10)).await;
+    {
+        let r = lock(&rec);
+        assert_eq!(r.failed.len(), 1);
+        assert!(r.applied.is_empty());
+        assert_eq!(lock(&applier).committed.len(), 2, "two pieces went in");
+    }
+    settle(Duration::from_secs(2)).await;
+    let r = lock(&rec);
+    // Read back: the rest is the difference, not a rebuild of what went in.
+    assert_eq!(r.applied.len(), 1, "{:?}", r.failed);
+    assert_eq!(r.applied[0].0, SyncKind::Partial);
+    assert_eq!(r.applied[0].1, 0, "no skeleton ops: the skeleton went in");
+    let a = lock(&applier);
+    assert_eq!(
+        crate::nft::render::normalise(&a.dump()),
+        rendered(&desired_of(&lock(&objs)).ruleset)
+    );
 }

@@ -2553,3 +2553,41 @@ fn dumped_expressions_compare_with_built_ones() {
         "[ nat dnat ip addr_min reg 1 flags 0x5 ]"
     );
 }
+
+#[test]
+#[ignore = "privileged (root, network namespaces): cargo test -- --ignored, or `just test-privileged`"]
+fn a_split_cold_start_reaches_the_kernel_piece_by_piece() {
+    require_root();
+    let objs = crate::testutil::cluster_objects();
+    let node = objs.node_info(Some("node-a"));
+    let cfg = crate::testutil::proxy_config("node-a");
+    let out = crate::pipeline::from_objects(&objs, &cfg, &node).expect("compile");
+    let full = crate::nft::plan::full(&out.ruleset);
+    assert!(crate::nft::plan::splittable(&full, true));
+    let owners = crate::nft::compile::Owners::new([&out.state]);
+    in_netns(move || {
+        let mut a = NetlinkApplier::new().unwrap();
+        let before = a.generation().unwrap();
+        let sent = crate::nft::plan::split(&full, &|_, set, e| owners.group(set, e), 3, &mut |t| {
+            a.apply(&t)
+        })
+        .unwrap();
+        assert!(sent > 3, "{sent} transactions");
+        // One generation per transaction: each was its own commit.
+        assert_eq!(a.generation().unwrap(), before.wrapping_add(sent as u32));
+        for (family, t) in &out.ruleset.tables {
+            for (name, want) in &t.elements {
+                assert_eq!(
+                    listed(&mut a, *family, name),
+                    want.iter().cloned().collect::<BTreeSet<_>>(),
+                    "{family:?} set {name}"
+                );
+            }
+            let k = a.read_table(*family, t, None).unwrap().expect("table");
+            assert!(
+                k.changed_chains.is_empty() && k.missing_sets.is_empty(),
+                "{k:?}"
+            );
+        }
+    });
+}

@@ -254,6 +254,7 @@ async fn run_until_stopped(args: RunArgs) -> Result<(), AgentError> {
         min_sync_period: args.min_sync_period,
         sync_period: args.sync_period,
         counter_period: Some(Duration::from_secs(10)),
+        split_elements: args.max_transaction_elements,
         ..SyncConfig::default()
     };
     let portid = applier.inner.portid();

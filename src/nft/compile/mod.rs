@@ -1033,5 +1033,8 @@ fn generated_set(name: &str) -> bool {
         || numbered("np-affinity-t")
 }
 
+mod owners;
+pub use owners::Owners;
+
 #[cfg(test)]
 mod tests;

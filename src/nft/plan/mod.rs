@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use imbl::ordset::DiffItem;
 
 use super::ir::{Element, Elements, Ruleset, Table};
-use super::tx::{Op, Transaction};
+use super::tx::{Group, Op, Transaction};
 use crate::net::Family;
 
 /// Create a whole table from nothing (after `AddTable`).
@@ -69,6 +69,151 @@ pub fn full(desired: &Ruleset) -> Transaction {
         }
     }
     Transaction { ops }
+}
+
+/// Whether a transaction may be committed as several (`split`): it only creates (tables, sets,
+/// chains, rules) and changes elements. A full rebuild (which deletes the table first) qualifies
+/// only where the kernel holds none of our tables; the caller checks that.
+pub fn splittable(tx: &Transaction, fresh: bool) -> bool {
+    tx.ops.iter().all(|op| match op {
+        Op::AddSet { .. } | Op::AddChain { .. } | Op::AddElements { .. } => true,
+        Op::DeleteElements { .. } => true,
+        Op::AddTable(_) | Op::DeleteTable(_) | Op::AddRule { .. } => fresh,
+        Op::FlushChain { .. }
+        | Op::DeleteChain { .. }
+        | Op::DeleteSet { .. }
+        | Op::FlushSet { .. } => false,
+    })
+}
+
+/// Commit `tx` as several transactions of at most about `max` element changes each, handing
+/// them to `emit` in order; returns how many were emitted (stops at the first error).
+///
+/// One transaction holds the kernel (and the CPU that sends it) for its whole length: a
+/// 50,000-Service cold start is 400,000 elements, ~1 s in one `sendmsg` (kernel 6.x), during
+/// which a task woken on that CPU waits. Cut into pieces, each commit is short and whatever
+/// waits runs in between.
+///
+/// The first transaction holds every non-element op (in order: tables, sets, chains, rules)
+/// and the `Skeleton` elements, then `Any` elements and the first groups; the rest follow by
+/// `group`, whole groups per transaction (a group larger than `max` is a transaction of its
+/// own). Every intermediate ruleset thus shows each group exactly as before or exactly as
+/// after. Within a transaction, ops keep their order in `tx` (deletions before additions).
+/// Only for a `tx` that `splittable` accepts.
+pub fn split<E>(
+    tx: &Transaction,
+    group: &dyn Fn(Family, &str, &Element) -> Group,
+    max: usize,
+    emit: &mut dyn FnMut(Transaction) -> Result<(), E>,
+) -> Result<usize, E> {
+    let mut head = Vec::new();
+    let mut head_elements: Vec<(usize, Vec<&Element>)> = Vec::new();
+    // (group, op index, element); `Any` elements sort first.
+    let mut grouped: Vec<(Group, u32, &Element)> = Vec::new();
+    for (i, op) in tx.ops.iter().enumerate() {
+        let (Op::AddElements {
+            family,
+            set,
+            elements,
+            ..
+        }
+        | Op::DeleteElements {
+            family,
+            set,
+            elements,
+            ..
+        }) = op
+        else {
+            head.push(op.clone());
+            continue;
+        };
+        let mut skeleton = Vec::new();
+        for e in elements {
+            match group(*family, set, e) {
+                Group::Skeleton => skeleton.push(e),
+                g => grouped.push((g, i as u32, e)),
+            }
+        }
+        if !skeleton.is_empty() {
+            head_elements.push((i, skeleton));
+        }
+    }
+    for (i, els) in head_elements {
+        head.push(with_elements(&tx.ops[i], els.into_iter()));
+    }
+    // Stable: within a group, op order (and each op's element order) stays.
+    grouped.sort_by_key(|(g, i, _)| (*g, *i));
+    let mut sent = 0;
+    let mut ops = head;
+    let mut start = 0;
+    while start < grouped.len() {
+        // Whole groups up to `max` (at least one group).
+        let mut end = start;
+        while end < grouped.len() {
+            let g = grouped[end].0;
+            let mut next = end;
+            while next < grouped.len() && grouped[next].0 == g {
+                next += 1;
+            }
+            let any = g == Group::Any;
+            if end > start && !any && next - start > max {
+                break;
+            }
+            end = next;
+        }
+        let mut piece: Vec<(u32, &Element)> = grouped[start..end]
+            .iter()
+            .map(|(_, i, e)| (*i, *e))
+            .collect();
+        piece.sort_by_key(|(i, _)| *i);
+        let mut at = 0;
+        while at < piece.len() {
+            let i = piece[at].0;
+            let mut to = at;
+            while to < piece.len() && piece[to].0 == i {
+                to += 1;
+            }
+            ops.push(with_elements(
+                &tx.ops[i as usize],
+                piece[at..to].iter().map(|(_, e)| *e),
+            ));
+            at = to;
+        }
+        emit(Transaction {
+            ops: std::mem::take(&mut ops),
+        })?;
+        sent += 1;
+        start = end;
+    }
+    if !ops.is_empty() {
+        emit(Transaction { ops })?;
+        sent += 1;
+    }
+    Ok(sent)
+}
+
+/// `op` (an element op) with only `els` of its elements.
+fn with_elements<'a>(op: &Op, els: impl Iterator<Item = &'a Element>) -> Op {
+    let elements: Elements = els.cloned().collect();
+    match op {
+        Op::AddElements {
+            family, set, def, ..
+        } => Op::AddElements {
+            family: *family,
+            set: set.clone(),
+            def: def.clone(),
+            elements,
+        },
+        Op::DeleteElements {
+            family, set, def, ..
+        } => Op::DeleteElements {
+            family: *family,
+            set: set.clone(),
+            def: def.clone(),
+            elements,
+        },
+        other => other.clone(),
+    }
 }
 
 /// The result of a partial plan.

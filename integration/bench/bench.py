@@ -609,7 +609,7 @@ class AgentLog:
                     rec["build_ms"] = sum(x[1] for x in self.pending_batches)
                     rec["kernel_ms"] = sum(x[2] for x in self.pending_batches)
                     self.pending_batches = []
-                for k in ("ops", "elements", "skeleton_ops"):
+                for k in ("ops", "elements", "skeleton_ops", "transactions"):
                     if k in rec:
                         rec[k] = int(rec[k])
                 for k in ("duration_ms", "apply_ms"):
@@ -1250,8 +1250,9 @@ class Run:
             self.r["cold_lists_done_s"] = max(ws["services"], ws["endpointslices"]) - t_start
         first = recs[0]
         self.r["first_sync"] = {k: first.get(k) for k in
-                                ("kind", "ops", "elements", "skeleton_ops", "duration_ms", "apply_ms",
-                                 "apply_src", "build_ms", "kernel_ms", "batches") if k in first}
+                                ("kind", "ops", "elements", "skeleton_ops", "transactions",
+                                 "duration_ms", "apply_ms", "apply_src", "build_ms", "kernel_ms",
+                                 "batches") if k in first}
         if node.log.starting_ts and first.get("ts"):
             # "starting" -> synced line: lists from the API + compute + commit
             self.r["cold_exec_to_log_ms"] = (node.log.starting_ts - wall_start) * 1000
@@ -1393,7 +1394,8 @@ class Run:
         else:
             self.r["restart_to_synced_s"] = time.monotonic() - t0
         self.r["restart_commit"] = {k: first.get(k) for k in
-                                    ("kind", "ops", "elements", "skeleton_ops", "duration_ms", "apply_ms")
+                                    ("kind", "ops", "elements", "skeleton_ops", "transactions",
+                                     "duration_ms", "apply_ms")
                                     if k in first}
         adopted = self.log_lines_since(node, 0, "adopting the tables")
         self.r["restart_adopted"] = bool(adopted)
@@ -1585,7 +1587,8 @@ class Run:
         self.r["burst_api_s"] = t_resp - t0
         self.r["burst_syncs"] = len(recs)
         self.r["burst_sync_detail"] = [{k: round(r[k], 2) if isinstance(r[k], float) else r[k]
-                                        for k in ("kind", "ops", "elements", "duration_ms", "apply_ms")
+                                        for k in ("kind", "ops", "elements", "transactions",
+                                                  "duration_ms", "apply_ms")
                                         if k in r} for r in recs]
         if getattr(self, "probe", None):
             tw = [self.probe.first_after(o["metadata"]["name"], t0) for o in objs]

@@ -220,7 +220,7 @@ impl<'a> Tracer<'a> {
             Field::CtOrigDaddr => Value::Addr(p.dst),
             Field::CtOrigProtoDst => Value::Port(p.dport),
             Field::Numgen(_) => return None,
-            Field::Iifname => Value::Ifname(p.iif.clone()),
+            Field::Iifname => Value::Ifname(p.iif.as_str().into()),
         })
     }
 

@@ -132,7 +132,9 @@ pub enum Value {
     Port(u16),
     Slot(u32),
     /// An interface name; a trailing `*` makes it a prefix (only in interval sets).
-    Ifname(String),
+    /// Boxed: a `String` would make every `Value` 32 bytes instead of 24, and a ruleset at
+    /// 50,000 Services holds ~1.5 million of them (for a handful of interface names).
+    Ifname(Box<str>),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -323,7 +323,7 @@ pub(super) fn decode_comp(b: &[u8], c: &Comp, big_endian_ints: bool) -> Result<V
         }
         FieldType::Ifname => {
             let end = b.iter().position(|&x| x == 0).unwrap_or(b.len());
-            Value::Ifname(String::from_utf8_lossy(&b[..end]).into_owned())
+            Value::Ifname(String::from_utf8_lossy(&b[..end]).into())
         }
     })
 }
@@ -347,10 +347,9 @@ pub(super) fn decode_range(
             && hi.get(..p) == Some(&lo[..p])
             && hi[p..].iter().all(|&x| x == 0xff)
         {
-            return Ok(Value::Ifname(format!(
-                "{}*",
-                String::from_utf8_lossy(&lo[..p])
-            )));
+            return Ok(Value::Ifname(
+                format!("{}*", String::from_utf8_lossy(&lo[..p])).into(),
+            ));
         }
         return Err(LowerError::Decode(format!(
             "range {lo:02x?}-{hi:02x?} is not an interface name prefix"

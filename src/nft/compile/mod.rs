@@ -175,7 +175,10 @@ impl Contribution {
         self.add(pick.count_set(n), entry.to_vec(), None);
         let map = pick.backends();
         for (slot, (ip, port)) in backends.iter().enumerate() {
-            let mut k = entry.to_vec();
+            // Exactly sized: `to_vec` then `push` would double the allocation (4 values in
+            // room for 6), 64 bytes more per backend slot (16 MiB at 50,000 Services x 5).
+            let mut k = Vec::with_capacity(entry.len() + 1);
+            k.extend_from_slice(entry);
             k.push(Value::Slot(slot as u32));
             self.add(map, k, Some(vec![Value::Addr(*ip), Value::Port(*port)]));
         }
@@ -298,7 +301,8 @@ fn contribute(
                 ranges.push(IpNet::from(*lb));
             }
             for r in IpNet::aggregate(&ranges) {
-                let mut k = entry.clone();
+                let mut k = Vec::with_capacity(entry.len() + 1);
+                k.extend_from_slice(entry);
                 k.push(Value::Prefix(r));
                 out.add(names::FIREWALL_ALLOW, k, None);
             }
@@ -393,7 +397,10 @@ impl FamilyTable {
             ft.insert(names::SERVICE_CIDRS, vec![Value::Prefix(net)]);
         }
         for name in &cfg.local_ifaces {
-            ft.insert(names::LOCAL_IFACES, vec![Value::Ifname(name.clone())]);
+            ft.insert(
+                names::LOCAL_IFACES,
+                vec![Value::Ifname(name.as_str().into())],
+            );
         }
         ft
     }

@@ -6,6 +6,8 @@
   and any LB route changes, when the test ends. It also marks the logs so that a failing test
   gets the agent/API server log lines written during it, plus nft rulesets and conntrack tables.
 * ``timings``: measured latencies, printed in the terminal summary.
+* ``standin_node``: makes the benchmark's single-node layout (stand-in API server, agent,
+  element polling) in a namespace of its own, objects written, nothing started; removed after.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import sys
+import tempfile
 import threading
 import time
 
@@ -32,6 +36,37 @@ def pytest_configure(config):
     if threading.current_thread() is threading.main_thread():
         for s in (signal.SIGTERM, signal.SIGHUP):
             signal.signal(s, _interrupt)
+
+
+@pytest.fixture
+def standin_node():
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench"))
+    import bench  # the benchmark's node: stand-in API server, agent, element polling
+
+    made = []
+
+    def make(short: str, services: int, endpoints: int):
+        if os.geteuid() != 0:
+            pytest.skip("needs root (network namespaces, nftables)")
+        binary = os.environ.get("NFTPROXY_BIN", C.DEFAULT_BIN)
+        if not os.access(binary, os.X_OK):
+            pytest.fail(f"nftproxy binary {binary} missing: run `cargo build`", pytrace=False)
+        workdir = tempfile.mkdtemp(prefix=f"nftproxy-{short}-")
+        n = bench.Node(f"{bench.PREFIX}{short}", bench.World(services, endpoints, 0, 0),
+                       workdir, binary)
+        made.append((n, workdir))
+        n.create()
+        n.write_objects()
+        return n
+
+    try:
+        yield make
+    finally:
+        for n, workdir in made:
+            n.stop()
+        bench.REG.cleanup()
+        for _, workdir in made:
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

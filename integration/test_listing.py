@@ -16,9 +16,7 @@ test_pages_when_the_api_refuses_to_stream:
 from __future__ import annotations
 
 import os
-import shutil
 import sys
-import tempfile
 import time
 
 import pytest
@@ -26,29 +24,13 @@ import pytest
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "bench"))
 import bench  # noqa: E402  (one node in a namespace: stand-in API server, agent, element polling)
-import cluster as C  # noqa: E402
 
 SERVICES, ENDPOINTS = 60, 2
 
 
 @pytest.fixture
-def node():
-    if os.geteuid() != 0:
-        pytest.skip("needs root (network namespaces, nftables)")
-    binary = os.environ.get("NFTPROXY_BIN", C.DEFAULT_BIN)
-    if not os.access(binary, os.X_OK):
-        pytest.fail(f"nftproxy binary {binary} missing: run `cargo build`", pytrace=False)
-    workdir = tempfile.mkdtemp(prefix="nftproxy-listing-")
-    world = bench.World(SERVICES, ENDPOINTS, 0, 0)
-    n = bench.Node(f"{bench.PREFIX}ls", world, workdir, binary)
-    try:
-        n.create()
-        n.write_objects()
-        yield n
-    finally:
-        n.stop()
-        bench.REG.cleanup()
-        shutil.rmtree(workdir, ignore_errors=True)
+def node(standin_node):
+    return standin_node("ls", SERVICES, ENDPOINTS)
 
 
 def run_agent(node) -> str:

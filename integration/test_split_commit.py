@@ -11,10 +11,8 @@ test_cold_start_in_pieces_programs_every_service:
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 
 import pytest
@@ -22,29 +20,13 @@ import pytest
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "bench"))
 import bench  # noqa: E402
-import cluster as C  # noqa: E402
 
 SERVICES, ENDPOINTS, PIECE = 60, 2, 20
 
 
 @pytest.fixture
-def node():
-    if os.geteuid() != 0:
-        pytest.skip("needs root (network namespaces, nftables)")
-    binary = os.environ.get("NFTPROXY_BIN", C.DEFAULT_BIN)
-    if not os.access(binary, os.X_OK):
-        pytest.fail(f"nftproxy binary {binary} missing: run `cargo build`", pytrace=False)
-    workdir = tempfile.mkdtemp(prefix="nftproxy-split-")
-    world = bench.World(SERVICES, ENDPOINTS, 0, 0)
-    n = bench.Node(f"{bench.PREFIX}sp", world, workdir, binary)
-    try:
-        n.create()
-        n.write_objects()
-        yield n
-    finally:
-        n.stop()
-        bench.REG.cleanup()
-        shutil.rmtree(workdir, ignore_errors=True)
+def node(standin_node):
+    return standin_node("sp", SERVICES, ENDPOINTS)
 
 
 def all_programmed(node, deadline: float) -> None:

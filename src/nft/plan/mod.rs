@@ -194,26 +194,12 @@ pub fn split<E>(
 
 /// `op` (an element op) with only `els` of its elements.
 fn with_elements<'a>(op: &Op, els: impl Iterator<Item = &'a Element>) -> Op {
-    let elements: Elements = els.cloned().collect();
-    match op {
-        Op::AddElements {
-            family, set, def, ..
-        } => Op::AddElements {
-            family: *family,
-            set: set.clone(),
-            def: def.clone(),
-            elements,
-        },
-        Op::DeleteElements {
-            family, set, def, ..
-        } => Op::DeleteElements {
-            family: *family,
-            set: set.clone(),
-            def: def.clone(),
-            elements,
-        },
-        other => other.clone(),
+    // Cloning an op shares its element set (a persistent set: O(1)); it is then replaced.
+    let mut out = op.clone();
+    if let Op::AddElements { elements, .. } | Op::DeleteElements { elements, .. } = &mut out {
+        *elements = els.cloned().collect();
     }
+    out
 }
 
 /// The result of a partial plan.

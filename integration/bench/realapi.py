@@ -3,7 +3,7 @@
 in the same run (issue 14's real-API mode of the benchmark).
 
     python3 integration/bench/realapi.py --services 10000 [--endpoints 5] [--repeat 3]
-    python3 integration/bench/realapi.py --table     # 10k and 50k x 5, 3 runs each (median)
+    python3 integration/bench/realapi.py --table     # 10k, 50k and 100k x 5, 3 runs each (median)
     python3 integration/bench/realapi.py --smoke     # 300 Services, one run: CI
 
 Binaries: etcd, kube-apiserver and kube-proxy from $NFTPROXY_K8S_DIR (a directory holding them,
@@ -710,7 +710,7 @@ def main(argv=None) -> int:
     ap.add_argument("--services", type=int, default=10000)
     ap.add_argument("--endpoints", type=int, default=5)
     ap.add_argument("--repeat", type=int, default=1, help="runs per size; figures are their median")
-    ap.add_argument("--table", action="store_true", help="10k and 50k x 5, 3 runs each")
+    ap.add_argument("--table", action="store_true", help="10k, 50k and 100k x 5, 3 runs each")
     ap.add_argument("--smoke", action="store_true", help="300 Services, few samples (CI)")
     ap.add_argument("--samples", type=int, default=20, help="nftproxy change samples of each kind")
     ap.add_argument("--kube-proxy-samples", type=int, default=5)
@@ -732,7 +732,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if a.smoke:
         a.services, a.samples, a.kube_proxy_samples, a.idle_seconds = 300, 5, 2, 2.0
-    sizes = [10000, 50000] if a.table else [a.services]
+    sizes = [10000, 50000, 100000] if a.table else [a.services]
     if a.table:
         a.repeat = max(a.repeat, 3)
 

@@ -1060,11 +1060,7 @@ fn apply_split<A: Applier>(
             // Err only when the committing side stopped: it reports why.
             drop(cut);
         });
-        for t in take {
-            a.apply(&t)?;
-            sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        }
-        Ok(())
+        a.apply_each(take, sent)
     })
 }
 

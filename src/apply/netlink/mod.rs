@@ -211,27 +211,51 @@ fn rule_set_keys(rule: &Rule) -> Vec<(&str, &[Field])> {
     out
 }
 
-impl Applier for NetlinkApplier {
-    fn apply(&mut self, tx: &Transaction) -> Result<(), ApplyError> {
-        if tx.is_empty() {
-            return Ok(());
-        }
-        self.resolve_referenced_sets(tx)?;
-        let started = Instant::now();
-        let mut low = Lowering::new(&self.table, self.sock.peek_seq(), &self.interval_sets, tx);
-        for (i, op) in tx.ops.iter().enumerate() {
-            low.op(i, op).map_err(|source| ApplyError::Lower {
-                what: describe(op, &self.table),
-                source,
-            })?;
-        }
-        let Lowering {
-            mut batch,
+/// A transaction lowered into one netlink batch, not sent yet.
+struct Lowered {
+    batch: nl::Batch,
+    elem_origin: HashMap<u32, Vec<Option<usize>>>,
+    build: std::time::Duration,
+}
+
+/// Lower `tx` into a batch whose messages are numbered from `first_seq`.
+fn lower(
+    table: &str,
+    first_seq: u32,
+    known: &HashMap<(Family, String), KnownSet>,
+    tx: &Transaction,
+) -> Result<Lowered, ApplyError> {
+    let started = Instant::now();
+    let mut low = Lowering::new(table, first_seq, known, tx);
+    for (i, op) in tx.ops.iter().enumerate() {
+        low.op(i, op).map_err(|source| ApplyError::Lower {
+            what: describe(op, table),
+            source,
+        })?;
+    }
+    let Lowering {
+        mut batch,
+        elem_origin,
+        ..
+    } = low;
+    batch.end();
+    Ok(Lowered {
+        batch,
+        elem_origin,
+        build: started.elapsed(),
+    })
+}
+
+impl NetlinkApplier {
+    /// Send a lowered batch (numbered from the socket's next sequence number) and learn from
+    /// what it created.
+    fn send(&mut self, tx: &Transaction, low: Lowered) -> Result<(), ApplyError> {
+        let Lowered {
+            batch,
             elem_origin,
-            ..
+            build,
         } = low;
-        batch.end();
-        let built = Instant::now();
+        let sent = Instant::now();
         self.sock.reserve_seqs(batch.seq_span());
         let errors = self
             .sock
@@ -241,8 +265,8 @@ impl Applier for NetlinkApplier {
             ops: tx.ops.len(),
             messages: batch.message_count(),
             bytes: batch.len(),
-            build: built - started,
-            kernel: built.elapsed(),
+            build,
+            kernel: sent.elapsed(),
         });
         tracing::debug!(stats = ?self.last_stats, errors = errors.len(), "netlink batch sent");
         if let Some(first) = errors.first() {
@@ -272,6 +296,68 @@ impl Applier for NetlinkApplier {
             }
         }
         Ok(())
+    }
+}
+
+impl Applier for NetlinkApplier {
+    fn apply(&mut self, tx: &Transaction) -> Result<(), ApplyError> {
+        if tx.is_empty() {
+            return Ok(());
+        }
+        self.resolve_referenced_sets(tx)?;
+        let low = lower(&self.table, self.sock.peek_seq(), &self.interval_sets, tx)?;
+        self.send(tx, low)
+    }
+
+    /// The first transaction as `apply`; the rest (element changes only, as `plan::split`
+    /// makes them) are lowered on a second thread while the kernel takes the one before: at
+    /// 5,000 Services x 250 building the batches is 1.1 s of a 3.9 s commit. Their messages
+    /// are numbered ahead in sending order, so the socket's sequence numbers stay in step.
+    fn apply_each(
+        &mut self,
+        txs: std::sync::mpsc::Receiver<Transaction>,
+        sent: &std::sync::atomic::AtomicUsize,
+    ) -> Result<(), ApplyError> {
+        let Ok(first) = txs.recv() else {
+            return Ok(());
+        };
+        self.apply(&first)?;
+        sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (table, known) = (self.table.clone(), self.interval_sets.clone());
+        let mut next_seq = self.sock.peek_seq();
+        let (give, take) =
+            std::sync::mpsc::sync_channel::<(Transaction, Result<Lowered, ApplyError>)>(1);
+        std::thread::scope(|scope| {
+            scope.spawn(move || {
+                for tx in txs {
+                    let low = if tx.skeleton_ops() > 0 {
+                        // Only the first may create or change the skeleton (its rules may
+                        // need sets looked up in the kernel): a bug upstream of this.
+                        Err(ApplyError::Invalid {
+                            what: "a split commit".into(),
+                            detail: "a piece after the first changes chains or sets".into(),
+                        })
+                    } else {
+                        lower(&table, next_seq, &known, &tx)
+                    };
+                    if let Ok(l) = &low {
+                        next_seq = next_seq.wrapping_add(l.batch.seq_span());
+                    }
+                    let failed = low.is_err();
+                    if give.send((tx, low)).is_err() || failed {
+                        return;
+                    }
+                }
+            });
+            // Dropping `take` on a failure stops the lowering thread at its next piece.
+            for (tx, low) in take {
+                if !tx.is_empty() {
+                    self.send(&tx, low?)?;
+                }
+                sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            Ok(())
+        })
     }
 
     fn generation(&mut self) -> Result<u32, ApplyError> {

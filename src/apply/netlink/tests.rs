@@ -2568,10 +2568,23 @@ fn a_split_cold_start_reaches_the_kernel_piece_by_piece() {
     in_netns(move || {
         let mut a = NetlinkApplier::new().unwrap();
         let before = a.generation().unwrap();
-        let sent = crate::nft::plan::split(&full, &|_, set, e| owners.group(set, e), 3, &mut |t| {
-            a.apply(&t)
-        })
-        .unwrap();
+        // As the sync loop commits them: cut on one thread, lowered ahead on another, sent in
+        // order (the messages are numbered before the batches before them went out).
+        let (give, take) = std::sync::mpsc::sync_channel(2);
+        let counted = std::sync::atomic::AtomicUsize::new(0);
+        let (full, owners) = (&full, &owners);
+        let cut = std::thread::scope(|s| {
+            // `move`: the sender goes away when the cutting ends, which ends the pieces.
+            let cutter = s.spawn(move || {
+                crate::nft::plan::split(full, &|_, set, e| owners.group(set, e), 3, &mut |t| {
+                    give.send(t)
+                })
+            });
+            a.apply_each(take, &counted).unwrap();
+            cutter.join().unwrap().unwrap()
+        });
+        let sent = counted.load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(sent, cut);
         assert!(sent > 3, "{sent} transactions");
         // One generation per transaction: each was its own commit.
         assert_eq!(a.generation().unwrap(), before.wrapping_add(sent as u32));
@@ -2589,5 +2602,56 @@ fn a_split_cold_start_reaches_the_kernel_piece_by_piece() {
                 "{k:?}"
             );
         }
+    });
+}
+
+#[test]
+#[ignore = "privileged (root, network namespaces): cargo test -- --ignored, or `just test-privileged`"]
+fn a_failing_piece_stops_the_pieces_after_it() {
+    require_root();
+    let (t, d) = backends_table();
+    in_netns(move || {
+        let mut a = NetlinkApplier::new().unwrap();
+        let adds = |r: std::ops::Range<u32>| Transaction {
+            ops: vec![Op::AddElements {
+                family: Family::Ip,
+                set: "cluster-backends".into(),
+                def: d.clone(),
+                elements: r.map(backend).collect(),
+            }],
+        };
+        // The table, two good pieces, one adding an element that exists (EEXIST), one more.
+        let pieces = [
+            create_tx(Family::Ip, &t),
+            adds(0..10),
+            adds(10..20),
+            adds(15..30),
+            adds(30..40),
+        ];
+        let (give, take) = std::sync::mpsc::sync_channel(1);
+        let counted = std::sync::atomic::AtomicUsize::new(0);
+        let result = std::thread::scope(|s| {
+            s.spawn(move || {
+                for p in pieces {
+                    if give.send(p).is_err() {
+                        return;
+                    }
+                }
+            });
+            a.apply_each(take, &counted)
+        });
+        assert!(
+            matches!(result, Err(ApplyError::Exists { .. })),
+            "{result:?}"
+        );
+        assert_eq!(counted.load(std::sync::atomic::Ordering::Relaxed), 3);
+        // What went in stays, the failed piece changed nothing, the last never went.
+        assert_eq!(
+            listed(&mut a, Family::Ip, "cluster-backends"),
+            (0..20).map(backend).collect::<BTreeSet<_>>()
+        );
+        // The socket's sequence numbers are still in step: the next commit works.
+        a.apply(&adds(20..40)).unwrap();
+        assert_eq!(listed(&mut a, Family::Ip, "cluster-backends").len(), 40);
     });
 }

@@ -309,57 +309,6 @@ impl Applier for NetlinkApplier {
         self.send(tx, low)
     }
 
-    /// The first transaction as `apply`; the rest (element changes only, as `plan::split`
-    /// makes them) are lowered on a second thread while the kernel takes the one before: at
-    /// 5,000 Services x 250 building the batches is 1.1 s of a 3.9 s commit. Their messages
-    /// are numbered ahead in sending order, so the socket's sequence numbers stay in step.
-    fn apply_each(
-        &mut self,
-        txs: std::sync::mpsc::Receiver<Transaction>,
-        sent: &std::sync::atomic::AtomicUsize,
-    ) -> Result<(), ApplyError> {
-        let Ok(first) = txs.recv() else {
-            return Ok(());
-        };
-        self.apply(&first)?;
-        sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let (table, known) = (self.table.clone(), self.interval_sets.clone());
-        let mut next_seq = self.sock.peek_seq();
-        let (give, take) =
-            std::sync::mpsc::sync_channel::<(Transaction, Result<Lowered, ApplyError>)>(1);
-        std::thread::scope(|scope| {
-            scope.spawn(move || {
-                for tx in txs {
-                    let low = if tx.skeleton_ops() > 0 {
-                        // Only the first may create or change the skeleton (its rules may
-                        // need sets looked up in the kernel): a bug upstream of this.
-                        Err(ApplyError::Invalid {
-                            what: "a split commit".into(),
-                            detail: "a piece after the first changes chains or sets".into(),
-                        })
-                    } else {
-                        lower(&table, next_seq, &known, &tx)
-                    };
-                    if let Ok(l) = &low {
-                        next_seq = next_seq.wrapping_add(l.batch.seq_span());
-                    }
-                    let failed = low.is_err();
-                    if give.send((tx, low)).is_err() || failed {
-                        return;
-                    }
-                }
-            });
-            // Dropping `take` on a failure stops the lowering thread at its next piece.
-            for (tx, low) in take {
-                if !tx.is_empty() {
-                    self.send(&tx, low?)?;
-                }
-                sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            }
-            Ok(())
-        })
-    }
-
     fn generation(&mut self) -> Result<u32, ApplyError> {
         self.sock
             .generation()

@@ -2568,8 +2568,7 @@ fn a_split_cold_start_reaches_the_kernel_piece_by_piece() {
     in_netns(move || {
         let mut a = NetlinkApplier::new().unwrap();
         let before = a.generation().unwrap();
-        // As the sync loop commits them: cut on one thread, lowered ahead on another, sent in
-        // order (the messages are numbered before the batches before them went out).
+        // As the sync loop commits them: cut on one thread while the pieces before are sent.
         let (give, take) = std::sync::mpsc::sync_channel(2);
         let counted = std::sync::atomic::AtomicUsize::new(0);
         let (full, owners) = (&full, &owners);

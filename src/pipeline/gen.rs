@@ -106,7 +106,7 @@ fn tri() -> impl Strategy<Value = Option<bool>> {
 
 #[derive(Debug, Clone)]
 pub struct PortSpec {
-    /// 80 + this.
+    /// The Service port: [`service_port`] of this.
     pub port: u8,
     pub proto: Proto,
     /// 30000 + this (NodePort and LoadBalancer only; absent = not allocated, as with
@@ -132,15 +132,27 @@ pub struct Ingress {
     pub mode: Option<&'static str>,
 }
 
-pub const EXTERNAL_IPS: [&str; 5] = [
+pub const EXTERNAL_IPS: [&str; 7] = [
     "198.51.100.1",
     "198.51.100.2",
     "2001:db8:e::1",
     "2001:db8:e::2",
     // A ClusterIP of another Service: an entry-point conflict across kinds.
     "172.30.0.1",
+    // The node's own addresses (NodeSpec v4/v6 = 0), as operators set externalIPs to node IPs:
+    // the entry point shadows NodePorts on that address.
+    "192.168.0.2",
+    "fd00:192::2",
 ];
-pub const LB_IPS: [&str; 4] = ["192.0.2.1", "192.0.2.2", "2001:db8:b::1", "2001:db8:b::2"];
+/// The last two are node addresses, as ServiceLB-style controllers report them.
+pub const LB_IPS: [&str; 6] = [
+    "192.0.2.1",
+    "192.0.2.2",
+    "2001:db8:b::1",
+    "2001:db8:b::2",
+    "192.168.0.2",
+    "fd00:192::2",
+];
 pub const SOURCE_RANGES: [&str; 6] = [
     "203.0.113.0/24",
     // Covers every node IP: LB IPs are then allowed as sources.
@@ -220,7 +232,7 @@ pub fn svc_spec() -> impl Strategy<Value = SvcSpec> {
         (svc_type(), families(), 0u8..8),
         (
             prop::collection::vec(
-                (0u8..4, proto(), prop::option::weighted(0.85, 0u8..6)).prop_map(
+                (0u8..5, proto(), prop::option::weighted(0.85, 0u8..6)).prop_map(
                     |(port, proto, node_port)| PortSpec {
                         port,
                         proto,
@@ -269,6 +281,14 @@ pub fn svc_spec() -> impl Strategy<Value = SvcSpec> {
         )
 }
 
+/// Service ports 80-83, and 30000: the number of a NodePort (another Service's, or its own).
+fn service_port(i: u8) -> u16 {
+    match i {
+        4 => 30000,
+        i => 80 + u16::from(i),
+    }
+}
+
 fn cluster_ip(v6: bool, i: u8) -> String {
     if v6 {
         format!("fd00:30::{}", i + 1)
@@ -296,7 +316,7 @@ pub fn service(i: u8, s: &SvcSpec) -> Service {
         if !seen.insert((p.port, p.proto.name())) && !s.unchecked {
             continue;
         }
-        let mut v = json!({"port": 80 + u16::from(p.port), "protocol": p.proto.name(),
+        let mut v = json!({"port": service_port(p.port), "protocol": p.proto.name(),
             "targetPort": 8080 + u16::from(p.port)});
         if !(s.unnamed && s.ports.len() == 1) {
             v["name"] = json!(format!("p{}", ports.len()));

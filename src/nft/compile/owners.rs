@@ -42,6 +42,9 @@ impl Owners {
     pub fn new<'a>(states: impl IntoIterator<Item = &'a ProxyState>) -> Owners {
         let mut o = Owners::default();
         let mut ids: FxHashMap<&'a ServiceName, u32> = FxHashMap::default();
+        // Elements of other kinds that reach this Service's entry points: linked once every
+        // entry point is known (`reach`).
+        let mut reach: Vec<(u64, u32)> = Vec::new();
         for state in states {
             for fs in state.families.values() {
                 for (key, ps) in &fs.ports {
@@ -52,9 +55,31 @@ impl Owners {
                     }
                     o.claim(hash(&[Value::Addr(ps.sp.cluster_ip)]), id);
                     for entry in entry_keys(&ps.sp) {
+                        if let [addr, proto, port] = entry.as_slice() {
+                            // The cluster-ips element (a ClusterIP alone) rejects every port
+                            // of its address that the services map does not take: it reaches
+                            // the external and LoadBalancer IP entry points of any other
+                            // Service on that address.
+                            reach.push((hash(std::slice::from_ref(addr)), id));
+                            // A NodePort (protocol . port) takes that port on every local
+                            // address that no external entry point takes first: it reaches an
+                            // external or LoadBalancer IP that is a node address (externalIPs
+                            // set to node IPs, ServiceLB-style LoadBalancer status).
+                            reach.push((hash(&[proto.clone(), port.clone()]), id));
+                        }
                         o.claim(hash(&entry), id);
                     }
                 }
+            }
+        }
+        // Such Services go into the same transactions, or one would be seen half programmed
+        // (rejecting, or taken by the other's NodePort) before its own elements arrive. A
+        // ClusterIP alone and a NodePort are the only two-or-fewer-part keys an entry point is
+        // claimed as, so only those link; a port that merely equals some NodePort's number on
+        // an address that is no node's merges two groups for nothing, which costs nothing.
+        for (k, id) in reach {
+            if o.entries.contains_key(&k) {
+                o.claim(k, id);
             }
         }
         for i in 0..o.parent.len() {

@@ -237,3 +237,74 @@ fn element_keys_are_compact() {
     }
     assert!(seen > 0, "no backend slots compiled");
 }
+
+/// Regression (found by the property test in CI): a Service whose externalIP is another
+/// Service's ClusterIP. The other Service's cluster-ips element rejects every port of that
+/// address the services map does not take, so it must go into the same transaction of a split
+/// commit as the first Service's entry points, or that Service is seen rejecting its external
+/// traffic before its own elements arrive. Likewise a NodePort and an external IP on the node's
+/// address with the NodePort's number (found once the generator had node addresses).
+#[test]
+fn services_reached_by_each_others_elements_share_a_group() {
+    let svc = |name: &str, ip: &str, proto: &str, external: &[&str]| -> Service {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"namespace": "ns0", "name": name},
+            "spec": {"type": "ClusterIP", "clusterIP": ip, "clusterIPs": [ip],
+                "ports": [{"name": "p0", "port": 80, "protocol": proto}],
+                "externalIPs": external},
+        }))
+        .expect("service")
+    };
+    let a = svc("a", "172.30.0.1", "TCP", &[]);
+    let b = svc("b", "172.30.0.2", "UDP", &["172.30.0.1"]);
+    let c = svc("c", "172.30.0.3", "UDP", &["198.51.100.1"]);
+    // A NodePort, and an external IP that is the node's address on the NodePort's number.
+    let mut d = svc("d", "172.30.0.4", "TCP", &[]);
+    if let Some(spec) = d.spec.as_mut() {
+        spec.type_ = Some("NodePort".into());
+        if let Some(p) = spec.ports.as_mut().and_then(|p| p.first_mut()) {
+            p.node_port = Some(30000);
+        }
+    }
+    let mut e = svc("e", "172.30.0.5", "TCP", &["192.168.0.2"]);
+    if let Some(p) = e
+        .spec
+        .as_mut()
+        .and_then(|s| s.ports.as_mut())
+        .and_then(|p| p.first_mut())
+    {
+        p.port = 30000;
+    }
+    let m = Model::from_objects([&a, &b, &c, &d, &e], [], &[], &node());
+    let owners = Owners::new([m.state()]);
+    let addr = |s: &str| Value::Addr(s.parse().expect("ip"));
+    let el = |key: Vec<Value>| Element { key, value: None };
+    let a_ip = owners.group(names::CLUSTER_IPS, &el(vec![addr("172.30.0.1")]));
+    let b_external = owners.group(
+        names::NO_ENDPOINT_REJECT,
+        &el(vec![
+            addr("172.30.0.1"),
+            Value::Proto(Proto::Udp),
+            Value::Port(80),
+        ]),
+    );
+    let c_ip = owners.group(names::CLUSTER_IPS, &el(vec![addr("172.30.0.3")]));
+    assert_eq!(a_ip, b_external);
+    // An external IP nobody has as ClusterIP links no one.
+    assert_ne!(a_ip, c_ip);
+    // The external entry point takes the NodePort's port on the node's address first.
+    let d_nodeport = owners.group(
+        names::NODEPORT,
+        &el(vec![Value::Proto(Proto::Tcp), Value::Port(30000)]),
+    );
+    let e_external = owners.group(
+        names::EXTERNAL,
+        &el(vec![
+            addr("192.168.0.2"),
+            Value::Proto(Proto::Tcp),
+            Value::Port(30000),
+        ]),
+    );
+    assert_eq!(d_nodeport, e_external);
+    assert_ne!(d_nodeport, a_ip);
+}

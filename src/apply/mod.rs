@@ -170,20 +170,6 @@ pub type Counted = (Element, Option<(u64, u64)>);
 pub trait Applier: Send {
     /// Commit every op of `tx` in one atomic batch, or none of them.
     fn apply(&mut self, tx: &Transaction) -> Result<(), ApplyError>;
-    /// Commit transactions one after another (the pieces of a split commit: only the first
-    /// may change chains or sets), each atomic, until `txs` ends or one fails; `sent` counts
-    /// those that went in.
-    fn apply_each(
-        &mut self,
-        txs: std::sync::mpsc::Receiver<Transaction>,
-        sent: &std::sync::atomic::AtomicUsize,
-    ) -> Result<(), ApplyError> {
-        for tx in txs {
-            self.apply(&tx)?;
-            sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        }
-        Ok(())
-    }
     /// The ruleset generation id (changes with every commit by anyone in this network namespace).
     fn generation(&mut self) -> Result<u32, ApplyError>;
     /// Whether our table of `family` exists.
@@ -217,17 +203,6 @@ impl<A: Applier> Applier for FaultInjecting<A> {
             return Err(ApplyError::Injected(format!("{} exists", p.display())));
         }
         self.inner.apply(tx)
-    }
-    /// Checked once, before the first piece (a split commit is one commit to the tests).
-    fn apply_each(
-        &mut self,
-        txs: std::sync::mpsc::Receiver<Transaction>,
-        sent: &std::sync::atomic::AtomicUsize,
-    ) -> Result<(), ApplyError> {
-        if let Some(p) = self.path.as_ref().filter(|p| p.exists()) {
-            return Err(ApplyError::Injected(format!("{} exists", p.display())));
-        }
-        self.inner.apply_each(txs, sent)
     }
     fn generation(&mut self) -> Result<u32, ApplyError> {
         self.inner.generation()

@@ -1055,7 +1055,7 @@ fn apply_split<A: Applier>(
     // The pieces are cut (grouped and copied) on a second thread while this one commits the
     // ones before: cutting costs about as much CPU as the kernel spends on them (~1 us per
     // element at 50,000 Services) and would otherwise add to the commit's length. Two pieces
-    // wait at most; a failed piece drops the receiver, which stops the cutting.
+    // wait at most.
     let (give, take) = std::sync::mpsc::sync_channel::<Transaction>(2);
     std::thread::scope(|scope| {
         scope.spawn(move || {
@@ -1066,7 +1066,12 @@ fn apply_split<A: Applier>(
             // Err only when the committing side stopped: it reports why.
             drop(cut);
         });
-        a.apply_each(take, sent)
+        // Leaving early (a failed piece) drops the receiver, which stops the cutting.
+        for t in take {
+            a.apply(&t)?;
+            sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        Ok(())
     })
 }
 

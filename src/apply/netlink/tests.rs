@@ -2579,7 +2579,10 @@ fn a_split_cold_start_reaches_the_kernel_piece_by_piece() {
                     give.send(t)
                 })
             });
-            a.apply_each(take, &counted).unwrap();
+            for t in take {
+                a.apply(&t).unwrap();
+                counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
             cutter.join().unwrap().unwrap()
         });
         let sent = counted.load(std::sync::atomic::Ordering::Relaxed);
@@ -2627,23 +2630,18 @@ fn a_failing_piece_stops_the_pieces_after_it() {
             adds(15..30),
             adds(30..40),
         ];
-        let (give, take) = std::sync::mpsc::sync_channel(1);
-        let counted = std::sync::atomic::AtomicUsize::new(0);
-        let result = std::thread::scope(|s| {
-            s.spawn(move || {
-                for p in pieces {
-                    if give.send(p).is_err() {
-                        return;
-                    }
-                }
-            });
-            a.apply_each(take, &counted)
+        // As the sync loop commits them: in order, stopping at the first failure.
+        let mut counted = 0;
+        let result = pieces.iter().try_for_each(|p| {
+            a.apply(p)?;
+            counted += 1;
+            Ok::<_, ApplyError>(())
         });
         assert!(
             matches!(result, Err(ApplyError::Exists { .. })),
             "{result:?}"
         );
-        assert_eq!(counted.load(std::sync::atomic::Ordering::Relaxed), 3);
+        assert_eq!(counted, 3);
         // What went in stays, the failed piece changed nothing, the last never went.
         assert_eq!(
             listed(&mut a, Family::Ip, "cluster-backends"),

@@ -23,6 +23,7 @@ fn write_config_to_writes_a_kube_proxy_configuration_that_reads_back() {
             "--feature-gates=SomeGate=true",
             "--kube-api-qps=50",
             "--kube-api-burst=100",
+            "--kube-api-content-type=application/json",
             "--logging-format=json",
             "--conntrack-max-per-core=0",
             "--conntrack-tcp-timeout-close-wait=0s",
@@ -43,6 +44,10 @@ fn write_config_to_writes_a_kube_proxy_configuration_that_reads_back() {
     assert_eq!(f.log_json, Some(true));
     assert_eq!(f.verbosity, Some(2));
     assert_eq!((f.kube_api_qps, f.kube_api_burst), (Some(50.0), Some(100)));
+    assert_eq!(
+        f.kube_api_content_type,
+        Some(nftproxy::k8s::watch::Encoding::Json)
+    );
     assert_eq!(f.conntrack.max_per_core, Some(0));
     assert_eq!(f.conntrack.tcp_close_wait, Some(std::time::Duration::ZERO));
     assert_eq!(
@@ -63,6 +68,7 @@ fn nonsense_is_refused_before_anything_runs() {
         "--detect-local-mode=BridgeInterface",
         "--nodeport-addresses=nonsense",
         "--nodeport-addresses=127.0.0.0/8",
+        "--kube-api-content-type=application/yaml",
     ] {
         let out = nftproxy()
             .args(["--write-config-to=/dev/null", bad])

@@ -8,6 +8,7 @@ pub use super::kpconfig::parse_duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use ipnet::IpNet;
 
+use crate::k8s::watch::Encoding;
 use crate::pipeline::config::{DetectLocal, NodePortAddressError, NodePortAddresses, ProxyConfig};
 
 #[derive(Debug, Parser)]
@@ -283,9 +284,22 @@ pub struct RunArgs {
     /// Requests the client may send at once before --kube-api-qps applies (0: the default).
     #[arg(long, default_value_t = 10)]
     pub kube_api_burst: u32,
-    /// Accepted, not used: nftproxy reads JSON.
-    #[arg(long)]
-    pub kube_api_content_type: Option<String>,
+    /// How Services and EndpointSlices are read: `application/vnd.kubernetes.protobuf` (the
+    /// default, as kube-proxy's: half the API server's work of JSON) or `application/json`.
+    /// Other kinds are always JSON; a server that does not answer in protobuf is read as JSON.
+    #[arg(long, value_parser = parse_content_type)]
+    pub kube_api_content_type: Option<Encoding>,
+}
+
+/// kube-proxy's `--kube-api-content-type` / `clientConnection.contentType` values.
+pub fn parse_content_type(s: &str) -> Result<Encoding, String> {
+    match s.split(';').next().map(str::trim) {
+        Some("application/vnd.kubernetes.protobuf") => Ok(Encoding::Protobuf),
+        Some("application/json") => Ok(Encoding::Json),
+        _ => Err(format!(
+            "{s:?}: application/vnd.kubernetes.protobuf or application/json"
+        )),
+    }
 }
 
 /// A duration as Go prints `metav1.Duration` values in simple cases (`30s`, `50ms`, `1m0s`).
@@ -332,11 +346,6 @@ impl RunArgs {
             self.feature_gates.is_some(),
             "--feature-gates",
             "nftproxy has no feature gates",
-        );
-        note(
-            self.kube_api_content_type.is_some(),
-            "--kube-api-content-type",
-            "nftproxy reads JSON",
         );
         out
     }
@@ -394,6 +403,7 @@ impl RunArgs {
                     "kubeconfig": self.kubeconfig.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
                     "qps": self.rate_limit().qps,
                     "burst": self.rate_limit().burst,
+                    "contentType": self.kube_api_content_type.unwrap_or(Encoding::Protobuf).content_type(),
                 },
                 "nftables": {
                     "masqueradeAll": cfg.masquerade_all,
@@ -454,6 +464,9 @@ impl RunArgs {
         }
         if let (Some(b), true) = (f.kube_api_burst, unset("kube_api_burst")) {
             self.kube_api_burst = b;
+        }
+        if let (Some(c), true) = (f.kube_api_content_type, unset("kube_api_content_type")) {
+            self.kube_api_content_type = Some(c);
         }
         if let (Some(b), true) = (&f.bridge_interface, unset("pod_bridge_interface")) {
             self.proxy.pod_bridge_interface = b.clone();

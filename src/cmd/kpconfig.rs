@@ -146,6 +146,8 @@ pub struct FromFile {
     /// `clientConnection.qps` / `burst` when set (0: the default).
     pub kube_api_qps: Option<f64>,
     pub kube_api_burst: Option<u32>,
+    /// `clientConnection.contentType` when set.
+    pub kube_api_content_type: Option<crate::k8s::watch::Encoding>,
     /// `detectLocal.bridgeInterface` / `detectLocal.interfaceNamePrefix`.
     pub bridge_interface: Option<String>,
     pub interface_name_prefix: Option<String>,
@@ -324,9 +326,11 @@ impl KubeProxyConfiguration {
                     )
                 })?);
             }
-            if cc.content_type.as_deref().is_some_and(|c| !c.is_empty()) {
-                out.ignored
-                    .push("clientConnection.contentType: nftproxy reads JSON".into());
+            if let Some(c) = cc.content_type.as_deref().filter(|c| !c.is_empty()) {
+                out.kube_api_content_type = Some(
+                    crate::cmd::args::parse_content_type(c)
+                        .map_err(|e| field("clientConnection.contentType", e))?,
+                );
             }
         }
         out.hostname_override = self.hostname_override.clone().filter(|h| !h.is_empty());

@@ -4,4 +4,6 @@ pub mod client;
 pub mod events;
 pub mod inbox;
 pub mod objects;
+pub mod pbwatch;
+pub mod protobuf;
 pub mod watch;

@@ -7,6 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::stream::BoxStream;
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -18,6 +19,7 @@ use kube::{Api, Client, Resource, ResourceExt};
 use tokio::sync::mpsc;
 
 use crate::k8s::inbox::{Inbox, Keyed, Pending, SharedInbox};
+use crate::k8s::pbwatch;
 use crate::lock::lock;
 use crate::model::{ReadService, ReadSlice};
 
@@ -194,7 +196,7 @@ where
     K: Watched,
 {
     let (reader, writer) = reflector::store::<K>();
-    let stream = reflector::reflector(writer, watch_stream(name, api, cfg, listing));
+    let stream = reflector::reflector(writer, watch_stream(name, api, cfg, listing, None));
     drive(name, stream, changes, |_| {});
     reader
 }
@@ -224,13 +226,14 @@ fn watch_into<K, T>(
     slot: fn(&mut Inbox) -> &mut Pending<T>,
     read: impl Fn(&K) -> T + Send + 'static,
     listed: tokio::sync::watch::Sender<bool>,
+    protobuf: Option<Protobuf<K>>,
 ) where
     K: Watched,
     T: Keyed + 'static,
 {
     drive(
         name,
-        watch_stream(name, api, cfg, listing),
+        watch_stream(name, api, cfg, listing, protobuf),
         changes,
         move |ev| {
             let done = matches!(ev, watcher::Event::InitDone);
@@ -265,6 +268,44 @@ impl Listing {
     }
 }
 
+/// How the API server's answers are read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encoding {
+    /// `application/vnd.kubernetes.protobuf` (kube-proxy's default): Services and
+    /// EndpointSlices only ([`super::pbwatch`]); every other kind is read as JSON.
+    Protobuf,
+    Json,
+}
+
+impl Encoding {
+    /// As kube-proxy's `clientConnection.contentType` names it.
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Encoding::Protobuf => crate::k8s::protobuf::CONTENT_TYPE,
+            Encoding::Json => "application/json",
+        }
+    }
+}
+
+/// The protobuf watch of a kind ([`pbwatch::stream`]), for the kinds that have one.
+pub type Protobuf<K> = fn(
+    Client,
+    &watcher::Config,
+    Listing,
+) -> BoxStream<'static, Result<watcher::Event<K>, watcher::Error>>;
+
+/// Whether a protobuf list or watch found the API server answering in another encoding (or
+/// refusing protobuf): that kind is read as JSON from then on.
+fn refuses_protobuf<K>(ev: &Result<watcher::Event<K>, watcher::Error>) -> Option<String> {
+    match ev {
+        Err(
+            watcher::Error::WatchStartFailed(kube::Error::Api(s))
+            | watcher::Error::InitialListFailed(kube::Error::Api(s)),
+        ) if s.code == pbwatch::NOT_PROTOBUF => Some(s.message.clone()),
+        _ => None,
+    }
+}
+
 /// Whether a streaming list attempt says the API server will not stream: it rejected the
 /// request as invalid (kube-apiserver before 1.27, or with the WatchList feature gate off,
 /// answers 422 Invalid: `sendInitialEvents is forbidden for watch unless the WatchList feature
@@ -288,13 +329,16 @@ fn refuses_streaming<K>(
     }
 }
 
-/// The initial lists of `make`'s watcher read as `first` says; when streamed, falling back to
-/// paging for good when the API server refuses to stream (see [`refuses_streaming`]). The
-/// refusal itself is not passed on: paging starts at once, without the error backoff.
+/// The initial lists of `make`'s watcher read as `first` says, its answers in `encoding`;
+/// falling back to JSON for good when the API server does not answer in protobuf (see
+/// [`refuses_protobuf`]), and from streamed to paged lists for good when it refuses to stream
+/// (see [`refuses_streaming`]). A refusal itself is not passed on: the fallback starts at
+/// once, without the error backoff.
 pub fn streaming_or_paging<K, S>(
     name: &'static str,
     first: Listing,
-    make: impl Fn(Listing) -> S + Send + 'static,
+    encoding: Encoding,
+    make: impl Fn(Listing, Encoding) -> S + Send + 'static,
 ) -> impl Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static
 where
     K: Send + 'static,
@@ -303,13 +347,15 @@ where
     struct State<S, F> {
         inner: std::pin::Pin<Box<S>>,
         listing: Listing,
+        encoding: Encoding,
         mid_list: bool,
         objects: usize,
         make: F,
     }
     let start = State {
-        inner: Box::pin(make(first)),
+        inner: Box::pin(make(first, encoding)),
         listing: first,
+        encoding,
         mid_list: false,
         objects: 0,
         make,
@@ -317,11 +363,20 @@ where
     futures::stream::unfold(start, move |mut st| async move {
         loop {
             let ev = st.inner.next().await?;
+            if st.encoding == Encoding::Protobuf {
+                if let Some(why) = refuses_protobuf(&ev) {
+                    tracing::info!(resource = name, reason = %why, "the API server does not answer in protobuf; reading JSON from now on");
+                    st.encoding = Encoding::Json;
+                    st.inner = Box::pin((st.make)(st.listing, st.encoding));
+                    st.mid_list = false;
+                    continue;
+                }
+            }
             if st.listing == Listing::Streaming {
                 if let Some(why) = refuses_streaming(&ev, st.mid_list) {
                     tracing::info!(resource = name, reason = %why, "the API server does not stream initial lists; paging them from now on");
-                    st.inner = Box::pin((st.make)(Listing::Paging));
                     st.listing = Listing::Paging;
+                    st.inner = Box::pin((st.make)(st.listing, st.encoding));
                     st.mid_list = false;
                     continue;
                 }
@@ -334,7 +389,7 @@ where
                 Ok(watcher::Event::InitApply(_)) => st.objects += 1,
                 Ok(watcher::Event::InitDone) => {
                     st.mid_list = false;
-                    tracing::info!(resource = name, listing = ?st.listing, objects = st.objects, "list received");
+                    tracing::info!(resource = name, listing = ?st.listing, encoding = ?st.encoding, objects = st.objects, "list received");
                 }
                 _ => {}
             }
@@ -344,12 +399,14 @@ where
 }
 
 /// The watch of one kind: list (streamed where served, unless `listing` says paging) + watch
-/// with relists, backoff, and slimmed objects. `cfg` is the paging configuration.
+/// with relists, backoff, and slimmed objects. `cfg` is the paging configuration; `protobuf`,
+/// when given, reads the kind as protobuf (falling back to JSON).
 fn watch_stream<K>(
     name: &'static str,
     api: Api<K>,
     cfg: watcher::Config,
     listing: Listing,
+    protobuf: Option<Protobuf<K>>,
 ) -> impl Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static
 where
     K: Watched,
@@ -358,8 +415,15 @@ where
     // now", as client-go does: the first one in a row skips the backoff, which after an outage
     // has grown to seconds. A second 410 without progress in between is backed off as usual.
     let mut gone_before = false;
-    streaming_or_paging(name, listing, move |listing| {
-        watcher(api.clone(), listing.config(cfg.clone()))
+    let encoding = match protobuf {
+        Some(_) => Encoding::Protobuf,
+        None => Encoding::Json,
+    };
+    streaming_or_paging(name, listing, encoding, move |listing, encoding| {
+        match (encoding, protobuf) {
+            (Encoding::Protobuf, Some(pb)) => pb(api.clone().into_client(), &cfg, listing),
+            _ => watcher(api.clone(), listing.config(cfg.clone())).boxed(),
+        }
     })
     .filter(move |ev| {
         let gone = matches!(ev, Err(watcher::Error::WatchError(s)) if s.code == 410);
@@ -396,9 +460,11 @@ pub async fn start(
     client: Client,
     node_name: &str,
     listing: Listing,
+    encoding: Encoding,
     changes: mpsc::Sender<()>,
 ) -> Stores {
     let ready_nudge = changes.clone();
+    let protobuf = encoding == Encoding::Protobuf;
     let page = 500;
     let inbox: SharedInbox = Arc::default();
     let (svc_listed_tx, mut svc_listed) = tokio::sync::watch::channel(false);
@@ -416,6 +482,7 @@ pub async fn start(
         |i| &mut i.services,
         ReadService::read,
         svc_listed_tx,
+        protobuf.then_some(pbwatch::stream::<Service> as Protobuf<Service>),
     );
     watch_into(
         "endpointslices",
@@ -433,6 +500,7 @@ pub async fn start(
             move |s: &EndpointSlice| ReadSlice::read(s, &node)
         },
         slice_listed_tx,
+        protobuf.then_some(pbwatch::stream::<EndpointSlice> as Protobuf<EndpointSlice>),
     );
     // The Node and ServiceCIDRs are small: kept in stores and compared whole on every sync.
     let node = reflect(
@@ -516,15 +584,23 @@ mod tests {
     /// Runs `streaming_or_paging` over scripted watchers: what came out (errors as their
     /// code) and which listings were asked for.
     fn run(streaming: Vec<Ev>, paging: Vec<Ev>) -> (Vec<String>, Vec<Listing>) {
+        let (shown, asked) = run_as(Encoding::Json, move |l, _| match l {
+            Listing::Streaming => streaming.iter().map(clone_ev).collect(),
+            Listing::Paging => paging.iter().map(clone_ev).collect(),
+        });
+        (shown, asked.into_iter().map(|(l, _)| l).collect())
+    }
+
+    /// The same, starting in `encoding`, each watcher's events scripted by `script`.
+    fn run_as(
+        encoding: Encoding,
+        script: impl Fn(Listing, Encoding) -> Vec<Ev> + Send + 'static,
+    ) -> (Vec<String>, Vec<(Listing, Encoding)>) {
         let asked = Arc::new(std::sync::Mutex::new(Vec::new()));
         let a = asked.clone();
-        let out = streaming_or_paging("test", Listing::Streaming, move |l| {
-            lock(&a).push(l);
-            let evs: Vec<Ev> = match l {
-                Listing::Streaming => streaming.iter().map(clone_ev).collect(),
-                Listing::Paging => paging.iter().map(clone_ev).collect(),
-            };
-            futures::stream::iter(evs)
+        let out = streaming_or_paging("test", Listing::Streaming, encoding, move |l, e| {
+            lock(&a).push((l, e));
+            futures::stream::iter(script(l, e))
         });
         let got = futures::executor::block_on(out.collect::<Vec<_>>());
         let shown = got
@@ -595,10 +671,37 @@ mod tests {
     }
 
     #[test]
+    fn a_server_not_answering_in_protobuf_is_read_as_json_with_the_same_listing() {
+        use Encoding::{Json, Protobuf};
+        // Protobuf refused (406); then JSON streaming refused (422): JSON pages.
+        let (got, asked) = run_as(Protobuf, |l, e| match (l, e) {
+            (_, Protobuf) => vec![api_error(pbwatch::NOT_PROTOBUF, "NotAcceptable")],
+            (Listing::Streaming, Json) => vec![api_error(422, "Invalid")],
+            (Listing::Paging, Json) => list(&["a"]),
+        });
+        assert_eq!(got, ["Init", "InitApply a", "InitDone"]);
+        assert_eq!(
+            asked,
+            [
+                (Listing::Streaming, Protobuf),
+                (Listing::Streaming, Json),
+                (Listing::Paging, Json)
+            ]
+        );
+        // Served: protobuf all along.
+        let (got, asked) = run_as(Protobuf, |l, e| match (l, e) {
+            (Listing::Streaming, Protobuf) => list(&["a"]),
+            _ => list(&["never"]),
+        });
+        assert_eq!(got, ["Init", "InitApply a", "InitDone"]);
+        assert_eq!(asked, [(Listing::Streaming, Protobuf)]);
+    }
+
+    #[test]
     fn paging_asked_for_is_all_there_is() {
         let asked = Arc::new(std::sync::Mutex::new(Vec::new()));
         let a = asked.clone();
-        let out = streaming_or_paging("test", Listing::Paging, move |l| {
+        let out = streaming_or_paging("test", Listing::Paging, Encoding::Json, move |l, _| {
             lock(&a).push(l);
             futures::stream::iter(vec![api_error(422, "Invalid")])
         });

@@ -218,7 +218,17 @@ async fn run_until_stopped(args: RunArgs) -> Result<(), AgentError> {
         crate::cmd::args::InitialLists::Auto => watch::Listing::Streaming,
         crate::cmd::args::InitialLists::Paging => watch::Listing::Paging,
     };
-    let stores = watch::start(client, &cfg.node_name, listing, changes_tx.clone()).await;
+    let encoding = args
+        .kube_api_content_type
+        .unwrap_or(watch::Encoding::Protobuf);
+    let stores = watch::start(
+        client,
+        &cfg.node_name,
+        listing,
+        encoding,
+        changes_tx.clone(),
+    )
+    .await;
     let engine = Arc::new(Mutex::new(Engine::default()));
     tokio::spawn(desired::absorb_first_lists(
         stores.clone(),

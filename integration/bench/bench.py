@@ -572,6 +572,8 @@ class AgentLog:
         self.synced: list[dict] = []
         self.starting_ts: float | None = None
         self.lists_ts: float | None = None
+        # resource -> how its initial list was read ("Protobuf" or "Json")
+        self.encodings: dict[str, str] = {}
         self.errors: list[str] = []
 
     def poll(self) -> list[dict]:
@@ -594,6 +596,10 @@ class AgentLog:
                 self.starting_ts = ts
             if " initial Service and EndpointSlice lists received" in line and self.lists_ts is None:
                 self.lists_ts = ts
+            if " list received " in line:
+                kv = {k: v.strip('"') for k, v in KV.findall(line)}
+                if "resource" in kv and "encoding" in kv:
+                    self.encodings[kv["resource"]] = kv["encoding"]
             if " ERROR " in line or " WARN " in line:
                 self.errors.append(line.strip())
             b = BATCH.search(line)

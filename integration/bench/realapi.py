@@ -535,10 +535,17 @@ class RealRun:
             if recs[0].get("ts"):
                 fig["compute_commit_s"] = recs[0]["ts"] - lg.lists_ts
         fig["first_apply_ms"] = recs[0].get("apply_ms")
+        # A real API server serves Services and EndpointSlices as protobuf: the agent reading
+        # them as JSON without being asked to means its protobuf path failed and fell back.
+        fig["encoding"] = {k: lg.encodings.get(k) for k in ("services", "endpointslices")}
+        if "application/json" not in " ".join(node.extra_args) and \
+                set(fig["encoding"].values()) != {"Protobuf"}:
+            raise Functional(f"nftproxy read its lists as {fig['encoding']}, not protobuf")
         self.settle(node.agent, lg, fig)
         line.stop()
         fig["rss_profile"] = bench.rss_profile(line, lg)
-        say(f"  nftproxy: cold start {fig['cold_s']:.3f}s (lists {fig.get('lists_s', 0):.3f}s, "
+        say(f"  nftproxy: cold start {fig['cold_s']:.3f}s (lists {fig.get('lists_s', 0):.3f}s "
+            f"as {'/'.join(sorted(set(str(v) for v in fig['encoding'].values())))}, "
             f"then compute+commit {fig.get('compute_commit_s', 0):.3f}s, commit "
             f"{fig.get('first_apply_ms')} ms); RSS {fig['rss_mib']:.1f} MiB, peak "
             f"{fig['hwm_mib']:.1f} MiB ({fig['peak_ratio']:.2f}x); RSS profile (MiB) "

@@ -171,9 +171,14 @@ impl Slim for Node {
             st.addresses = addresses;
         }
         if let Some(s) = self.spec.as_mut() {
-            let taints = s.taints.take();
-            *s = Default::default();
-            s.taints = taints;
+            // Taints (the autoscaler's), and the pod CIDRs: detect-local NodeCIDR (the shipped
+            // configuration) and Auto without --cluster-cidr take this node's pods from them.
+            *s = k8s_openapi::api::core::v1::NodeSpec {
+                taints: s.taints.take(),
+                pod_cidr: s.pod_cidr.take(),
+                pod_cidrs: s.pod_cidrs.take(),
+                ..Default::default()
+            };
         }
     }
 }
@@ -753,7 +758,19 @@ mod tests {
 
     #[test]
     fn slimming_changes_nothing_nftproxy_reads() {
-        let objs = crate::testutil::cluster_objects();
+        let mut objs = crate::testutil::cluster_objects();
+        // Every field NodeInfo reads is set: the pod CIDRs (both forms), the autoscaler's
+        // taint (besides the fixture's addresses and zone label).
+        for n in objs.nodes.iter_mut() {
+            let spec = n.spec.get_or_insert_with(Default::default);
+            spec.pod_cidr = Some("10.244.1.0/24".into());
+            spec.pod_cidrs = Some(vec!["10.244.1.0/24".into(), "fd00:10:244:1::/64".into()]);
+            spec.taints = Some(vec![k8s_openapi::api::core::v1::Taint {
+                key: crate::model::AUTOSCALER_TAINT.into(),
+                effect: "NoSchedule".into(),
+                ..Default::default()
+            }]);
+        }
         let mut slim = objs.clone();
         for s in slim.services.iter_mut() {
             s.slim();
@@ -787,6 +804,9 @@ mod tests {
                 node,
             )
         };
-        assert_eq!(state(&objs), state(&slim));
+        let (whole, slimmed) = (state(&objs), state(&slim));
+        assert_eq!(whole.1.pod_cidrs.len(), 2, "{:?}", whole.1);
+        assert!(whole.1.ineligible);
+        assert_eq!(whole, slimmed);
     }
 }

@@ -4,7 +4,8 @@
 //! inbox) is shared with the JSON path.
 //!
 //! - No resource version: a streaming list (one watch with `sendInitialEvents=true`, its
-//!   initial objects ended by a bookmark annotated `k8s.io/initial-events-end`), or pages of
+//!   initial objects ended by a bookmark annotated `k8s.io/initial-events-end`; no
+//!   `resourceVersion`, i.e. a consistent read, as client-go's reflector asks), or pages of
 //!   500 (`resourceVersion=0`: from the watch cache, as kube-runtime's `any_semantic`); then
 //!   `Init`, `InitApply`..., `InitDone`.
 //! - Then watches from the last resource version (bookmarks on), reopened when the server ends
@@ -42,6 +43,9 @@ const IDLE: Duration = Duration::from_secs(WATCH_TIMEOUT_S as u64 + 5);
 const INITIAL_EVENTS_END: &str = "k8s.io/initial-events-end";
 /// A list or watch answered in another encoding than protobuf (see the module comment).
 pub const NOT_PROTOBUF: u16 = 406;
+/// No Service or EndpointSlice comes near this (the API server's own limit on an object is
+/// 1.5 MiB in etcd): a longer frame is a broken stream, not an allocation to make.
+const MAX_FRAME: usize = 64 << 20;
 
 type Chunks = Pin<Box<dyn Stream<Item = Result<Bytes, kube::Error>> + Send>>;
 
@@ -54,6 +58,9 @@ struct Watch<K> {
     rv: Option<String>,
     /// The open watch: its body and what has arrived of the next frame.
     body: Option<(Chunks, BytesMut)>,
+    /// Frames the open watch has delivered (with bookmarks on, every watch that lasts has
+    /// some: one that ends without any is reported, so that the backoff applies).
+    frames: usize,
     /// The open watch is a streaming list still sending its initial objects.
     initial: bool,
     /// Paging through a list: the next page's token.
@@ -78,6 +85,7 @@ where
         listing,
         rv: None,
         body: None,
+        frames: 0,
         initial: false,
         next_page: None,
         queue: VecDeque::new(),
@@ -87,6 +95,12 @@ where
         Some((ev, w))
     })
     .boxed()
+}
+
+/// An object's resource version; an empty one is none (a watch from "" starts at "now").
+fn version(meta: Option<&pb_meta::ObjectMeta>) -> Option<String> {
+    meta.and_then(|m| m.resource_version.clone())
+        .filter(|v| !v.is_empty())
 }
 
 fn pb_error(e: PbError) -> kube::Error {
@@ -119,6 +133,14 @@ impl<K: PbKind + Send + 'static> Watch<K> {
             }
             if self.body.is_some() {
                 match self.frame().await {
+                    None if self.frames == 0 => {
+                        self.close();
+                        return Err(watcher::Error::WatchFailed(api_error(
+                            500,
+                            "EmptyWatch",
+                            "the watch ended before it sent anything".into(),
+                        )));
+                    }
                     None => {
                         // The server ended the watch (or it went silent): watch again from
                         // where it was; a streaming list cut short is listed again.
@@ -235,6 +257,7 @@ impl<K: PbKind + Send + 'static> Watch<K> {
         let res = self.get(&q).await?;
         let chunks: Chunks = Box::pin(res.into_body().into_data_stream());
         self.body = Some((chunks, BytesMut::new()));
+        self.frames = 0;
         Ok(())
     }
 
@@ -244,7 +267,15 @@ impl<K: PbKind + Send + 'static> Watch<K> {
         loop {
             if buf.len() >= 4 {
                 let n = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+                if n > MAX_FRAME {
+                    return Some(Err(api_error(
+                        500,
+                        "BadFrame",
+                        format!("a watch frame of {n} bytes"),
+                    )));
+                }
                 if buf.len() >= 4 + n {
+                    self.frames += 1;
                     buf.advance(4);
                     return Some(Ok(buf.split_to(n).freeze()));
                 }
@@ -279,7 +310,7 @@ impl<K: PbKind + Send + 'static> Watch<K> {
             "BOOKMARK" => {
                 let obj: K::Pb = protobuf::decode(&raw, K::KIND).map_err(bad)?;
                 let meta = K::meta(&obj);
-                let rv = meta.and_then(|m| m.resource_version.clone());
+                let rv = version(meta);
                 if self.initial {
                     let end = meta
                         .and_then(|m| m.annotations.get(INITIAL_EVENTS_END))
@@ -287,8 +318,13 @@ impl<K: PbKind + Send + 'static> Watch<K> {
                     if !end {
                         return Ok(None);
                     }
+                    let Some(rv) = rv else {
+                        // Nowhere to watch from: list again (as kube-runtime does).
+                        self.close();
+                        return Err(watcher::Error::NoResourceVersion);
+                    };
                     self.initial = false;
-                    self.rv = Some(rv.ok_or(watcher::Error::NoResourceVersion)?);
+                    self.rv = Some(rv);
                     return Ok(Some(Event::InitDone));
                 }
                 if let Some(rv) = rv {
@@ -296,13 +332,27 @@ impl<K: PbKind + Send + 'static> Watch<K> {
                 }
                 Ok(None)
             }
+            "DELETED" if self.initial => {
+                // A streaming list's initial events only add (kube-runtime drops these too).
+                tracing::warn!(
+                    kind = K::KIND,
+                    "a deletion among a streamed list's initial objects; ignored"
+                );
+                Ok(None)
+            }
             "ADDED" | "MODIFIED" | "DELETED" => {
                 let obj: K::Pb = protobuf::decode(&raw, K::KIND).map_err(bad)?;
                 // The initial objects of a streaming list come in no order of resource
                 // version: only the bookmark that ends them says where the watch is.
                 if !self.initial {
-                    if let Some(rv) = K::meta(&obj).and_then(|m| m.resource_version.clone()) {
-                        self.rv = Some(rv);
+                    match version(K::meta(&obj)) {
+                        Some(rv) => self.rv = Some(rv),
+                        None => {
+                            // Watching on from an unknown point could miss changes: list again.
+                            self.close();
+                            self.rv = None;
+                            return Err(watcher::Error::NoResourceVersion);
+                        }
                     }
                 }
                 let k = K::from_pb(obj);
@@ -626,7 +676,8 @@ mod tests {
                 "InitApply c",
                 "InitDone",
                 "Apply d",
-                "start failed 500 no more replies"
+                // The next watch ended at once, without a frame: reported (backoff).
+                "watch failed"
             ]
         );
         assert!(
@@ -689,6 +740,49 @@ mod tests {
         let (got, asked) = run(Listing::Streaming, replies, 4).await;
         assert_eq!(got, ["Init", "watch failed", "InitApply a", "InitDone"]);
         assert_eq!(asked.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_list_end_without_a_version_or_an_oversized_frame_starts_over() {
+        let mut huge = (u32::try_from(MAX_FRAME).unwrap() + 1)
+            .to_be_bytes()
+            .to_vec();
+        huge.extend([0u8; 16]);
+        let replies = vec![
+            watch(&[
+                obj("ADDED", svc("a", "1")),
+                // Not the list's to take away: ignored.
+                obj("DELETED", svc("a", "1")),
+                obj("BOOKMARK", bookmark("", true)),
+            ]),
+            watch(&[obj("ADDED", svc("b", "1")), huge]),
+            watch(&[
+                obj("ADDED", svc("c", "1")),
+                obj("BOOKMARK", bookmark("7", true)),
+            ]),
+        ];
+        let (got, asked) = run(Listing::Streaming, replies, 10).await;
+        assert_eq!(
+            got,
+            [
+                "Init",
+                "InitApply a",
+                "error no metadata.resourceVersion in watch result (does resource support watch?)",
+                "Init",
+                "InitApply b",
+                "watch failed",
+                "Init",
+                "InitApply c",
+                "InitDone",
+                // The next watch (from 7) gets no reply script: 500.
+                "start failed 500 no more replies"
+            ]
+        );
+        assert!(asked
+            .iter()
+            .take(3)
+            .all(|a| a.contains("sendInitialEvents=true")));
+        assert!(asked[3].contains("resourceVersion=7"), "{}", asked[3]);
     }
 
     #[tokio::test]

@@ -201,12 +201,12 @@ fn service_port(p: pb_core::ServicePort) -> core::ServicePort {
     }
 }
 
-/// `IntOrString` is a non-pointer field: type 0 with 0, or type 1 with "", is what JSON omits.
+/// `IntOrString` is a struct: JSON writes it even when zero, as protobuf does.
 fn int_or_string(v: k8s_pb::apimachinery::pkg::util::intstr::IntOrString) -> Option<IntOrString> {
-    match v.r#type {
-        Some(1) => text(v.str_val).map(IntOrString::String),
-        _ => number(v.int_val).map(IntOrString::Int),
-    }
+    Some(match v.r#type {
+        Some(1) => IntOrString::String(v.str_val.unwrap_or_default()),
+        _ => IntOrString::Int(v.int_val.unwrap_or(0)),
+    })
 }
 
 fn ingress(i: pb_core::LoadBalancerIngress) -> core::LoadBalancerIngress {

@@ -214,6 +214,23 @@ def test_kubectl_exec_nft_and_conntrack(rn, work):
     assert out.strip().isdigit(), out
 
 
+def test_node_pod_cidr_is_the_local_traffic_and_lists_are_protobuf(rn, work):
+    """detectLocalMode NodeCIDR (the shipped ConfigMap) takes the pods from the Node's
+    spec.podCIDRs, as the agent reads the Node from the API; and against a real API server the
+    Service and EndpointSlice lists are read as protobuf."""
+    node = rn.kubectl_json("get", "node", R.NODE_NAME)
+    cidrs = [c for c in node["spec"].get("podCIDRs", []) if ":" not in c]
+    assert cidrs, node["spec"]
+    out = rn.kubectl("-n", "kube-system", "exec", "ds/nftproxy", "--", "nft", "list", "set",
+                     "ip", "nftproxy", "cluster-cidrs")
+    for c in cidrs:
+        assert c in out, (c, out)
+    logs = agent_logs(rn)
+    for kind in ("services", "endpointslices"):
+        assert re.search(rf'list received resource="{kind}" .*encoding=Protobuf', logs), \
+            logs[-3000:]
+
+
 def test_explain_services_report_from_the_pod(rn, work):
     """`kubectl exec` into the agent's pod: explain answers from the live agent, and says what
     the outside client test above saw (Local keeps 203.0.113.5, Cluster replaces it)."""

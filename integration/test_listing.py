@@ -4,7 +4,8 @@ its own (the benchmark's single-node layout, at a small size):
 test_streams_initial_lists:
   the API server serves streaming lists (watch + sendInitialEvents, as kube-apiserver 1.36
   does): the agent's log says each list was received `listing=Streaming` with every object,
-  and every Service's ClusterIP and backends reach the kernel.
+  and every Service's ClusterIP and backends reach the kernel. The stand-in answers JSON to the
+  agent's protobuf requests: the agent falls back to JSON for good and says so.
 
 test_pages_when_the_api_refuses_to_stream:
   the API server answers a streaming list with 422 Invalid (kube-apiserver with the WatchList
@@ -62,6 +63,12 @@ def test_streams_initial_lists(node):
     assert f"listing=Streaming objects={SERVICES}" in listed(log, "services")
     assert f"listing=Streaming objects={SERVICES}" in listed(log, "endpointslices")
     assert "does not stream initial lists" not in log
+    # The stand-in answers in JSON only: the agent asked for protobuf first (as it does of
+    # every API server) and reads JSON from then on, saying so once per kind.
+    for kind in ("services", "endpointslices"):
+        assert "encoding=Json" in listed(log, kind)
+        assert any(f'resource="{kind}"' in ln and "does not answer in protobuf" in ln
+                   for ln in log.splitlines()), log[-3000:]
 
 
 def test_pages_when_the_api_refuses_to_stream(node):

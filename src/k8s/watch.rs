@@ -394,7 +394,7 @@ where
                 Ok(watcher::Event::InitApply(_)) => st.objects += 1,
                 Ok(watcher::Event::InitDone) => {
                     st.mid_list = false;
-                    tracing::info!(resource = name, listing = ?st.listing, encoding = ?st.encoding, objects = st.objects, "list received");
+                    tracing::info!(resource = name, listing = ?st.listing, objects = st.objects, encoding = ?st.encoding, "list received");
                 }
                 _ => {}
             }

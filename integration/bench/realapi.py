@@ -792,15 +792,18 @@ def main(argv=None) -> int:
         if a.agent_args_b is not None and raw:
             print(f"\n== A/B over the same servers: nftproxy (A, {a.agent_args!r}) vs nftproxy "
                   f"--agent-args-b (B, {a.agent_args_b!r}); medians, every run in brackets ==")
-            for key, what in (("cold_s", "cold start (s)"), ("lists_s", "lists received (s)"),
-                              ("compute_commit_s", "then compute + commit (s)"),
-                              ("hwm_mib", "peak RSS (MiB)")):
-                for side in ("nftproxy", "nftproxy-b"):
-                    vals = [r.get(side, {}).get(key) for r in raw]
-                    vals = [v for v in vals if v is not None]
-                    if vals:
-                        print(f"  {what:28s} {'A' if side == 'nftproxy' else 'B'}: {med(vals):.3f} "
-                              f"[{', '.join(f'{v:.3f}' for v in vals)}]")
+            for n in sorted({r["services"] for r in raw}):
+                runs = [r for r in raw if r["services"] == n]
+                for key, what in (("cold_s", "cold start (s)"), ("lists_s", "lists received (s)"),
+                                  ("compute_commit_s", "then compute + commit (s)"),
+                                  ("hwm_mib", "peak RSS (MiB)")):
+                    for side in ("nftproxy", "nftproxy-b"):
+                        vals = [r.get(side, {}).get(key) for r in runs]
+                        vals = [v for v in vals if v is not None]
+                        if vals:
+                            print(f"  {n:>6}x{runs[0]['endpoints']} {what:28s} "
+                                  f"{'A' if side == 'nftproxy' else 'B'}: {med(vals):.3f} "
+                                  f"[{', '.join(f'{v:.3f}' for v in vals)}]")
         bench.finish(raw, bool(rows), failed, a.keep_workdir, workdir)
     return 1 if failed else 0
 

@@ -315,8 +315,9 @@ fn refuses_protobuf<K>(ev: &Result<watcher::Event<K>, watcher::Error>) -> Option
 /// request as invalid (kube-apiserver before 1.27, or with the WatchList feature gate off,
 /// answers 422 Invalid: `sendInitialEvents is forbidden for watch unless the WatchList feature
 /// gate is enabled`; older ones `resourceVersionMatch is forbidden for watch`), or a streamed
-/// list restarted before its end (a server or proxy in between that dropped the parameter and
-/// never sends the end-of-list bookmark would otherwise restart forever).
+/// list restarted before its end with no error in between (a server or proxy in between that
+/// dropped the parameter and never sends the end-of-list bookmark would otherwise restart
+/// forever).
 fn refuses_streaming<K>(
     ev: &Result<watcher::Event<K>, watcher::Error>,
     mid_list: bool,
@@ -396,6 +397,9 @@ where
                     st.mid_list = false;
                     tracing::info!(resource = name, listing = ?st.listing, objects = st.objects, encoding = ?st.encoding, "list received");
                 }
+                // A streamed list restarted after an error (a broken connection, an API server
+                // restart, a 504 while its cache catches up) says nothing about streaming.
+                Err(_) => st.mid_list = false,
                 _ => {}
             }
             return Some((ev, st));
@@ -700,6 +704,32 @@ mod tests {
         });
         assert_eq!(got, ["Init", "InitApply a", "InitDone"]);
         assert_eq!(asked, [(Listing::Streaming, Protobuf)]);
+    }
+
+    #[test]
+    fn a_streamed_list_restarted_after_an_error_keeps_streaming() {
+        let mut streamed = vec![Ok(Event::Init), Ok(Event::InitApply("a"))];
+        streamed.push(api_error(500, "InternalError"));
+        streamed.extend(list(&["a", "b"]));
+        let (got, asked) = run(streamed, list(&["never"]));
+        assert_eq!(
+            got,
+            [
+                "Init",
+                "InitApply a",
+                "error 500",
+                "Init",
+                "InitApply a",
+                "InitApply b",
+                "InitDone"
+            ]
+        );
+        assert_eq!(asked, [Listing::Streaming]);
+        // Restarted without an error in between: the end-of-list bookmark never came.
+        let mut streamed = vec![Ok(Event::Init), Ok(Event::InitApply("a"))];
+        streamed.extend(list(&["a"]));
+        let (_, asked) = run(streamed, list(&["a"]));
+        assert_eq!(asked, [Listing::Streaming, Listing::Paging]);
     }
 
     #[test]

@@ -293,6 +293,8 @@ def test_in_place_image_swap_loses_no_request(kp):
                                              *([src] if src else [])),
                                  stdout=subprocess.PIPE, text=True)
              for k, (ns, url, src) in streams.items()}
+    # The streams' error offsets count from here (to read them against the agent's log).
+    streams_started = time.strftime("%H:%M:%S", time.gmtime())
     try:
         time.sleep(1)
         t0 = time.monotonic()
@@ -308,11 +310,12 @@ def test_in_place_image_swap_loses_no_request(kp):
         open(stop, "w").close()
     results = {k: json.loads(p.communicate(timeout=30)[0]) for k, p in procs.items()}
     print(json.dumps(results, indent=1))
+    logs = agent_logs(node, app="kube-proxy")
     for k, r in results.items():
-        assert r["ok"] > 30 and r["failed"] == 0, (k, r)
+        assert r["ok"] > 30 and r["failed"] == 0, (k, r, f"streams started {streams_started} UTC",
+                                                   logs[-6000:])
     t = tables(node)
     assert "kube-proxy" not in t and "table ip nftproxy" in t, t
-    logs = agent_logs(node, app="kube-proxy")
     assert "nftables" in logs and "forbidden" not in logs.lower(), \
         [x for x in logs.split("\n") if "orbidden" in x][:5] or logs[-2000:]
     for p in node.kubectl_json(*KS, "get", "pods", "-l", "k8s-app=kube-proxy")["items"]:

@@ -341,9 +341,16 @@ class World:
         return self.next_new
 
     def replace(self, i: int, slot: int) -> tuple[dict, str]:
+        """Endpoint `slot` of Service `i` replaced: the one slice that holds it (a Service
+        of more than 100 endpoints has several; writing them all into the first would give
+        it more endpoints, a count change rather than a replacement)."""
         new = self.new_ip()
         self.eps[i][slot] = new
-        return slice_obj(i, self.eps[i]), ip(new)
+        eps = self.eps[i]
+        if len(eps) <= 100:
+            return slice_obj(i, eps), ip(new)
+        k = slot // 100 * 100
+        return slice_obj(i, eps[k:k + 100], k // 100), ip(new)
 
     def add_service(self) -> tuple[list[dict], str, list[str]]:
         i = self.n + self.extra

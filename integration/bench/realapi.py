@@ -257,9 +257,18 @@ def rss(pid: int) -> dict:
     return out
 
 
+def proc_cpu_s(pid: int) -> float:
+    """User + system CPU seconds a process has used so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class RealRun:
-    def __init__(self, a, idx: int, k8s: str, workdir: str, binary: str):
+    def __init__(self, a, idx: int, k8s: str, workdir: str, binary: str,
+                 binary_b: str | None = None):
         self.a, self.idx, self.k8s, self.bin = a, idx, k8s, binary
+        self.bin_b = binary_b or binary
         self.n, self.e = a.services, a.endpoints
         self.scale = max(1.0, self.n * self.e / 5000.0)
         self.r: dict = self.fresh()
@@ -296,16 +305,20 @@ class RealRun:
                                    table], 30, check=False)
                 node.log = bench.AgentLog(os.path.join(node.dir, f"agent-{rep + 1}.log"))
                 self.nftproxy(node, world)
-                if self.a.agent_args_b is not None:
-                    # the same cold start with other flags, over the same server and objects
+                if self.a.agent_args_b is not None or self.a.bin_b:
+                    # the same cold start with other flags or another build, over the same
+                    # server and objects
                     for fam in ("ip", "ip6"):
                         bench.run(["ip", "netns", "exec", node.ns, "nft", "delete", "table", fam,
                                    "nftproxy"], 30, check=False)
-                    node.extra_args = self.a.agent_args_b.split()
+                    args_b = self.a.agent_args if self.a.agent_args_b is None else self.a.agent_args_b
+                    node.extra_args = args_b.split() if args_b else []
+                    node.bin = self.bin_b
                     node.log = bench.AgentLog(os.path.join(node.dir, f"agent-{rep + 1}-b.log"))
-                    say(f"  nftproxy with --agent-args-b {self.a.agent_args_b!r}:")
+                    say(f"  nftproxy B ({self.a.bin_b or self.a.bin}, args {args_b!r}):")
                     self.nftproxy(node, world, "nftproxy-b")
                     node.extra_args = self.a.agent_args.split() if self.a.agent_args else []
+                    node.bin = self.bin
                 if self.n <= self.a.kube_proxy_max_services:
                     self.kube_proxy(node, world, rep + 1)
                 else:
@@ -529,6 +542,9 @@ class RealRun:
         t_seen, _ = node.wait_element(world.last_cip, t_start, 120 + 2 * self.scale)
         fig["cold_s"] = t_seen - t_start
         recs = node.wait_synced(1, 60 * self.scale)
+        # CPU the agent used up to its first full sync: the figure two builds compare best
+        # (the cold start's wall time also follows the API server, which shares the cores)
+        fig["cpu_s"] = proc_cpu_s(node.agent.pid)
         lg = node.log
         if lg.lists_ts:
             fig["lists_s"] = lg.lists_ts - wall
@@ -547,7 +563,8 @@ class RealRun:
         say(f"  nftproxy: cold start {fig['cold_s']:.3f}s (lists {fig.get('lists_s', 0):.3f}s "
             f"as {'/'.join(sorted(set(str(v) for v in fig['encoding'].values())))}, "
             f"then compute+commit {fig.get('compute_commit_s', 0):.3f}s, commit "
-            f"{fig.get('first_apply_ms')} ms); RSS {fig['rss_mib']:.1f} MiB, peak "
+            f"{fig.get('first_apply_ms')} ms; agent CPU {fig['cpu_s']:.2f}s); RSS "
+            f"{fig['rss_mib']:.1f} MiB, peak "
             f"{fig['hwm_mib']:.1f} MiB ({fig['peak_ratio']:.2f}x); RSS profile (MiB) "
             f"{fig['rss_profile']}")
         mon = Monitor(node.ns, os.path.join(node.dir, "monitor.err"))
@@ -730,6 +747,9 @@ def main(argv=None) -> int:
                     help="also measure nftproxy with these flags after each run, over the same "
                          "server (an A/B, e.g. \"--initial-lists paging\"); in the JSON as nftproxy-b")
     ap.add_argument("--bin", default=os.environ.get("NFTPROXY_BIN", bench.DEFAULT_BIN))
+    ap.add_argument("--bin-b", default=None,
+                    help="also measure this nftproxy build after each run, over the same server "
+                         "(an A/B of two builds; with --agent-args-b, run with those flags)")
     ap.add_argument("--json", help="also write every raw figure to this file")
     ap.add_argument("--keep-workdir", action="store_true")
     ap.add_argument("--loader", choices=("auto", "api", "etcd"), default="auto",
@@ -765,6 +785,10 @@ def main(argv=None) -> int:
     workdir = tempfile.mkdtemp(prefix=f"nftproxy-realapi-{os.getpid()}-")
     binary = os.path.join(workdir, "nftproxy")
     shutil.copy2(a.bin, binary)
+    binary_b = None
+    if a.bin_b:
+        binary_b = os.path.join(workdir, "nftproxy-b")
+        shutil.copy2(a.bin_b, binary_b)
     say(f"binaries {k8s}; nftproxy {a.bin}; work dir {workdir}; load average "
         f"{os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
     raw, rows, failed, idx = [], [], False, 0
@@ -773,7 +797,7 @@ def main(argv=None) -> int:
         for n in sizes:
             a.services = n
             idx += 1
-            runs = RealRun(a, idx, k8s, workdir, binary).go()
+            runs = RealRun(a, idx, k8s, workdir, binary, binary_b).go()
             raw += runs
             failed |= any(r["failures"] for r in runs)
             rows += table(runs)
@@ -789,13 +813,14 @@ def main(argv=None) -> int:
             print(f"\n== real kube-apiserver 1.36: nftproxy and kube-proxy (nftables mode), "
                   f"{a.repeat} run(s) per size (median), {a.endpoints} endpoints per Service ==")
             print_table(rows)
-        if a.agent_args_b is not None and raw:
-            print(f"\n== A/B over the same servers: nftproxy (A, {a.agent_args!r}) vs nftproxy "
-                  f"--agent-args-b (B, {a.agent_args_b!r}); medians, every run in brackets ==")
+        if (a.agent_args_b is not None or a.bin_b) and raw:
+            print(f"\n== A/B over the same servers: nftproxy (A: {a.bin}, {a.agent_args!r}) vs "
+                  f"B ({a.bin_b or a.bin}, {a.agent_args_b!r}); medians, every run in brackets ==")
             for n in sorted({r["services"] for r in raw}):
                 runs = [r for r in raw if r["services"] == n]
                 for key, what in (("cold_s", "cold start (s)"), ("lists_s", "lists received (s)"),
                                   ("compute_commit_s", "then compute + commit (s)"),
+                                  ("cpu_s", "agent CPU to the first sync (s)"),
                                   ("hwm_mib", "peak RSS (MiB)")):
                     for side in ("nftproxy", "nftproxy-b"):
                         vals = [r.get(side, {}).get(key) for r in runs]

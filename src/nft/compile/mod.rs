@@ -113,6 +113,11 @@ impl Pick {
     fn count_set(self, n: usize) -> String {
         format!("{}-n{n}", self.stem())
     }
+    /// The chain that picks among `n` backends: its one rule is the only one binding the
+    /// backends map for that count (see `FamilyTable::finish`).
+    fn count_chain(self, n: usize) -> String {
+        format!("pick-{}-n{n}", self.stem())
+    }
     fn backends(self) -> &'static str {
         match self {
             Pick::IpCluster => names::IP_CLUSTER_BACKENDS,
@@ -926,6 +931,23 @@ impl FamilyTable {
         self.table
             .sets
             .retain(|name, _| !generated_set(name) || wanted.contains(name));
+        let wanted_chains: BTreeSet<String> = self
+            .counts
+            .keys()
+            .filter(|(_, n)| *n > 0)
+            .map(|(p, n)| p.count_chain(*n))
+            .collect();
+        self.table
+            .chains
+            .retain(|name, _| !generated_chain(name) || wanted_chains.contains(name));
+        // Each count's dnat rule sits alone in a chain of its own, reached by a `goto` from
+        // the pick chain. Adding a rule that looks up a map makes the kernel walk every element
+        // of that map (`nf_tables_bind_set`; measured on 6.18: ~0.2 us per element, each time,
+        // even with the map already bound in the same chain). Were the dnat rules in the pick
+        // chain itself, a count coming or going would re-add all of them (the chain is
+        // rewritten whole) and walk the shared backends map once per count in use: 0.55 s at
+        // 250,000 backends, 3.2 s at 1.25 million. This way the pick chain's rules only look up
+        // the small count sets, and a new count walks the map once; a count going away, never.
         for &(pick, n) in self.counts.keys() {
             if n == 0 {
                 continue;
@@ -935,25 +957,34 @@ impl FamilyTable {
             self.table
                 .sets
                 .insert(set.clone(), plain_set(types.clone()));
+            let chain = pick.count_chain(n);
             let mut key = pick.entry_key();
             key.push(Field::Numgen(n as u32));
-            let rule = Rule {
-                matches: vec![
-                    Match::Lookup {
-                        key: pick.entry_key(),
-                        set,
-                        negate: false,
-                    },
-                    Match::Lookup {
-                        key: vec![Field::L4proto],
-                        set: names::L4PROTOS.into(),
-                        negate: false,
-                    },
-                ],
+            let dnat = Rule {
+                matches: vec![Match::Lookup {
+                    key: vec![Field::L4proto],
+                    set: names::L4PROTOS.into(),
+                    negate: false,
+                }],
                 action: Action::DnatMap {
                     key,
                     map: pick.backends().to_string(),
                 },
+            };
+            self.table.chains.insert(
+                chain.clone(),
+                Chain {
+                    base: None,
+                    rules: vec![dnat],
+                },
+            );
+            let rule = Rule {
+                matches: vec![Match::Lookup {
+                    key: pick.entry_key(),
+                    set,
+                    negate: false,
+                }],
+                action: Action::Goto(chain),
             };
             if let Some(c) = self.table.chains.get_mut(&pick.chain()) {
                 c.rules.push(rule);
@@ -1025,6 +1056,14 @@ fn affinity_set(nodeport: bool, t: u32) -> String {
     } else {
         format!("ip-affinity-t{t}")
     }
+}
+
+/// Chains that exist only while an endpoint count is in use.
+fn generated_chain(name: &str) -> bool {
+    Pick::ALL.iter().any(|p| {
+        name.strip_prefix(&format!("pick-{}-n", p.stem()))
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+    })
 }
 
 /// Sets that exist only while an endpoint count or affinity timeout is in use.

@@ -352,6 +352,12 @@ class World:
         k = slot // 100 * 100
         return slice_obj(i, eps[k:k + 100], k // 100), ip(new)
 
+    def grow(self, i: int, to: int) -> tuple[list[dict], list[str]]:
+        """Service `i` grown to `to` endpoints: (its slices, the new addresses)."""
+        new = [self.new_ip() for _ in range(to - len(self.eps[i]))]
+        self.eps[i].extend(new)
+        return self.slices(i), [ip(x) for x in new]
+
     def add_service(self) -> tuple[list[dict], str, list[str]]:
         i = self.n + self.extra
         self.extra += 1
@@ -1168,6 +1174,7 @@ class Run:
                 self.r["notes"].append(f"no watch probe (no API/agent split): {e}")
             self.step("endpoint replaced", lambda: self.endpoint_samples(world, node, mon))
             self.step("new Service", lambda: self.service_samples(world, node, mon))
+            self.step("new endpoint count", lambda: self.count_samples(world, node, mon))
             if not a.quick:
                 self.step("burst", lambda: self.burst(world, node, mon))
                 if a.big_services:
@@ -1552,6 +1559,36 @@ class Run:
             f"{self.r['svc_cip_p50']:.1f}) over {len(lat)}; agent {self.r['svc_syncs']}; "
             f"breakdown p50 {self.r['svc_breakdown_p50']}")
 
+    def count_samples(self, world: World, node: Node, mon: Monitor) -> None:
+        """A Service scaled to an endpoint count no Service has (beyond the preset 1..8): the
+        one change that adds a rule, hence a kernel walk of the backends map it binds."""
+        lat, per = [], []
+        normal = world.normal()
+        used = {len(world.eps[i]) for i in range(world.n)}
+        to = max(max(used), 8)
+        for s in range(max(3, self.a.samples // 4)):
+            to += 1
+            i = self.rng.choice(normal)
+            objs, new = world.grow(i, to)
+            tokens = [("ip-cluster-backends", "v", e) for e in new]
+            node.log.poll()
+            n0 = len(node.log.synced)
+            off = time.time() - time.monotonic()
+            t0, _ = node.apply(objs)
+            got = mon.wait_all(tokens, t0, 10 + self.scale)
+            if got is None:
+                raise Functional(f"sample {s}: svc-{i:05d} grown to {to} endpoints not in the "
+                                 f"kernel after {10 + self.scale:.0f}s")
+            done = max(got.values())
+            lat.append((done - t0) * 1000)
+            per.append(self.syncs_for(node, n0, t0, off, done, 10 + self.scale))
+            time.sleep(0.15)
+        self.r["count_ms"] = lat
+        self.r["count_p50"] = pct(lat, 50)
+        self.r["count_syncs"] = summarize_syncs(per)
+        say(f"  new endpoint count: p50 {self.r['count_p50']:.1f} ms over {len(lat)} "
+            f"({', '.join(f'{x:.1f}' for x in lat)}); agent {self.r['count_syncs']}")
+
     def burst(self, world: World, node: Node, mon: Monitor) -> None:
         want = self.a.burst
         normal = world.normal()
@@ -1781,6 +1818,8 @@ def rows_for(runs: list[dict]) -> list[tuple]:
     row("  initial lists done (agent's log line)", med(runs, "cold_lists_done_s"), "{:.3f} s", None, "")
     row("endpoint replaced p50 (API write -> commit)", med(runs, "ep_p50"), "{:.1f} ms", t["ep_p50"], " ms")
     row("endpoint replaced p90", med(runs, "ep_p90"), "{:.1f} ms", None, "")
+    row("  a Service scaled to a new endpoint count p50", med(runs, "count_p50"), "{:.1f} ms",
+        None, "")
     row("endpoint replaced p99", med(runs, "ep_p99"), "{:.1f} ms", t["ep_p99"], " ms")
     row("new Service + slice p50 (API write -> commit)", med(runs, "svc_p50"), "{:.1f} ms", t["svc_p50"], " ms")
     row("agent RSS after cold start", med(runs, "rss_mib"), "{:.1f} MiB", t["rss"], " MiB")

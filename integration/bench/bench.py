@@ -1174,7 +1174,6 @@ class Run:
                 self.r["notes"].append(f"no watch probe (no API/agent split): {e}")
             self.step("endpoint replaced", lambda: self.endpoint_samples(world, node, mon))
             self.step("new Service", lambda: self.service_samples(world, node, mon))
-            self.step("new endpoint count", lambda: self.count_samples(world, node, mon))
             if not a.quick:
                 self.step("burst", lambda: self.burst(world, node, mon))
                 if a.big_services:
@@ -1182,6 +1181,8 @@ class Run:
                 self.step("connect latency", lambda: self.connect_compare(node))
                 self.step("drift repair", lambda: self.drift_repair(world, node, mon))
                 self.step("restart", lambda: self.restart(world, node))
+            # Last: the Services it grows keep their new size.
+            self.step("new endpoint count", lambda: self.count_samples(world, node, mon))
             node.log.poll()
             self.r["agent_warnings"] = node.log.errors[:20]
             node.check_agent()
@@ -1564,8 +1565,7 @@ class Run:
         one change that adds a rule, hence a kernel walk of the backends map it binds."""
         lat, per = [], []
         normal = world.normal()
-        used = {len(world.eps[i]) for i in range(world.n)}
-        to = max(max(used), 8)
+        to = max(max(len(world.eps[i]) for i in normal), 8)
         for s in range(max(3, self.a.samples // 4)):
             to += 1
             i = self.rng.choice(normal)

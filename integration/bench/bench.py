@@ -1531,24 +1531,32 @@ class Run:
             f"p99 {self.r['ep_p99']:.1f} ms over {len(lat)}; agent {self.r['ep_syncs']}; "
             f"breakdown p50 {self.r['ep_breakdown_p50']}")
 
+    def timed_change(self, node: Node, mon: Monitor, objs: list[dict], tokens: list,
+                     what: str) -> tuple[float, dict, float, list]:
+        """Write `objs` and wait for every element of `tokens` in the kernel: (write time,
+        arrival per token, last arrival, the agent's syncs for it)."""
+        node.log.poll()
+        n0 = len(node.log.synced)
+        off = time.time() - time.monotonic()
+        t0, _ = node.apply(objs)
+        got = mon.wait_all(tokens, t0, 10 + self.scale)
+        if got is None:
+            raise Functional(f"{what} not fully in the kernel after {10 + self.scale:.0f}s "
+                             f"(missing {mon.missing(tokens, t0)})")
+        done = max(got.values())
+        recs = self.syncs_for(node, n0, t0, off, done, 10 + self.scale)
+        time.sleep(0.15)  # > --min-sync-period: the next change is not coalesced with this one
+        return t0, got, done, recs
+
     def service_samples(self, world: World, node: Node, mon: Monitor) -> None:
         lat, lat_cip, per, parts = [], [], [], []
         for s in range(max(5, self.a.samples)):
             objs, cip, eps = world.add_service()
             tokens = [("clusterip", "k", cip)] + [("ip-cluster-backends", "v", e) for e in eps]
-            node.log.poll()
-            n0 = len(node.log.synced)
-            off = time.time() - time.monotonic()
-            t0, _ = node.apply(objs)
-            got = mon.wait_all(tokens, t0, 10 + self.scale)
-            if got is None:
-                raise Functional(f"sample {s}: new Service {cip} not fully in the kernel after "
-                                 f"{10 + self.scale:.0f}s (missing {mon.missing(tokens, t0)})")
-            done = max(got.values())
+            t0, got, done, recs = self.timed_change(node, mon, objs, tokens,
+                                                    f"sample {s}: new Service {cip}")
             lat.append((done - t0) * 1000)
             lat_cip.append((got[tokens[0]] - t0) * 1000)
-            recs = self.syncs_for(node, n0, t0, off, done, 10 + self.scale)
-            time.sleep(0.15)
             per.append(recs)
             parts.append(self.breakdown(t0, done, objs[1]["metadata"]["name"], recs))
         self.r["svc_ms"] = lat
@@ -1571,18 +1579,10 @@ class Run:
             i = self.rng.choice(normal)
             objs, new = world.grow(i, to)
             tokens = [("ip-cluster-backends", "v", e) for e in new]
-            node.log.poll()
-            n0 = len(node.log.synced)
-            off = time.time() - time.monotonic()
-            t0, _ = node.apply(objs)
-            got = mon.wait_all(tokens, t0, 10 + self.scale)
-            if got is None:
-                raise Functional(f"sample {s}: svc-{i:05d} grown to {to} endpoints not in the "
-                                 f"kernel after {10 + self.scale:.0f}s")
-            done = max(got.values())
+            t0, _, done, recs = self.timed_change(node, mon, objs, tokens,
+                                                  f"sample {s}: svc-{i:05d} grown to {to}")
             lat.append((done - t0) * 1000)
-            per.append(self.syncs_for(node, n0, t0, off, done, 10 + self.scale))
-            time.sleep(0.15)
+            per.append(recs)
         self.r["count_ms"] = lat
         self.r["count_p50"] = pct(lat, 50)
         self.r["count_syncs"] = summarize_syncs(per)

@@ -187,6 +187,13 @@ fn kernel_read_back_sees_and_repairs_outside_changes() {
             let mut changes: Vec<Vec<String>> = vec![
                 vec!["flush chain ip nftproxy services".into()],
                 vec!["add rule ip nftproxy services counter accept".into()],
+                // Empty chains: invisible to a dump of rules (one a previous agent flushed and
+                // did not delete, and a base chain that would drop every packet it sees).
+                vec!["add chain ip nftproxy leftover".into()],
+                vec![
+                    "add chain ip nftproxy intruder { type filter hook input priority 0 ; policy drop ; }"
+                        .into(),
+                ],
             ];
             if let Some((set, e)) = set_with(2) {
                 changes.push(vec![format!("flush set ip nftproxy {set}")]);
@@ -204,7 +211,7 @@ fn kernel_read_back_sees_and_repairs_outside_changes() {
                 let d = kernel_view(&rs, &read(&mut a), None, None);
                 assert!(!d.is_empty(), "{name}: `nft {}` not seen", cmd[0]);
                 assert!(!d.needs_full);
-                let p = plan::partial(&d.view, &rs, &BTreeSet::new());
+                let p = plan::partial(&d.view, &rs, &d.leftover_chains);
                 a.apply(&p.tx)
                     .unwrap_or_else(|e| panic!("{name}: repair of `{}`: {e}", cmd[0]));
                 let d = kernel_view(&rs, &read(&mut a), None, None);

@@ -111,6 +111,10 @@ pub struct KernelTable {
     /// Chains whose rules differ from `like`'s, with the number of rules the kernel holds
     /// (0: flushed or deleted). Includes chains with rules that `like` does not have.
     pub changed_chains: BTreeMap<String, usize>,
+    /// Chains in the kernel that `like` does not have and that hold no rules: a chain flushed
+    /// as stale whose deletion (after its grace period) never came, because the agent stopped
+    /// in between, or one added from outside. A dump of rules cannot show them.
+    pub extra_empty_chains: BTreeSet<String>,
 }
 
 impl KernelTable {
@@ -151,10 +155,15 @@ impl KernelTable {
                 .is_some_and(|c| c.rules == chain.rules);
             if !same && !chain.rules.is_empty() {
                 out.changed_chains.insert(name.clone(), chain.rules.len());
+            } else if chain.rules.is_empty() && !like.chains.contains_key(name) {
+                out.extra_empty_chains.insert(name.clone());
             }
         }
         for (name, chain) in &like.chains {
-            if !chain.rules.is_empty() && have.chains.get(name).is_none_or(|c| c.rules.is_empty()) {
+            let held = have.chains.get(name);
+            if held.is_none()
+                || (!chain.rules.is_empty() && held.is_some_and(|c| c.rules.is_empty()))
+            {
                 out.changed_chains.insert(name.clone(), 0);
             }
         }

@@ -69,6 +69,9 @@ pub struct Drift {
     pub needs_full: bool,
     pub missing_elements: usize,
     pub extra_elements: usize,
+    /// Empty chains the kernel holds and the ruleset does not (in the view, empty): the sync
+    /// loop deletes them after the grace period, like the chains it flushes itself.
+    pub leftover_chains: BTreeSet<(Family, String)>,
 }
 
 impl Drift {
@@ -286,6 +289,23 @@ pub fn kernel_view(
                 family: *f,
                 object: format!("chain {name}"),
                 detail: format!("not ours ({n} rules added from outside)"),
+                services: BTreeSet::new(),
+            });
+        }
+        for name in &k.extra_empty_chains {
+            view.chains.insert(
+                name.clone(),
+                Chain {
+                    base: None,
+                    rules: Vec::new(),
+                },
+            );
+            d.leftover_chains.insert((*f, name.clone()));
+            d.findings.push(Finding {
+                family: *f,
+                object: format!("chain {name}"),
+                detail: "empty and not ours (left over by an earlier agent, or added from outside)"
+                    .into(),
                 services: BTreeSet::new(),
             });
         }

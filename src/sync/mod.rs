@@ -473,6 +473,7 @@ impl<A: Applier + 'static> Syncer<A> {
             .collect::<Vec<_>>()
             .join("; ");
         lock(&self.status).drift = Some(summary);
+        self.mark_leftover(&d.leftover_chains);
         self.applied = if d.needs_full { None } else { Some(d.view) };
         self.repairing = Some(scope);
         true
@@ -667,8 +668,19 @@ impl<A: Applier + 'static> Syncer<A> {
                 "as the kernel holds them after a failed commit"
             }
         );
+        self.mark_leftover(&d.leftover_chains);
         self.applied = Some(d.view);
         true
+    }
+
+    /// Empty chains found in the kernel that nothing wants are deleted like the ones the loop
+    /// flushes itself: after the grace period (a chain flushed by a previous agent just before
+    /// it stopped may still be on a packet's path for a moment).
+    fn mark_leftover(&mut self, chains: &BTreeSet<(Family, String)>) {
+        let now = Instant::now();
+        for c in chains {
+            self.stale.entry(c.clone()).or_insert(now);
+        }
     }
 
     /// One sync. `check_kernel` asks for the self-heal check (periodic syncs).

@@ -415,6 +415,68 @@ async fn a_restarted_agent_adopts_the_tables_it_finds() {
     );
 }
 
+/// An empty chain nothing wants (a per-count chain a previous agent flushed and stopped before
+/// deleting it, or one added from outside) is invisible to a dump of rules; the adoption lists
+/// chains too and deletes it after the grace period, so the kernel ends equal to the ruleset.
+#[tokio::test(start_paused = true)]
+async fn a_restarted_agent_deletes_an_empty_chain_the_previous_one_left() {
+    let desired = desired_of(&objects());
+    let mut fake = FakeApplier::new();
+    fake.apply(&crate::nft::plan::full(&desired.ruleset))
+        .unwrap();
+    fake.apply(&add_empty_chain("pick-ip-cluster-n12")).unwrap();
+    let (_, _tx, applier, rec, _, _) = start(fake);
+    settle(Duration::from_millis(10)).await;
+    assert_eq!(lock(&rec).applied[0].0, SyncKind::Partial, "adopted");
+    assert!(
+        has_chain(&lock(&applier), "pick-ip-cluster-n12"),
+        "kept during the grace period"
+    );
+    settle(Duration::from_secs(2)).await;
+    let a = lock(&applier);
+    assert!(!has_chain(&a, "pick-ip-cluster-n12"), "deleted when due");
+    assert_eq!(
+        crate::nft::render::normalise(&a.dump()),
+        crate::nft::render::normalise(&crate::nft::render::ruleset(&desired.ruleset))
+    );
+}
+
+/// The same chain added from outside while the agent runs: a full check finds it (drift) and
+/// the loop deletes it after the grace period.
+#[tokio::test(start_paused = true)]
+async fn an_empty_chain_added_from_outside_is_found_and_deleted() {
+    let (ntx, nrx) = mpsc::channel(16);
+    let (_, _tx, applier, rec, status, _) = start_with(FakeApplier::new(), Some(nrx));
+    settle(Duration::from_millis(10)).await;
+    lock(&applier).apply(&add_empty_chain("intruder")).unwrap();
+    ntx.send(Notice::Lost).await.unwrap();
+    settle(Duration::from_millis(10)).await;
+    assert_eq!(lock(&rec).drifts.len(), 1);
+    assert!(
+        lock(&rec).drifts[0][0].contains("chain intruder"),
+        "{:?}",
+        lock(&rec).drifts
+    );
+    settle(Duration::from_secs(2)).await;
+    assert!(!has_chain(&lock(&applier), "intruder"), "deleted when due");
+    assert!(lock(&status).drift.is_none(), "shown repaired");
+    assert!(lock(&rec).failed.is_empty(), "{:?}", lock(&rec).failed);
+}
+
+fn add_empty_chain(name: &str) -> crate::nft::tx::Transaction {
+    crate::nft::tx::Transaction {
+        ops: vec![Op::AddChain {
+            family: Family::Ip,
+            name: name.into(),
+            base: None,
+        }],
+    }
+}
+
+fn has_chain(fake: &FakeApplier, name: &str) -> bool {
+    fake.state.tables[&Family::Ip].chains.contains_key(name)
+}
+
 #[tokio::test(start_paused = true)]
 async fn an_idle_agent_syncs_at_once_even_right_after_a_sync() {
     let (objs, tx, _, rec, _, _) = start(FakeApplier::new());

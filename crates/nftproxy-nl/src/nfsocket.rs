@@ -522,6 +522,37 @@ impl Socket {
         Ok((out, interrupted))
     }
 
+    /// The names of every chain of a table, empty ones included (NFT_MSG_GETCHAIN dump).
+    /// The kernel dumps the chains of every table of the family (6.x does not filter a chain
+    /// dump by table), so the others are dropped here.
+    pub fn dump_chains(&mut self, family: u16, table: &str) -> Result<Vec<String>, NlError> {
+        let table_c = cstring(table)?;
+        let mut out = Vec::new();
+        self.request(
+            Cmd::GetChain,
+            family,
+            true,
+            // SAFETY: `nlh` is the request being built; a chain with only a table name.
+            |nlh| unsafe {
+                let c = sys::nftnl_chain_alloc();
+                if !c.is_null() {
+                    sys::nftnl_chain_set_str(c, sys::NFTNL_CHAIN_TABLE as u16, table_c.as_ptr());
+                    sys::nftnl_chain_nlmsg_build_payload(nlh, c);
+                    sys::nftnl_chain_free(c);
+                }
+            },
+            |nlh| {
+                // SAFETY: complete, aligned message.
+                let c = unsafe { Chain::from_nlmsg(nlh)? };
+                if c.table().as_deref() == Some(table) {
+                    out.extend(c.name());
+                }
+                Ok(())
+            },
+        )?;
+        Ok(out)
+    }
+
     /// Every rule of a table as (chain, expression texts), in kernel order (NFT_MSG_GETRULE dump).
     pub fn dump_rules(
         &mut self,

@@ -153,6 +153,39 @@ impl Chain {
     pub(crate) fn bound(&self) -> usize {
         MSG_BASE + 128
     }
+
+    /// Parse a NEWCHAIN message (reply to GETCHAIN).
+    ///
+    /// # Safety
+    /// `nlh` must point to a complete netlink message.
+    pub(crate) unsafe fn from_nlmsg(nlh: *const libc::nlmsghdr) -> Result<Chain, NlError> {
+        let ptr = Self::alloc_raw(sys::nftnl_chain_alloc())?;
+        let c = Chain { ptr };
+        if sys::nftnl_chain_nlmsg_parse(nlh, c.ptr.as_ptr()) < 0 {
+            return Err(NlError::Malformed("chain".into()));
+        }
+        Ok(c)
+    }
+
+    pub fn name(&self) -> Option<String> {
+        // SAFETY: NULL or a string owned by the object.
+        unsafe {
+            opt_str(sys::nftnl_chain_get_str(
+                self.ptr.as_ptr(),
+                sys::NFTNL_CHAIN_NAME as u16,
+            ))
+        }
+    }
+
+    pub fn table(&self) -> Option<String> {
+        // SAFETY: NULL or a string owned by the object.
+        unsafe {
+            opt_str(sys::nftnl_chain_get_str(
+                self.ptr.as_ptr(),
+                sys::NFTNL_CHAIN_TABLE as u16,
+            ))
+        }
+    }
 }
 
 /// `nftnl_expr`: one expression of a rule (or a set/element statement such as `counter`).

@@ -442,11 +442,19 @@ impl Applier for NetlinkApplier {
                 .or_default()
                 .push(exprs.iter().map(|e| canonical_expr(e)).collect());
         }
+        // Chains, empty ones included: a dump of rules shows only chains that hold some.
+        let mut kernel_chains: std::collections::BTreeSet<String> = self
+            .sock
+            .dump_chains(fam, &self.table)
+            .map_err(|e| nl_error(&what, e))?
+            .into_iter()
+            .collect();
         let lookup = |set: &str| SetRef {
             id: None,
             interval: like.sets.get(set).is_some_and(|d| d.flags.interval),
         };
         for (name, chain) in &like.chains {
+            let held = kernel_chains.remove(name);
             let have = kernel_rules.remove(name).unwrap_or_default();
             let mut want: Vec<Vec<String>> = Vec::with_capacity(chain.rules.len());
             for r in &chain.rules {
@@ -465,13 +473,15 @@ impl Applier for NetlinkApplier {
                         .collect(),
                 );
             }
-            if have != want {
+            if have != want || !held {
                 out.changed_chains.insert(name.clone(), have.len());
             }
         }
         for (name, rules) in kernel_rules {
+            kernel_chains.remove(&name);
             out.changed_chains.insert(name, rules.len());
         }
+        out.extra_empty_chains = kernel_chains;
         Ok(Some(out))
     }
 }

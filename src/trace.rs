@@ -259,7 +259,8 @@ impl<'a> Tracer<'a> {
                 .and_then(|m| m.get(key))
                 .cloned();
         }
-        first_with_key(self.table.elements.get(map)?, key).and_then(|e| e.value.clone())
+        first_with_key(self.table.elements.get(map)?, key)
+            .and_then(|e| e.value().map(<[Value]>::to_vec))
     }
 
     fn matches(&self, m: &Match, st: &State, p: &Packet) -> bool {
@@ -402,20 +403,15 @@ impl<'a> Tracer<'a> {
 /// log time, as the kernel's hash does it in constant time. `explain` traces over the applied
 /// ruleset, which at 50k Services holds 400k elements.
 fn first_with_key<'e>(els: &'e crate::nft::ir::Elements, key: &[Value]) -> Option<&'e Element> {
-    els.range(
-        Element {
-            key: key.to_vec(),
-            value: None,
-        }..,
-    )
-    .next()
-    .filter(|e| e.key == key)
+    els.range(Element::set(key)..)
+        .next()
+        .filter(|e| e.key() == key)
 }
 
 /// Interval membership: every component equal, except prefixes, which must contain the value.
 fn element_covers(e: &Element, key: &[Value]) -> bool {
-    e.key.len() == key.len()
-        && e.key
+    e.key().len() == key.len()
+        && e.key()
             .iter()
             .zip(key)
             .all(|(have, want)| match (have, want) {

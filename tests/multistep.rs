@@ -284,10 +284,10 @@ fn the_fake_is_strict() {
             family: Family::Ip,
             set: "cluster-ips".into(),
             def: def.clone(),
-            elements: vec![nftproxy::nft::ir::Element {
-                key: vec![nftproxy::nft::ir::Value::Addr("9.9.9.9".parse().unwrap())],
-                value: None,
-            }]
+            elements: vec![nftproxy::nft::ir::Element::new(
+                vec![nftproxy::nft::ir::Value::Addr("9.9.9.9".parse().unwrap())],
+                None,
+            )]
             .into(),
         }],
     };
@@ -315,10 +315,10 @@ fn the_fake_is_strict() {
         matches!(fake.apply(&busy_chain), Err(ApplyError::Busy { .. })),
         "still jumped to from nat-prerouting"
     );
-    let wrong = add(vec![nftproxy::nft::ir::Element {
-        key: vec![nftproxy::nft::ir::Value::Port(80)],
-        value: None,
-    }]);
+    let wrong = add(vec![nftproxy::nft::ir::Element::new(
+        vec![nftproxy::nft::ir::Value::Port(80)],
+        None,
+    )]);
     assert!(matches!(
         fake.apply(&wrong),
         Err(ApplyError::Invalid { .. })

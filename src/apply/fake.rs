@@ -85,8 +85,8 @@ fn invalid(op: &Op, detail: impl Into<String>) -> ApplyError {
 
 /// Interval elements as (start, end) per component for overlap checks.
 fn overlaps(a: &Element, b: &Element) -> bool {
-    a.key.len() == b.key.len()
-        && a.key.iter().zip(&b.key).all(|(x, y)| match (x, y) {
+    a.key().len() == b.key().len()
+        && a.key().iter().zip(b.key()).all(|(x, y)| match (x, y) {
             (Value::Prefix(p), Value::Prefix(q)) => p.contains(q) || q.contains(p),
             (Value::Prefix(p), Value::Addr(a)) | (Value::Addr(a), Value::Prefix(p)) => {
                 p.contains(a)
@@ -240,19 +240,19 @@ impl FakeApplier {
 
     fn check_element(f: Family, op: &Op, def: &SetDef, e: &Element) -> Result<(), ApplyError> {
         let kt = decl_types(f, &def.key);
-        if e.key.len() != kt.len()
+        if e.key().len() != kt.len()
             || !e
-                .key
+                .key()
                 .iter()
                 .zip(&kt)
                 .all(|(v, t)| value_fits(v, *t, def.flags.interval))
         {
             return Err(invalid(
                 op,
-                format!("element key {:?} does not fit {kt:?}", e.key),
+                format!("element key {:?} does not fit {kt:?}", e.key()),
             ));
         }
-        match (&def.data, &e.value) {
+        match (&def.data, e.value()) {
             (None, None) => Ok(()),
             (Some(d), Some(v)) => {
                 let dt = decl_types(f, d);
@@ -392,7 +392,7 @@ impl FakeApplier {
                     let clash = if def.flags.interval {
                         els.iter().any(|x| overlaps(x, e))
                     } else {
-                        els.iter().any(|x| x.key == e.key)
+                        els.iter().any(|x| x.key() == e.key())
                     };
                     if clash {
                         return Err(ApplyError::Exists {
@@ -416,7 +416,7 @@ impl FakeApplier {
                 let els = t.elements.entry(set.clone()).or_default();
                 for e in elements {
                     // The kernel deletes by key; the value in the request is ignored.
-                    let Some(found) = els.iter().find(|x| x.key == e.key).cloned() else {
+                    let Some(found) = els.iter().find(|x| x.key() == e.key()).cloned() else {
                         return Err(ApplyError::NotFound {
                             what: format!("{}: {}", what(op), crate::nft::render::element(e)),
                         });

@@ -245,8 +245,8 @@ fn probe_tx(f: &Feature) -> Transaction {
             family: fam,
             set: (*name).into(),
             def: def.clone(),
-            elements: crate::nft::ir::Elements::unit(crate::nft::ir::Element {
-                key: vec![
+            elements: crate::nft::ir::Elements::unit(crate::nft::ir::Element::new(
+                vec![
                     Value::Addr([192, 0, 2, 1].into()),
                     Value::Proto(Proto::Tcp),
                     Value::Port(80),
@@ -256,8 +256,8 @@ fn probe_tx(f: &Feature) -> Transaction {
                             .unwrap_or_else(|_| ipnet::IpNet::default()),
                     ),
                 ],
-                value: None,
-            }),
+                None,
+            )),
         });
     }
     ops.push(Op::DeleteTable(fam));

@@ -95,7 +95,7 @@ pub fn compare(
     let mut groups: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for e in &d.elements {
         let group = owners
-            .owner(e.family, &e.element.key)
+            .owner(e.family, e.element.key())
             .map(|k| k.to_string())
             .unwrap_or_else(|| SKELETON.to_string());
         groups.entry(group).or_default().insert(format!(
@@ -286,8 +286,8 @@ mod tests {
             .ports
             .values()
             .find(|ps| {
-                gone.key.first() == Some(&Value::Addr(ps.sp.cluster_ip))
-                    && gone.key.get(2) == Some(&Value::Port(ps.sp.port))
+                gone.key().first() == Some(&Value::Addr(ps.sp.cluster_ip))
+                    && gone.key().get(2) == Some(&Value::Port(ps.sp.port))
             })
             .map(|ps| ps.sp.key.to_string())
             .expect("owner");

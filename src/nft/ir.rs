@@ -137,11 +137,90 @@ pub enum Value {
     Ifname(Box<str>),
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// A set element: its key and, in a map, its value.
+///
+/// Both live in one exactly sized allocation, the key's components followed by the value's: a
+/// ruleset holds one element per endpoint (1.26 million at 5,000 Services x 250 endpoints), and
+/// as a key and a value with a heap block each, an element cost 48 bytes in its set's tree
+/// node plus two blocks (two allocations and frees per element built, copied or dropped).
+/// Ordered by key, then value (`None` first), as a (key, value) pair would be.
+#[derive(Clone, PartialEq, Eq, Hash)]
 pub struct Element {
-    pub key: Vec<Value>,
-    /// Map value; `None` for plain sets.
-    pub value: Option<Vec<Value>>,
+    parts: Box<[Value]>,
+    /// How many of `parts` are the key (keys have at most four components).
+    key_len: u8,
+    /// Whether the element has a value (a map's element), even an empty one.
+    map: bool,
+}
+
+impl Element {
+    /// An element of a plain set.
+    pub fn set(key: &[Value]) -> Element {
+        Element::build(key, None)
+    }
+
+    /// An element of a map.
+    pub fn map(key: &[Value], value: &[Value]) -> Element {
+        Element::build(key, Some(value))
+    }
+
+    /// An element from a key and an optional value, as they are often built.
+    pub fn new(key: Vec<Value>, value: Option<Vec<Value>>) -> Element {
+        Element::build(&key, value.as_deref())
+    }
+
+    /// An element from borrowed parts (one allocation: the element's own).
+    pub fn build(key: &[Value], value: Option<&[Value]>) -> Element {
+        let key_len = u8::try_from(key.len()).unwrap_or(u8::MAX);
+        let key = &key[..usize::from(key_len)];
+        let parts: Box<[Value]> = key
+            .iter()
+            .chain(value.unwrap_or_default())
+            .cloned()
+            .collect();
+        Element {
+            parts,
+            key_len,
+            map: value.is_some(),
+        }
+    }
+
+    pub fn key(&self) -> &[Value] {
+        &self.parts[..usize::from(self.key_len)]
+    }
+
+    /// The map value; `None` for plain sets.
+    pub fn value(&self) -> Option<&[Value]> {
+        self.map.then(|| &self.parts[usize::from(self.key_len)..])
+    }
+
+    /// The same key with another value (or none).
+    pub fn with_value(&self, value: Option<&[Value]>) -> Element {
+        Element::build(self.key(), value)
+    }
+}
+
+impl Ord for Element {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.key()
+            .cmp(other.key())
+            .then_with(|| self.value().cmp(&other.value()))
+    }
+}
+
+impl PartialOrd for Element {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl std::fmt::Debug for Element {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Element")
+            .field("key", &self.key())
+            .field("value", &self.value())
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]

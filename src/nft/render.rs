@@ -90,8 +90,8 @@ pub fn value(v: &Value) -> String {
 }
 
 pub fn element(e: &Element) -> String {
-    let k = e.key.iter().map(value).collect::<Vec<_>>().join(" . ");
-    match &e.value {
+    let k = e.key().iter().map(value).collect::<Vec<_>>().join(" . ");
+    match e.value() {
         Some(v) => format!(
             "{k} : {}",
             v.iter().map(value).collect::<Vec<_>>().join(" . ")

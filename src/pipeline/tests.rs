@@ -388,11 +388,11 @@ fn sorted_slots(r: &Ruleset) -> Ruleset {
             }
             let mut by_entry: BTreeMap<Vec<Value>, Vec<Vec<Value>>> = BTreeMap::new();
             for e in els.iter() {
-                let entry = e.key[..e.key.len() - 1].to_vec();
+                let entry = e.key()[..e.key().len() - 1].to_vec();
                 by_entry
                     .entry(entry)
                     .or_default()
-                    .push(e.value.clone().unwrap_or_default());
+                    .push(e.value().unwrap_or_default().to_vec());
             }
             *els = by_entry
                 .into_iter()
@@ -401,10 +401,7 @@ fn sorted_slots(r: &Ruleset) -> Ruleset {
                     values.into_iter().enumerate().map(move |(i, v)| {
                         let mut key = entry.clone();
                         key.push(Value::Slot(i as u32));
-                        Element {
-                            key,
-                            value: Some(v),
-                        }
+                        Element::new(key, Some(v))
                     })
                 })
                 .collect();
@@ -979,7 +976,7 @@ fn a_service_with_1500_ports_is_programmed() {
             .get(set)
             .into_iter()
             .flat_map(|els| els.iter())
-            .filter_map(|e| match e.key.get(2) {
+            .filter_map(|e| match e.key().get(2) {
                 Some(Value::Port(p)) => Some(*p),
                 _ => None,
             })

@@ -80,8 +80,7 @@ pub fn stale(
     elements
         .iter()
         .filter(|e| {
-            let entry: Vec<Value> = e.key.iter().skip(1).cloned().collect();
-            match (valid.get(&entry), &e.value) {
+            match (valid.get(&e.key()[1.min(e.key().len())..]), e.value()) {
                 (Some(eps), Some(v)) => !eps.contains(v),
                 // The service lost affinity or disappeared: the entry can only mislead.
                 (None, _) => true,
@@ -180,10 +179,7 @@ mod tests {
         let mk = |client: &str, ep: Vec<Value>| {
             let mut key = vec![Value::Addr(client.parse().unwrap())];
             key.extend(entry.clone());
-            Element {
-                key,
-                value: Some(ep),
-            }
+            Element::new(key, Some(ep))
         };
         let keep = mk("10.0.1.50", v("10.0.2.9", 8080));
         let dead = mk("10.0.1.51", v("10.0.2.10", 8080));
@@ -193,10 +189,7 @@ mod tests {
             Value::Proto(crate::net::Proto::Tcp),
             Value::Port(80),
         ];
-        let orphan = Element {
-            key: std::mem::take(&mut other_key),
-            value: Some(v("10.0.2.9", 8080)),
-        };
+        let orphan = Element::new(std::mem::take(&mut other_key), Some(v("10.0.2.9", 8080)));
         assert_eq!(
             stale(&[keep, dead.clone(), orphan.clone()], &valid),
             vec![dead, orphan]

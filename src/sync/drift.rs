@@ -197,7 +197,7 @@ pub fn kernel_view(
                 let mut services = BTreeSet::new();
                 if let Some(o) = owners {
                     for e in missing.iter().chain(&extra).take(64) {
-                        if let Some(k) = o.owner(*f, &e.key) {
+                        if let Some(k) = o.owner(*f, e.key()) {
                             services.insert(k.to_string());
                         }
                     }
@@ -324,11 +324,11 @@ pub fn canonical_slots(set: &str, elements: Vec<Element>) -> Vec<Element> {
     let mut by_entry: BTreeMap<Vec<Value>, Vec<Vec<Value>>> = BTreeMap::new();
     let mut other = Vec::new();
     for e in elements {
-        match (e.key.split_last(), e.value) {
+        match (e.key().split_last(), e.value()) {
             (Some((Value::Slot(_), entry)), Some(v)) => {
-                by_entry.entry(entry.to_vec()).or_default().push(v)
+                by_entry.entry(entry.to_vec()).or_default().push(v.to_vec())
             }
-            (_, value) => other.push(Element { key: e.key, value }),
+            _ => other.push(e),
         }
     }
     for (entry, mut values) in by_entry {
@@ -336,10 +336,7 @@ pub fn canonical_slots(set: &str, elements: Vec<Element>) -> Vec<Element> {
         for (i, v) in values.into_iter().enumerate() {
             let mut key = entry.clone();
             key.push(Value::Slot(i as u32));
-            other.push(Element {
-                key,
-                value: Some(v),
-            });
+            other.push(Element::map(&key, &v));
         }
     }
     other
@@ -450,14 +447,15 @@ mod tests {
                 let (f, set) = busiest_set(rs);
                 let t = &rs.tables[&f];
                 let def = t.sets[&set].clone();
-                let mut one = t.elements[&set].iter().next().cloned().expect("element");
-                let gone = one.clone();
+                let gone = t.elements[&set].iter().next().cloned().expect("element");
                 // A foreign element: the same key shape, a port nothing uses.
-                for v in one.key.iter_mut() {
+                let mut key = gone.key().to_vec();
+                for v in key.iter_mut() {
                     if let Value::Port(p) = v {
                         *p = 9;
                     }
                 }
+                let one = Element::new(key, gone.value().map(<[Value]>::to_vec));
                 fake.apply(&Transaction {
                     ops: vec![
                         Op::DeleteElements {

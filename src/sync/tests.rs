@@ -554,18 +554,18 @@ async fn affinity_cleanup(ipv4_only: bool) {
     });
     settle(Duration::from_millis(10)).await;
     // A client stuck to 10.0.2.11 through the affinity Service's ClusterIP.
-    let entry = Element {
-        key: vec![
+    let entry = Element::new(
+        vec![
             Value::Addr("10.9.9.9".parse().unwrap()),
             Value::Addr("172.30.0.19".parse().unwrap()),
             Value::Proto(crate::net::Proto::Tcp),
             Value::Port(80),
         ],
-        value: Some(vec![
+        Some(vec![
             Value::Addr("10.0.2.11".parse().unwrap()),
             Value::Port(8080),
         ]),
-    };
+    );
     lock(&applier).packet_path_add_element(Family::Ip, "ip-affinity", entry.clone());
     {
         let mut o = lock(&objs);

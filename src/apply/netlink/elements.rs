@@ -210,7 +210,7 @@ pub(super) fn kernel_elements<'e>(
     out: &mut dyn FnMut(KElem) -> Result<(), LowerError>,
 ) -> Result<(), LowerError> {
     let data_of = |e: &Element| -> Result<Option<Vec<u8>>, LowerError> {
-        match (&layout.data, &e.value) {
+        match (&layout.data, e.value()) {
             (Some(d), Some(v)) => Ok(Some(encode_values(v, d, false)?)),
             (None, None) => Ok(None),
             (Some(_), None) => Err(LowerError::Encode(format!(
@@ -227,14 +227,14 @@ pub(super) fn kernel_elements<'e>(
         // nft sends intervals in ascending order, each start followed by its end.
         let mut ranges = Vec::new();
         for (i, e) in elements.into_iter().enumerate() {
-            if e.key.len() != 1 {
+            if e.key().len() != 1 {
                 return Err(LowerError::Encode(format!(
                     "{} has {} components, the set wants 1",
                     fmt_element(e),
-                    e.key.len()
+                    e.key().len()
                 )));
             }
-            let (lo, hi) = value_range(&e.key[0], &layout.key.comps[0])?;
+            let (lo, hi) = value_range(&e.key()[0], &layout.key.comps[0])?;
             ranges.push((lo, hi, i, if add { data_of(e)? } else { None }));
         }
         ranges.sort();
@@ -270,16 +270,16 @@ pub(super) fn kernel_elements<'e>(
     for (i, e) in elements.into_iter().enumerate() {
         let mut k = nl::SetElem::new().map_err(nlerr)?;
         if layout.pipapo() {
-            if e.key.len() != layout.key.comps.len() {
+            if e.key().len() != layout.key.comps.len() {
                 return Err(LowerError::Encode(format!(
                     "{} has {} components, the set wants {}",
                     fmt_element(e),
-                    e.key.len(),
+                    e.key().len(),
                     layout.key.comps.len()
                 )));
             }
             let (los, his): (Vec<_>, Vec<_>) = e
-                .key
+                .key()
                 .iter()
                 .zip(&layout.key.comps)
                 .map(|(v, c)| value_range(v, c))
@@ -293,11 +293,11 @@ pub(super) fn kernel_elements<'e>(
                 k.set_key_end(&hi).map_err(nlerr)?;
             }
         } else {
-            encode_values_into(&mut key, &e.key, &layout.key, false)?;
+            encode_values_into(&mut key, e.key(), &layout.key, false)?;
             k.set_key(&key).map_err(nlerr)?;
         }
         if add {
-            match (&layout.data, &e.value) {
+            match (&layout.data, e.value()) {
                 (Some(d), Some(v)) => {
                     encode_values_into(&mut data, v, d, false)?;
                     k.set_data(&data).map_err(nlerr)?;
@@ -508,13 +508,7 @@ impl SetLayout {
                     _ => vec![0xff; s.key.len()],
                 };
                 let key = decode_range(&s.key, &hi, c, true)?;
-                out.push((
-                    Element {
-                        key: vec![key],
-                        value: self.decode_data(s)?,
-                    },
-                    counter(s),
-                ));
+                out.push((Element::new(vec![key], self.decode_data(s)?), counter(s)));
             }
             return Ok(out);
         }
@@ -540,13 +534,7 @@ impl SetLayout {
                     .map(|(b, c)| decode_comp(b, c, false))
                     .collect::<Result<Vec<_>, _>>()?
             };
-            out.push((
-                Element {
-                    key,
-                    value: self.decode_data(e)?,
-                },
-                counter(e),
-            ));
+            out.push((Element::new(key, self.decode_data(e)?), counter(e)));
         }
         Ok(out)
     }

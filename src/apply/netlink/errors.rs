@@ -151,8 +151,8 @@ pub(super) fn fmt_values(vs: &[Value]) -> String {
 }
 
 pub(super) fn fmt_element(e: &Element) -> String {
-    match &e.value {
-        Some(v) => format!("{} : {}", fmt_values(&e.key), fmt_values(v)),
-        None => fmt_values(&e.key),
+    match e.value() {
+        Some(v) => format!("{} : {}", fmt_values(e.key()), fmt_values(v)),
+        None => fmt_values(e.key()),
     }
 }

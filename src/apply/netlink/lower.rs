@@ -282,7 +282,7 @@ impl<'a> Lowering<'a> {
         let comp = &layout.key.comps[0];
         let mut lowest: Option<Vec<u8>> = None;
         for e in elements {
-            if let Some(v) = e.key.first() {
+            if let Some(v) = e.key().first() {
                 let (lo, _) = value_range(v, comp)?;
                 if lowest.as_ref().is_none_or(|l| lo < *l) {
                     lowest = Some(lo);

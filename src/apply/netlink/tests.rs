@@ -59,14 +59,11 @@ fn pfx(s: &str) -> Value {
 }
 
 fn el(key: Vec<Value>) -> Element {
-    Element { key, value: None }
+    Element::new(key, None)
 }
 
 fn mel(key: Vec<Value>, value: Vec<Value>) -> Element {
-    Element {
-        key,
-        value: Some(value),
-    }
+    Element::new(key, Some(value))
 }
 
 fn lookup(key: &[Field], set: &str, negate: bool) -> Match {
@@ -866,11 +863,12 @@ fn slots_are_host_order_except_in_interval_sets() {
         back,
         vec![el(vec![pfx("192.0.2.10/32"), Value::Slot(5)])]
             .into_iter()
-            .map(|mut e| {
+            .map(|e| {
                 // Only the last component of an interval concatenation comes back as a prefix.
-                e.key[0] = ip("192.0.2.10");
-                e.key[1] = Value::Slot(5);
-                e
+                let mut key = e.key().to_vec();
+                key[0] = ip("192.0.2.10");
+                key[1] = Value::Slot(5);
+                el(key)
             })
             .collect::<Vec<_>>()
     );
@@ -2264,7 +2262,7 @@ fn map_value_changes_by_delete_and_add_in_one_batch() {
         });
         a.apply(&tx).unwrap();
         let old = backend(1);
-        let new = mel(old.key.clone(), vec![ip("10.9.9.9"), Value::Port(9090)]);
+        let new = mel(old.key().to_vec(), vec![ip("10.9.9.9"), Value::Port(9090)]);
         a.apply(&Transaction {
             ops: vec![
                 Op::DeleteElements {
@@ -2493,7 +2491,7 @@ fn counters_are_read_back() {
         let got = a.list_elements(Family::Ip, "no-endpoints").unwrap();
         let by_proto = |p: Value| {
             got.iter()
-                .find(|(e, _)| e.key[1] == p)
+                .find(|(e, _)| e.key()[1] == p)
                 .and_then(|(_, c)| *c)
                 .unwrap()
         };

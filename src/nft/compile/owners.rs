@@ -114,7 +114,7 @@ impl Owners {
 
     /// The group of one element of `set`.
     pub fn group(&self, set: &str, e: &Element) -> Group {
-        let key = e.key.as_slice();
+        let key = e.key();
         let entry = match set {
             names::L4PROTOS
             | names::CLUSTER_CIDRS

@@ -341,7 +341,7 @@ impl Metrics {
             if delta == 0 {
                 continue;
             }
-            if let Some(label) = owners.get(&e.key) {
+            if let Some(label) = owners.get(e.key()) {
                 let fam = if drops {
                     &self.no_local_endpoint_drops
                 } else {
@@ -497,7 +497,7 @@ mod tests {
             },
         )]
         .into();
-        let e = Element { key, value: None };
+        let e = Element::new(key, None);
         m.record_counters(
             IpFamily::Ip,
             "nodeport-no-endpoint-drop",

@@ -733,6 +733,9 @@ class Cluster:
             shutil.copy2(path, dst)
         return dst
 
+    def namespaces(self) -> list[Netns]:
+        return list(self._namespaces)
+
     def ns(self, short: str) -> Netns:
         for n in self._namespaces:
             if n.short == short:

@@ -193,6 +193,45 @@ class Stream:
         self._thread.join(5)
 
 
+# What in `nstat` says a packet met an error on its way (destination unreachable sent or
+# received, no route, discards), not the neighbour discovery and MLD chatter of new links.
+ERROR_COUNTERS = ("DestUnreach", "MsgInType3", "MsgOutType3", "NoRoutes", "AddrErrors",
+                  "Discards", "InErrors", "OutErrors")
+
+
+def net_counters(cluster) -> dict[str, dict[str, int]]:
+    """Per namespace, the ICMP and IP error counters (`nstat`, absolute, history untouched)."""
+    out = {}
+    for n in cluster.namespaces():
+        r = n.exec(["nstat", "-asz"], check=False)
+        vals = {}
+        for line in r.stdout.splitlines():
+            parts = line.split()
+            if len(parts) >= 2 and any(w in parts[0] for w in ERROR_COUNTERS):
+                vals[parts[0]] = int(parts[1])
+        out[n.short] = vals
+    return out
+
+
+def net_report(cluster, before: dict[str, dict[str, int]]) -> str:
+    """What changed in those counters since `before`, and every namespace's neighbour table:
+    a request failing at once (EHOSTUNREACH in 0 ms) is an ICMP error or a neighbour entry in
+    FAILED state somewhere on its path, not a rule (our rejects answer port-unreachable)."""
+    after = net_counters(cluster)
+    lines = []
+    for ns, vals in after.items():
+        moved = {k: v - before.get(ns, {}).get(k, 0) for k, v in vals.items()
+                 if v != before.get(ns, {}).get(k, 0)}
+        if moved:
+            lines.append(f"  {ns}: " + ", ".join(f"{k} +{v}" for k, v in sorted(moved.items())))
+    for n in cluster.namespaces():
+        neigh = n.exec(["ip", "-s", "neigh", "show"], check=False).stdout.strip()
+        bad = [l for l in neigh.splitlines() if "FAILED" in l or "INCOMPLETE" in l]
+        if bad:
+            lines.append(f"  {n.short} neighbours not reachable: " + "; ".join(bad))
+    return "counters that moved during the test, per namespace:\n" + ("\n".join(lines) or "  none")
+
+
 def test_restart_under_load(cluster, k8s, agent_a, timings):
     ports = [svc_port("tcp", 80, "TCP", 31430), svc_port("udp", 80, "UDP", 31430)]
     LB = "192.0.2.143"
@@ -206,6 +245,7 @@ def test_restart_under_load(cluster, k8s, agent_a, timings):
                        what=f"{proto} {dst}:{port}")
     wait_until(lambda: agent_a.diff().returncode == 0, 5, 0.1, what="node-a synced (diff 0)")
 
+    counters = net_counters(cluster)
     held = [ext.tcp_connection(LB, 80) for _ in range(3)]
     held_first = [c.exchange("open") for c in held]
     assert all(r.ok for r in held_first), [str(r) for r in held_first]
@@ -270,7 +310,8 @@ def test_restart_under_load(cluster, k8s, agent_a, timings):
         pytest.fail(f"{len(problems)} failures during 20 restarts "
                     f"({len(failures)} of {total} new requests, {len(flow_fail)} UDP flow "
                     f"datagrams, {len(held_fail)} held TCP exchanges):\n"
-                    + "\n".join(problems[:60]), pytrace=False)
+                    + "\n".join(problems[:60]) + "\n" + net_report(cluster, counters),
+                    pytrace=False)
 
 
 def test_restart_adopts_history_dependent_slots(cluster, k8s, agent_a, timings):

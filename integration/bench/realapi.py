@@ -3,7 +3,7 @@
 in the same run (issue 14's real-API mode of the benchmark).
 
     python3 integration/bench/realapi.py --services 10000 [--endpoints 5] [--repeat 3]
-    python3 integration/bench/realapi.py --table     # 10k, 50k and 100k x 5, 3 runs each (median)
+    python3 integration/bench/realapi.py --table     # 10k, 50k, 100k x 5, 5k x 250, 45k x 1: 3 runs each (median)
     python3 integration/bench/realapi.py --smoke     # 300 Services, one run: CI
 
 Binaries: etcd, kube-apiserver and kube-proxy from $NFTPROXY_K8S_DIR (a directory holding them,
@@ -683,7 +683,11 @@ class RealRun:
 # --------------------------------------------------------------------------
 # table
 
-TARGET = {10000: {"cold_s": 1.0}, 50000: {"cold_s": 4.0, "hwm_mib": 300}, 100000: {"cold_s": 8.0}}
+# Issue 14's targets per (Services, endpoints per Service).
+TARGET = {(10000, 5): {"cold_s": 1.0}, (50000, 5): {"cold_s": 4.0, "hwm_mib": 300},
+          (100000, 5): {"cold_s": 8.0}, (5000, 250): {"cold_s": 5.0}, (45000, 1): {"cold_s": 5.0}}
+# `--table`: every shape of the issue's table.
+TABLE_SIZES = [(10000, 5), (50000, 5), (100000, 5), (5000, 250), (45000, 1)]
 ROWS = [  # key, figure, format, target for every size
     ("cold_s", "cold start (exec -> full ruleset in the kernel)", "{:.3f} s", None),
     ("lists_s", "  initial lists received (nftproxy's log line)", "{:.3f} s", None),
@@ -706,7 +710,7 @@ def table(runs: list[dict]) -> list[tuple]:
     n, e = runs[0]["services"], runs[0]["endpoints"]
     rows = []
     for key, what, fmt, limit in ROWS:
-        limit = TARGET.get(n, {}).get(key, limit)
+        limit = TARGET.get((n, e), {}).get(key, limit)
         ours = med([r["nftproxy"].get(key) for r in runs])
         theirs = med([r["kube-proxy"].get(key) for r in runs])
         show = (lambda v: fmt.format(v) if v is not None else "n/a")
@@ -734,7 +738,8 @@ def main(argv=None) -> int:
     ap.add_argument("--services", type=int, default=10000)
     ap.add_argument("--endpoints", type=int, default=5)
     ap.add_argument("--repeat", type=int, default=1, help="runs per size; figures are their median")
-    ap.add_argument("--table", action="store_true", help="10k, 50k and 100k x 5, 3 runs each")
+    ap.add_argument("--table", action="store_true",
+                    help="10k, 50k and 100k x 5, 5k x 250 and 45k x 1, 3 runs each")
     ap.add_argument("--smoke", action="store_true", help="300 Services, few samples (CI)")
     ap.add_argument("--samples", type=int, default=20, help="nftproxy change samples of each kind")
     ap.add_argument("--kube-proxy-samples", type=int, default=5)
@@ -759,7 +764,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if a.smoke:
         a.services, a.samples, a.kube_proxy_samples, a.idle_seconds = 300, 5, 2, 2.0
-    sizes = [10000, 50000, 100000] if a.table else [a.services]
+    sizes = TABLE_SIZES if a.table else [(a.services, a.endpoints)]
     if a.table:
         a.repeat = max(a.repeat, 3)
 
@@ -794,8 +799,8 @@ def main(argv=None) -> int:
     raw, rows, failed, idx = [], [], False, 0
     try:
         bench.remove_stale_namespaces()
-        for n in sizes:
-            a.services = n
+        for n, e in sizes:
+            a.services, a.endpoints = n, e
             idx += 1
             runs = RealRun(a, idx, k8s, workdir, binary, binary_b).go()
             raw += runs
@@ -811,13 +816,13 @@ def main(argv=None) -> int:
                 json.dump(raw, f, indent=1, default=str)
         if rows:
             print(f"\n== real kube-apiserver 1.36: nftproxy and kube-proxy (nftables mode), "
-                  f"{a.repeat} run(s) per size (median), {a.endpoints} endpoints per Service ==")
+                  f"{a.repeat} run(s) per size (median) ==")
             print_table(rows)
         if (a.agent_args_b is not None or a.bin_b) and raw:
             print(f"\n== A/B over the same servers: nftproxy (A: {a.bin}, {a.agent_args!r}) vs "
                   f"B ({a.bin_b or a.bin}, {a.agent_args_b!r}); medians, every run in brackets ==")
-            for n in sorted({r["services"] for r in raw}):
-                runs = [r for r in raw if r["services"] == n]
+            for n, e in sorted({(r["services"], r["endpoints"]) for r in raw}):
+                runs = [r for r in raw if (r["services"], r["endpoints"]) == (n, e)]
                 for key, what in (("cold_s", "cold start (s)"), ("lists_s", "lists received (s)"),
                                   ("compute_commit_s", "then compute + commit (s)"),
                                   ("cpu_s", "agent CPU to the first sync (s)"),

@@ -250,6 +250,40 @@ def test_udp_flow_follows_endpoint_removal(cluster, k8s, timings):
         flow.stop()
 
 
+def test_udp_client_started_before_its_service_is_answered(cluster, k8s, timings):
+    """An outside client sends a UDP datagram every 100 ms to a LoadBalancer address before its
+    Service exists: node-a translates nothing yet, so its conntrack records an untranslated flow,
+    which the client's own traffic keeps alive. When the Service comes with an endpoint, node-a
+    deletes that entry (as kube-proxy does for UDP) and the flow is answered within about a
+    second; without it the client stays unanswered for as long as it keeps sending."""
+    LB = "192.0.2.91"
+    ports = [svc_port("dns", 53, "UDP", 31091)]
+    ext = cluster.ns("ext")
+    flow = ext.udp_flow(LB, 53, interval=0.1)
+    try:
+        time.sleep(0.6)
+        early = flow.since(0)
+        assert early and not any(r.ok for _, r in early), [str(r) for _, r in early]
+        t0 = time.monotonic()
+        k8s.apply(service("t9b", ports, type="LoadBalancer", cluster_ip="172.30.91.1",
+                          lb_ips=(LB,)),
+                  endpoint_slice("t9b", [endpoint("a1")], ports))
+        try:
+            wait_until(lambda: any(r.ok for _, r in flow.since(t0)), 3,
+                       what="the early UDP flow to be answered")
+        except AssertionError:
+            recs = ", ".join(f"+{ts - t0:.2f}s {r}" for ts, r in flow.since(t0))
+            ct = cluster.ns("node-a").conntrack("-L", "-p", "udp")
+            pytest.fail(f"UDP flow {flow.local} -> {LB}:53 started before its Service was not "
+                        f"answered 3 s after the Service came.\nrecords: {recs}\n"
+                        f"node-a conntrack -L -p udp:\n{ct}", pytrace=False)
+        answered = min(ts for ts, r in flow.since(t0) if r.ok) - t0
+        timings(f"UDP flow started before its Service answered {answered:.2f}s after the "
+                f"Service and its slice were written")
+    finally:
+        flow.stop()
+
+
 # 10 ------------------------------------------------------------------------------------------
 def test_ipv6(cluster, k8s):
     """IPv6-only Service (ETP Cluster, endpoint b1): pod -> IPv6 ClusterIP keeps the pod IP;

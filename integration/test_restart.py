@@ -195,8 +195,8 @@ class Stream:
 
 # What in `nstat` says a packet met an error on its way (destination unreachable sent or
 # received, no route, discards), not the neighbour discovery and MLD chatter of new links.
-ERROR_COUNTERS = ("DestUnreach", "MsgInType3", "MsgOutType3", "NoRoutes", "AddrErrors",
-                  "Discards", "InErrors", "OutErrors")
+ERROR_COUNTERS = ("DestUnreach", "MsgInType3", "MsgOutType3", "TimeExcds", "MsgInType11",
+                  "MsgOutType11", "NoRoutes", "AddrErrors", "Discards", "InErrors", "OutErrors")
 
 
 def net_counters(cluster) -> dict[str, dict[str, int]]:
@@ -213,7 +213,7 @@ def net_counters(cluster) -> dict[str, dict[str, int]]:
     return out
 
 
-def net_report(cluster, before: dict[str, dict[str, int]]) -> str:
+def net_report(cluster, before: dict[str, dict[str, int]], service_ip: str | None = None) -> str:
     """What changed in those counters since `before`, and every namespace's neighbour table:
     a request failing at once (EHOSTUNREACH in 0 ms) is an ICMP error or a neighbour entry in
     FAILED state somewhere on its path, not a rule (our rejects answer port-unreachable)."""
@@ -229,6 +229,16 @@ def net_report(cluster, before: dict[str, dict[str, int]]) -> str:
         bad = [l for l in neigh.splitlines() if "FAILED" in l or "INCOMPLETE" in l]
         if bad:
             lines.append(f"  {n.short} neighbours not reachable: " + "; ".join(bad))
+    if service_ip:
+        # Connections to the Service address that the node did not DNAT (the reply comes from
+        # the address itself): a conntrack entry made before the address was programmed, which
+        # a new connection with the same 4-tuple (a reused client port) would follow.
+        for n in cluster.namespaces():
+            r = n.exec(["conntrack", "-L", "-d", service_ip], check=False)
+            plain = [l for l in r.stdout.splitlines() if f"src={service_ip} " in l]
+            if plain:
+                lines.append(f"  {n.short} conntrack entries to {service_ip} without DNAT: "
+                             + "; ".join(plain[:5]) + (f" (+{len(plain) - 5})" if len(plain) > 5 else ""))
     return "counters that moved during the test, per namespace:\n" + ("\n".join(lines) or "  none")
 
 
@@ -310,7 +320,7 @@ def test_restart_under_load(cluster, k8s, agent_a, timings):
         pytest.fail(f"{len(problems)} failures during 20 restarts "
                     f"({len(failures)} of {total} new requests, {len(flow_fail)} UDP flow "
                     f"datagrams, {len(held_fail)} held TCP exchanges):\n"
-                    + "\n".join(problems[:60]) + "\n" + net_report(cluster, counters),
+                    + "\n".join(problems[:60]) + "\n" + net_report(cluster, counters, LB),
                     pytrace=False)
 
 

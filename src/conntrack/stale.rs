@@ -37,19 +37,23 @@ pub fn stale_udp_flows(
         let Some(old_fs) = previous.families.get(f) else {
             continue;
         };
-        // Only ports that changed: the maps share everything else, and the diff skips it.
+        // Only ports that changed: the maps share everything else, and the diff skips it. A
+        // port that is new (a new Service, or a port added to one) had no endpoints before: a
+        // client that sent to its address earlier (a DNS client started before its Service)
+        // holds an entry that was never translated, and keeps it alive as long as it sends.
         for d in old_fs.ports.diff(&fs.ports) {
-            let imbl::ordmap::DiffItem::Update {
-                old: (key, old),
-                new: (_, ps),
-            } = d
-            else {
-                continue;
+            let (key, before, ps) = match d {
+                imbl::ordmap::DiffItem::Update {
+                    old: (key, old),
+                    new: (_, ps),
+                } => (key, serving(old), ps),
+                imbl::ordmap::DiffItem::Add(key, ps) => (key, BTreeSet::new(), ps),
+                imbl::ordmap::DiffItem::Remove(..) => continue,
             };
             if key.proto != Proto::Udp {
                 continue;
             }
-            let (before, now) = (serving(old), serving(ps));
+            let now = serving(ps);
             let lost = before.difference(&now).next().is_some();
             let gained_from_none = before.is_empty() && !now.is_empty();
             if !lost && !gained_from_none {
@@ -130,6 +134,30 @@ mod tests {
         let flows = stale_udp_flows(Some(&after), &before, None);
         assert_eq!(flows.len(), 1);
         assert_eq!(flows[0].keep, vec!["10.0.2.12".parse::<IpAddr>().unwrap()]);
+    }
+
+    /// A new UDP Service with endpoints cleans the entries to its addresses (made by clients
+    /// that sent before it existed: never translated, kept alive by their own traffic); a new
+    /// one without endpoints has nothing to clean yet.
+    #[test]
+    fn a_new_udp_service_with_endpoints_cleans_its_addresses() {
+        let mut objs = crate::testutil::cluster_objects();
+        let dns = |n: Option<&str>| n.is_some_and(|n| n == "dns" || n.starts_with("dns-"));
+        let (svcs, slices) = (objs.services.clone(), objs.slices.clone());
+        objs.services.retain(|s| !dns(s.metadata.name.as_deref()));
+        objs.slices.retain(|s| !dns(s.metadata.name.as_deref()));
+        let without = state(&objs);
+        objs.services = svcs;
+        let no_endpoints = state(&objs);
+        objs.slices = slices;
+        let with = state(&objs);
+        assert!(stale_udp_flows(Some(&without), &no_endpoints, None).is_empty());
+        let flows = stale_udp_flows(Some(&without), &with, None);
+        assert_eq!(flows.len(), 1, "{flows:?}");
+        assert_eq!(flows[0].dst, Some("172.30.0.20".parse().unwrap()));
+        assert_eq!((flows[0].port, flows[0].keep.len()), (53, 1));
+        // Then its endpoints come: the same cleaning, as before.
+        assert_eq!(stale_udp_flows(Some(&no_endpoints), &with, None), flows);
     }
 
     #[test]

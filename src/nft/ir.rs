@@ -147,8 +147,9 @@ pub enum Value {
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct Element {
     parts: Box<[Value]>,
-    /// How many of `parts` are the key (keys have at most four components).
-    key_len: u8,
+    /// How many of `parts` are the key (keys have at most four components; a u32 keeps the
+    /// element at 24 bytes all the same).
+    key_len: u32,
     /// Whether the element has a value (a map's element), even an empty one.
     map: bool,
 }
@@ -171,8 +172,8 @@ impl Element {
 
     /// An element from borrowed parts (one allocation: the element's own).
     pub fn build(key: &[Value], value: Option<&[Value]>) -> Element {
-        let key_len = u8::try_from(key.len()).unwrap_or(u8::MAX);
-        let key = &key[..usize::from(key_len)];
+        // A key of more than u32::MAX values cannot be allocated in the first place.
+        let key_len = key.len() as u32;
         let parts: Box<[Value]> = key
             .iter()
             .chain(value.unwrap_or_default())
@@ -186,12 +187,12 @@ impl Element {
     }
 
     pub fn key(&self) -> &[Value] {
-        &self.parts[..usize::from(self.key_len)]
+        &self.parts[..self.key_len as usize]
     }
 
     /// The map value; `None` for plain sets.
     pub fn value(&self) -> Option<&[Value]> {
-        self.map.then(|| &self.parts[usize::from(self.key_len)..])
+        self.map.then(|| &self.parts[self.key_len as usize..])
     }
 
     /// The same key with another value (or none).
